@@ -1,0 +1,1 @@
+"""qvl-pipeline: hardware-aware Qwen3-VL inference."""

@@ -1,0 +1,105 @@
+"""Dataclass schemas for the composed config: Hydra rejects unknown keys and wrong types against these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    description: str = ""
+    probe: bool = False          # true: read the facts from this machine (hardware=auto)
+    emulate: bool = False        # true: cap threads, memory budgets and CPU ISA to the profile
+    measure: bool = False        # true: measure RAM and disk bandwidth (cached per disk)
+    cpu: Any = None
+    ram_gb: Any = None
+    gpu: Any = None
+    storage: Any = None
+    budgets: dict[str, Any] = field(default_factory=dict)
+    chains: dict[str, list[str]] = field(default_factory=dict)
+    probed: bool = False
+
+
+@dataclass
+class OptConfig:
+    level: str = MISSING
+    description: str = ""
+    max_fidelity: str = MISSING  # reference | exact | near | approximate
+    self_test: bool = True       # run each chosen plugin's self-test during resolution
+    use_budgets: bool = True     # apply the hardware profile's pixel/context budgets
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    description: str = ""
+    path: str | None = None      # a Hugging Face checkpoint folder; its config.json wins over hf_config
+    dtype: str = "auto"          # auto (the checkpoint's) | float32 | bfloat16 | float16
+    demo: bool = False           # true: deterministic random demo weights, bundled tokenizer
+    seed: int = 0                # demo weights' seed
+    hf_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SlotConfig:
+    choice: str | None = None    # null: follow the hardware profile's chain
+    options: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    description: str = ""
+
+
+@dataclass
+class ProcessingConfig:
+    max_pixels: int | None = None   # cap on resized image area (pixels); null = checkpoint / profile
+    min_pixels: int | None = None
+    max_image_pixels: int = 178_956_970   # decompression-bomb guard on the *input* file
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0       # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    max_context: int | None = None  # KV-cache length; null = prompt + max_new_tokens
+
+
+@dataclass
+class RootConfig:
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    opt: OptConfig = field(default_factory=OptConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: SlotConfig = field(default_factory=SlotConfig)
+    rotary: SlotConfig = field(default_factory=SlotConfig)
+    kernels: SlotConfig = field(default_factory=SlotConfig)
+    memory: SlotConfig = field(default_factory=SlotConfig)
+    kv_cache: SlotConfig = field(default_factory=SlotConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    processing: ProcessingConfig = field(default_factory=ProcessingConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    prompt: str = "Describe this image."
+    image: str | None = None
+    images: list[str] = field(default_factory=list)
+    video: list[str] = field(default_factory=list)   # a video given as frame image paths
+    output: str = "text"          # text | json
+    progress: bool = True
+    results_dir: str | None = None   # where the plan and outputs are saved; null = Hydra's run dir
+
+
+def register_schemas() -> None:
+    """Register the root schema so config.yaml can extend it (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="qvl_schema", node=RootConfig)

@@ -1,0 +1,51 @@
+"""From the `hardware` config group to the effective HardwareProfile the resolver validates against."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from qvl_pipeline.errors import ConfigError
+from qvl_pipeline.hardware.effective import reconcile
+from qvl_pipeline.hardware.profile import RUN_SWITCHES, HardwareProfile, ProfileError, profile_from_dict
+
+Prober = Callable[[str | None, bool], tuple[HardwareProfile, list[str]]]
+
+
+@dataclass
+class HardwareReport:
+    """The profile in force and what the user should know about how it was obtained."""
+
+    profile: HardwareProfile
+    target: str
+    probed: bool
+    emulate: bool
+    differences: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "probed": self.probed, "emulate": self.emulate,
+                "differences": list(self.differences), "notes": list(self.notes),
+                "facts": self.profile.to_dict()}
+
+
+def build_hardware(hw_cfg: Mapping[str, Any], prober: Prober, model_path: str | None = None) -> HardwareReport:
+    """Probe and/or validate the profile; errors name the malformed field."""
+    data = dict(hw_cfg)
+    probe, emulate, measure = (bool(data.get(k, False)) for k in ("probe", "emulate", "measure"))
+    real, notes = prober(model_path, measure)
+    chains = data.get("chains") or {}
+    if probe:
+        budgets = {k: v for k, v in (data.get("budgets") or {}).items() if v is not None}
+        profile = replace(real, name=str(data.get("name", "auto")), budgets=budgets,
+                          chains={slot: tuple(chain) for slot, chain in chains.items()})
+        return HardwareReport(profile, target=profile.name, probed=True, emulate=False, notes=notes)
+    try:
+        target = profile_from_dict({k: v for k, v in data.items() if k not in RUN_SWITCHES})
+    except ProfileError as exc:
+        raise ConfigError(f"malformed hardware profile {data.get('name', '?')!r}: {exc}",
+                          "fix that field in conf/hardware/<profile>.yaml (or in your override)") from exc
+    effective, differences = reconcile(target, real, emulate)
+    return HardwareReport(effective, target=target.name, probed=False, emulate=emulate,
+                          differences=differences, notes=notes)

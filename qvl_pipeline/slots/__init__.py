@@ -1,0 +1,21 @@
+"""Slot interfaces: the only plugin-facing API the model math and the plugins import."""
+
+from qvl_pipeline.slots.attention import AttentionBackend
+from qvl_pipeline.slots.base import Fidelity, Plugin, SelfTestError
+from qvl_pipeline.slots.kernels import KernelsBackend
+from qvl_pipeline.slots.kv_cache import CacheShape, ContextOverflowError, KVCache, KVCacheBackend
+from qvl_pipeline.slots.memory import MemoryManager, Placement
+from qvl_pipeline.slots.rotary import RotaryBackend
+
+SLOTS: dict[str, type[Plugin]] = {
+    "attention": AttentionBackend,
+    "rotary": RotaryBackend,
+    "kernels": KernelsBackend,
+    "memory": MemoryManager,
+    "kv_cache": KVCacheBackend,
+}
+
+__all__ = [
+    "SLOTS", "AttentionBackend", "CacheShape", "ContextOverflowError", "Fidelity", "KVCache", "KVCacheBackend",
+    "KernelsBackend", "MemoryManager", "Placement", "Plugin", "RotaryBackend", "SelfTestError",
+]

@@ -1,0 +1,29 @@
+"""The kernels slot: how weights are stored and how linear layers compute (dtype, format, SIMD path)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qvl_pipeline.slots.base import Plugin
+
+
+class KernelsBackend(Plugin):
+    """Chooses the dtypes and the linear-layer implementation.
+
+    `linear(in, out, bias)` makes a module whose state dict is exactly {"weight": [out, in], "bias": [out]?},
+    so checkpoint names stay one-to-one with Hugging Face. `compute_dtype(stored)` says in which dtype
+    activations flow for a checkpoint stored as `stored`. `prepare(model)` runs once after the weights are
+    loaded (repacking, quantising); it must keep outputs within the plugin's fidelity.
+    """
+
+    slot = "kernels"
+
+    def linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
+
+    def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
+        return stored
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model

@@ -1,0 +1,11 @@
+"""Reference kernels: torch.nn.Linear in the checkpoint's own dtype."""
+
+from __future__ import annotations
+
+from qvl_pipeline.slots.base import Fidelity
+from qvl_pipeline.slots.kernels import KernelsBackend
+
+
+class TorchNativeKernels(KernelsBackend):
+    fidelity = Fidelity.REFERENCE
+    summary = "torch.nn.Linear in the stored dtype (ATen's own SIMD dispatch), the reference"
