@@ -1,0 +1,26 @@
+"""Shared fixtures: hermetic run/caches dirs, hardware profiles built by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from qvl_pipeline.hardware.profile import CpuFacts, GpuFacts, HardwareProfile, StorageFacts
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("QVL_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("QVL_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def make_profile(name: str = "test", gpu: GpuFacts | None = None, chains: dict | None = None,
+                 isa: tuple[str, ...] = ("sse4_2", "avx", "avx2", "fma"), ram_gb: float = 16.0) -> HardwareProfile:
+    return HardwareProfile(name=name, cpu=CpuFacts(model="test cpu", physical_cores=4, threads=8, isa=isa),
+                           ram_gb=ram_gb, storage=StorageFacts(kind="nvme"), gpu=gpu,
+                           chains={k: tuple(v) for k, v in (chains or {}).items()})
+
+
+PASCAL = GpuFacts(name="NVIDIA GeForce MX250", compute_capability=(6, 1), vram_gb=2.0, torch_has_kernels=True)
+PASCAL_NO_KERNELS = GpuFacts(name="NVIDIA GeForce MX250", compute_capability=(6, 1), vram_gb=2.0,
+                             torch_has_kernels=False)
+AMPERE = GpuFacts(name="NVIDIA GeForce RTX 3060", compute_capability=(8, 6), vram_gb=12.0, torch_has_kernels=True)

@@ -1,0 +1,119 @@
+"""Profiles: validation naming the field, probing, reconciling a target with this machine, emulation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from qvl_pipeline.config.load import compose_config, to_plain
+from qvl_pipeline.container import make_container
+from qvl_pipeline.errors import ConfigError
+from qvl_pipeline.hardware.build import build_hardware
+from qvl_pipeline.hardware.effective import emulation_env, reconcile
+from qvl_pipeline.hardware.probe import probe_machine, read_cpuinfo, torch_has_kernels_for
+from qvl_pipeline.hardware.profile import ProfileError, profile_from_dict
+from qvl_pipeline.plan import build_plan, render_plan
+from qvl_pipeline.tasks.probe import probe_yaml
+from tests.conftest import PASCAL, make_profile
+
+I5 = to_plain(compose_config(["hardware=i5_sm61_nvme"]))["hardware"]
+
+
+def profile_dict():
+    return {k: copy.deepcopy(v) for k, v in I5.items() if k not in ("probe", "emulate", "measure")}
+
+
+@pytest.mark.parametrize(("mutate", "field"), [
+    (lambda d: d.pop("cpu"), "cpu"),
+    (lambda d: d.__setitem__("ram_gb", "lots"), "hardware.ram_gb"),
+    (lambda d: d["cpu"].__setitem__("physical_cores", 4.5), "hardware.cpu.physical_cores"),
+    (lambda d: d["cpu"].__setitem__("cache_l9", 1), "cache_l9"),
+    (lambda d: d["gpu"].__setitem__("compute_capability", "6.1"), "hardware.gpu.compute_capability"),
+    (lambda d: d["chains"].__setitem__("attention", []), "hardware.chains.attention"),
+    (lambda d: d["cpu"].__setitem__("isa", "avx2"), "hardware.cpu.isa"),
+])
+def test_malformed_profile_names_the_field(mutate, field):
+    data = profile_dict()
+    mutate(data)
+    with pytest.raises(ProfileError, match=field.replace(".", r"\.")):
+        profile_from_dict(data)
+
+
+def test_malformed_profile_via_config_is_a_config_error():
+    bad = dict(I5, ram_gb="sixteen")
+    with pytest.raises(ConfigError, match="hardware.ram_gb"):
+        build_hardware(bad, lambda path, measure: (make_profile(), []))
+
+
+def test_cpuinfo_parsing_keeps_known_flags():
+    model, isa = read_cpuinfo("model name\t: Intel(R) Core(TM) i5-10210U\nflags\t: fpu sse4_2 avx avx2 fma f16c\n")
+    assert model == "Intel(R) Core(TM) i5-10210U" and isa == ("sse4_2", "avx", "avx2", "fma", "f16c")
+
+
+@pytest.mark.parametrize(("cap", "arch", "ok"), [
+    ((6, 1), ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "compute_90"], False),   # CUDA 12.8+ wheels
+    ((6, 1), ["sm_50", "sm_60", "sm_61", "sm_70"], True),                          # CUDA 12.6 wheels
+    ((6, 1), ["sm_60"], True),
+    ((6, 1), ["compute_50"], True),
+    ((8, 6), ["sm_80"], True),
+    ((7, 5), ["sm_80", "compute_80"], False),
+])
+def test_torch_kernel_detection_from_arch_list(cap, arch, ok):
+    assert torch_has_kernels_for(cap, arch) is ok
+
+
+def test_probe_output_round_trips_as_a_profile():
+    report = build_hardware(to_plain(compose_config([]))["hardware"], probe_machine)
+    text = probe_yaml(report.profile.to_dict(), I5["chains"], I5["budgets"], report.notes)
+    assert text.startswith("# ")
+    parsed = profile_from_dict(yaml.safe_load(text))
+    assert parsed.cpu == report.profile.cpu and parsed.ram_gb == report.profile.ram_gb
+    assert parsed.chains == {k: tuple(v) for k, v in I5["chains"].items()}
+
+
+def test_probe_output_is_usable_by_name(tmp_path):
+    report = build_hardware(to_plain(compose_config([]))["hardware"], probe_machine)
+    (tmp_path / "hardware").mkdir()
+    (tmp_path / "hardware" / "my_machine.yaml").write_text(
+        probe_yaml(report.profile.to_dict(), I5["chains"], I5["budgets"], []))
+    plain = to_plain(compose_config([f"hydra.searchpath=[file://{tmp_path}]", "hardware=my_machine"]))
+    plan = make_container(plain).core.resolver().plan()
+    assert plan["memory"]["chosen"] == "cpu"
+
+
+def test_i5_profile_without_cuda_falls_back_to_cpu_and_says_so():
+    plain = to_plain(compose_config(["hardware=i5_sm61_nvme", "opt=moderate"]))
+    container = make_container(plain)
+    container.core.prober.override(lambda path, measure: (make_profile(name="probed"), []))
+    report = container.core.hardware_report()
+    assert report.profile.gpu is None
+    assert any("no CUDA GPU" in d for d in report.differences)
+    plan = build_plan(plain, report, container.core.resolver())
+    assert plan["slots"]["memory"]["chosen"] == "cpu"
+    assert plan["slots"]["attention"]["chosen"] not in ("sdpa_mem_efficient",)
+    rejected = {r["plugin"]: r["reasons"][0] for r in plan["slots"]["memory"]["rejected"]}
+    assert "needs a CUDA GPU" in rejected["cuda_partial"]
+    text = render_plan(plan)
+    assert "no CUDA GPU usable by torch" in text and "rejected cuda_partial" in text
+
+
+def test_i5_profile_on_a_pascal_box_keeps_the_gpu():
+    real = make_profile(name="probed", gpu=PASCAL)
+    target = profile_from_dict(profile_dict())
+    effective, diffs = reconcile(target, real, emulate=False)
+    assert effective.gpu == PASCAL and effective.chains == target.chains
+
+
+def test_emulation_caps_to_the_profile():
+    real = make_profile(name="probed", isa=("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16"),
+                        ram_gb=64.0)
+    target = profile_from_dict(profile_dict())
+    effective, diffs = reconcile(target, real, emulate=True)
+    assert "avx512f" not in effective.cpu.isa and effective.ram_gb == 16.0
+    assert effective.cpu.physical_cores == 4
+    assert any("avx512f" in d for d in diffs)
+    assert emulation_env(effective) == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    plain_effective, _ = reconcile(target, real, emulate=False)
+    assert "avx512f" in plain_effective.cpu.isa and plain_effective.ram_gb == 64.0
