@@ -13,7 +13,7 @@ from qvl_pipeline.config.load import to_plain
 from qvl_pipeline.config.schema import register_schemas
 from qvl_pipeline.errors import ConfigError, QvlError
 
-TASKS = ("generate", "plan", "probe")
+TASKS = ("generate", "chat", "plan", "probe")
 REEXEC_GUARD = "QVL_EMULATION_APPLIED"
 
 
@@ -62,6 +62,9 @@ def run_task(cfg: DictConfig) -> int:
         if task == "plan":
             from qvl_pipeline.tasks import plan
             return plan.run(plain, container, _results_dir(plain))
+        if task == "chat":
+            from qvl_pipeline.tasks import chat
+            return chat.run(plain, container, _results_dir(plain))
         from qvl_pipeline.tasks import generate
         return generate.run(plain, container, _results_dir(plain))
     except QvlError as exc:

@@ -1,14 +1,46 @@
-"""task=generate: placeholder until the model stage lands."""
+"""task=generate: answer one prompt (+ images), streaming text, or printing one JSON object (output=json)."""
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from qvl_pipeline.container import RootContainer
-from qvl_pipeline.errors import ConfigError
+from qvl_pipeline.plan import render_plan
+from qvl_pipeline.runtime.pipeline import Pipeline
+from qvl_pipeline.tasks.results import save_results
+
+
+def request_images(cfg: Mapping[str, Any]) -> list[str]:
+    """`image=P` and `images=[P1,P2]` together, in that order."""
+    return ([str(cfg["image"])] if cfg.get("image") else []) + [str(p) for p in cfg.get("images") or []]
 
 
 def run(cfg: Mapping[str, Any], container: RootContainer, results_dir: Path | None = None) -> int:
-    raise ConfigError("task=generate is not available yet", "use task=plan")
+    as_json = cfg.get("output") == "json"
+    pipe = Pipeline(cfg, container).load()
+    print(render_plan(pipe.plan), file=sys.stderr)
+    if pipe.is_demo:
+        print("qvl-pipeline: model=tiny runs DEMO weights (deterministic random): the pipeline is real, the words "
+              "are not. Pass model.path=/path/to/Qwen3-VL-... for a real answer.", file=sys.stderr)
+
+    def stream(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = pipe.generate(str(cfg.get("prompt", "")), request_images(cfg), video=cfg.get("video") or [],
+                           on_text=None if as_json else stream)
+    if as_json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        t = result["timings"]
+        print("", flush=True)
+        print(f"qvl-pipeline: {len(result['token_ids'])} tokens ({result['stop_reason']}); prompt "
+              f"{result['prompt_tokens']} tokens; load {t['load_s']:.2f} s, vision {t['vision_s']:.3f} s, prefill "
+              f"{t['prefill_s']:.3f} s, decode {t['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr)
+    if results_dir is not None:
+        save_results(results_dir, result)
+    return 0

@@ -1,0 +1,1 @@
+"""Token generation on top of the model's prefill / decode steps."""

@@ -1,0 +1,100 @@
+"""The decode loop: prefill, sample, decode step by step over the KV cache; streamed, stoppable, and
+retried from preserved state when a plugin fails at run time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from qvl_pipeline.errors import PluginError
+from qvl_pipeline.generation.sampling import Sampler
+from qvl_pipeline.model.fusion import Fused
+from qvl_pipeline.model.qwen3_vl import Qwen3VL
+from qvl_pipeline.runtime.guard import PluginRuntimeError
+from qvl_pipeline.slots import KVCache
+
+MAX_RECOVERIES = 8
+
+# Called with a runtime failure; moves that slot along its chain (raises PluginError when exhausted).
+Recover = Callable[[PluginRuntimeError], None]
+
+
+@dataclass
+class Outcome:
+    tokens: list[int] = field(default_factory=list)
+    stop_reason: str = ""          # eos | max_new_tokens | context_full
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    recoveries: list[str] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(0, len(self.tokens) - 1)          # the first token comes from the prefill
+        return round(steps / self.decode_s, 3) if steps and self.decode_s > 0 else 0.0
+
+
+def feed(model: Qwen3VL, fused: Fused, start: int, cache: KVCache) -> torch.Tensor:
+    """Prefill positions start.. of `fused` (the cache already holds 0..start); returns logits [vocab]."""
+    mask = fused.visual_mask
+    deepstack = fused.deepstack
+    if start and mask is not None and deepstack is not None:
+        skip = int(mask[:, :start].sum())
+        deepstack = [d[skip:] for d in deepstack]
+    logits = model.forward_decoder(fused.inputs_embeds[:, start:], fused.position_ids[..., start:], cache,
+                                   None if mask is None else mask[:, start:], deepstack, last_only=True)
+    return logits[0, -1]
+
+
+class Engine:
+    """Runs one generation for a prepared prompt."""
+
+    def __init__(self, model: Qwen3VL, recover: Recover) -> None:
+        self.model = model
+        self.recover = recover
+
+    def _retrying(self, cache: KVCache, step: Callable[[], torch.Tensor], outcome: Outcome) -> torch.Tensor:
+        for _ in range(MAX_RECOVERIES):
+            length = cache.length
+            try:
+                return step()
+            except PluginRuntimeError as failure:
+                cache.truncate(length)           # preserved state: what the cache held before the step
+                outcome.recoveries.append(str(failure))
+                self.recover(failure)
+        raise PluginError(f"gave up after {MAX_RECOVERIES} runtime fallbacks: {outcome.recoveries[-1]}",
+                          "choose plugins explicitly (see task=plan) or report the failing plugin")
+
+    def run(self, fused: Fused, cache: KVCache, *, context_ids: Sequence[int], start: int, sampler: Sampler,
+            max_new_tokens: int, stop_ids: Sequence[int], on_token: Callable[[int], None] | None = None) -> Outcome:
+        """Generate after the prompt in `fused` (positions from `start` are not yet cached)."""
+        outcome = Outcome()
+        stops = set(stop_ids)
+        seen = list(context_ids)
+        t0 = time.perf_counter()
+        logits = self._retrying(cache, lambda: feed(self.model, fused, start, cache), outcome)
+        outcome.prefill_s = time.perf_counter() - t0
+        capacity = getattr(getattr(cache, "shape", None), "max_len", None)
+        t1 = time.perf_counter()
+        while True:
+            token = sampler(logits, seen)
+            outcome.tokens.append(token)
+            seen.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token in stops:
+                outcome.stop_reason = "eos"
+                break
+            if len(outcome.tokens) >= max_new_tokens:
+                outcome.stop_reason = "max_new_tokens"
+                break
+            if capacity is not None and cache.length >= capacity:
+                outcome.stop_reason = "context_full"
+                break
+            ids = torch.tensor([[token]], device=self.model.device)
+            logits = self._retrying(
+                cache, lambda ids=ids: self.model.decode_step(ids, cache, fused.rope_delta)[0, -1], outcome)
+        outcome.decode_s = time.perf_counter() - t1
+        return outcome

@@ -1,0 +1,48 @@
+"""Helpers of the SDPA plugins that force one CUDA backend: hardware reasons and the masked call."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+
+from qvl_pipeline.hardware.profile import HardwareProfile
+from qvl_pipeline.slots.attention import repeat_kv_heads
+
+
+def cuda_reasons(hw: HardwareProfile, min_cc: tuple[int, int], feature: str) -> list[str]:
+    """Why `feature` cannot run on hw's GPU: no GPU, a torch build without its kernels, too old an arch."""
+    if hw.gpu is None:
+        return ["needs a CUDA GPU; this machine has none"]
+    reasons = []
+    if hw.gpu.torch_has_kernels is False:
+        reasons.append(f"needs CUDA kernels for sm_{hw.gpu.sm} ({hw.gpu.name}); the installed torch build has "
+                       f"none (install one that does, e.g. cu126 for Pascal)")
+    if hw.gpu.compute_capability < min_cc:
+        reasons.append(f"needs compute capability ≥ {min_cc[0]}.{min_cc[1]} ({feature}); GPU is sm_{hw.gpu.sm}")
+    return reasons
+
+
+def forced_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+                backend: SDPBackend) -> torch.Tensor:
+    """SDPA restricted to `backend`. q [b, h, q_len, d]; k, v [b, kv_h, kv_len, d] -> [b, q_len, h, d].
+
+    kv heads are expanded (the fused kernels' GQA support varies by version). Causal masks take no memory:
+    is_causal when q_len == kv_len, a lower-right CausalBias when 1 < q_len < kv_len (the queries are the last
+    positions; both fused kernels implement it natively), none for a single query, which sees every key.
+    """
+    groups = q.shape[1] // k.shape[1]
+    k = repeat_kv_heads(k, groups)
+    v = repeat_kv_heads(v, groups)
+    q_len, kv_len = q.shape[2], k.shape[2]
+    mask = None
+    is_causal = False
+    if causal and q_len > 1:
+        if q_len == kv_len:
+            is_causal = True
+        else:
+            mask = causal_lower_right(q_len, kv_len)
+    with sdpa_kernel(backend):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    return out.transpose(1, 2).contiguous()

@@ -1,0 +1,44 @@
+"""torch SDPA forced to the FlashAttention-2 CUDA kernel: sm_80+, fp16/bf16 only."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend
+
+from qvl_pipeline.hardware.profile import HardwareProfile
+from qvl_pipeline.slots.attention import AttentionBackend
+from qvl_pipeline.slots.base import Fidelity, SelfTestError
+from qvl_plugins.attention.cuda_sdpa import cuda_reasons, forced_sdpa
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class SdpaFlashAttention(AttentionBackend):
+    fidelity = Fidelity.EXACT
+    summary = "torch SDPA forced to FlashAttention-2 (fp16/bf16, sm_80+); the fastest exact attention on Ampere+"
+
+    @classmethod
+    def validate(cls, hw: HardwareProfile, cfg: Mapping[str, Any]) -> list[str]:
+        reasons = cuda_reasons(hw, (8, 0), "FlashAttention")
+        dtype = (cfg.get("model") or {}).get("dtype", "auto")
+        if dtype == "float32":
+            reasons.append("FlashAttention runs only in fp16/bf16; model.dtype is float32")
+        return reasons
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+               scale: float) -> torch.Tensor:
+        if q.dtype not in HALF_DTYPES:
+            raise RuntimeError(f"FlashAttention runs only in fp16/bf16; got {q.dtype} activations "
+                               f"(pick a kernels plugin with a half compute dtype, or another attention plugin)")
+        return forced_sdpa(q, k, v, causal=causal, scale=scale, backend=SDPBackend.FLASH_ATTENTION)
+
+    def self_test(self) -> None:
+        from qvl_plugins.attention.reference_check import check_against_eager
+
+        if not torch.cuda.is_available():
+            raise SelfTestError("needs CUDA, but this process cannot reach a CUDA device")
+        check_against_eager(self, "cuda", torch.float16)
+        check_against_eager(self, "cuda", torch.bfloat16)

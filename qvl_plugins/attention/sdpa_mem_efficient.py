@@ -1,0 +1,36 @@
+"""torch SDPA forced to the memory-efficient (xFormers-style) CUDA kernel: sm_50+, Pascal included."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend
+
+from qvl_pipeline.hardware.profile import HardwareProfile
+from qvl_pipeline.slots.attention import AttentionBackend
+from qvl_pipeline.slots.base import Fidelity, SelfTestError
+from qvl_plugins.attention.cuda_sdpa import cuda_reasons, forced_sdpa
+
+
+class SdpaMemEfficientAttention(AttentionBackend):
+    fidelity = Fidelity.EXACT
+    summary = ("torch SDPA forced to the memory-efficient CUDA kernel (fp32/fp16, no score matrix in memory); "
+               "the best exact attention on Pascal sm_61, which has no FlashAttention")
+
+    @classmethod
+    def validate(cls, hw: HardwareProfile, cfg: Mapping[str, Any]) -> list[str]:
+        return cuda_reasons(hw, (5, 0), "memory-efficient SDPA")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+               scale: float) -> torch.Tensor:
+        return forced_sdpa(q, k, v, causal=causal, scale=scale, backend=SDPBackend.EFFICIENT_ATTENTION)
+
+    def self_test(self) -> None:
+        from qvl_plugins.attention.reference_check import check_against_eager
+
+        if not torch.cuda.is_available():
+            raise SelfTestError("needs CUDA, but this process cannot reach a CUDA device")
+        check_against_eager(self, "cuda", torch.float32)
+        check_against_eager(self, "cuda", torch.float16)

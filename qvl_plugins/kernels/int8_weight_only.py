@@ -1,0 +1,137 @@
+"""Weight-only int8: per-output-channel symmetric int8 weights, activations stay in the compute dtype."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qvl_pipeline.errors import ConfigError
+from qvl_pipeline.hardware.profile import HardwareProfile
+from qvl_pipeline.slots.base import Fidelity
+from qvl_pipeline.slots.kernels import KernelsBackend
+from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, self_test_devices
+
+# ATen's CPU int8 × bf16 GEMV kernel (torch ≥ 2.4): AVX2/AVX-512 vector code, scalar elsewhere. Its vector loops
+# use aligned 16-element loads and do not check shapes: only in_features % 16 == 0 is safe.
+_INT8PACK_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+PACK_ALIGN = 16
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> (int8 [out, in], fp32 scale [out]) with weight ≈ int8 · scale[:, None]."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
+
+
+class QuantizableLinear(nn.Linear):
+    """A plain nn.Linear ({weight, bias}, so checkpoints load) that prepare() will turn into Int8Linear."""
+
+
+class Int8Linear(nn.Module):
+    """y = (x · w_int8ᵀ) · scale + bias. Buffers weight_int8 [out, in], weight_scale [out] fp32; bias as loaded.
+
+    Kernel, chosen when the weights are set or moved (never per call): on CPU with a SIMD int8 path and
+    in_features % 16 == 0, up to `pack_max_rows` rows go through ATen's int8 GEMV (activations rounded to bf16,
+    fp32 accumulation); everything else multiplies by the int8 weight cast to the activations' dtype.
+    """
+
+    def __init__(self, source: nn.Linear, *, pack_cpu: bool, pack_max_rows: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = source.in_features, source.out_features
+        q, scale = quantize_per_channel(source.weight)
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("weight_scale", scale)
+        self.bias = source.bias
+        self.pack_cpu = pack_cpu and _INT8PACK_MM is not None and self.in_features % PACK_ALIGN == 0
+        self.pack_max_rows = pack_max_rows
+        self._pack_ones: torch.Tensor | None = None
+        self._select_kernel()
+
+    def _select_kernel(self) -> None:
+        """The int8 GEMV's unit scales (the fp32 scale is applied after); None selects the dequant path."""
+        use_pack = self.pack_cpu and self.weight_int8.device.type == "cpu"
+        self._pack_ones = torch.ones(self.out_features, dtype=torch.bfloat16) if use_pack else None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Int8Linear:
+        super()._apply(fn, recurse)
+        self._select_kernel()           # a move to another device picks that device's kernel
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:            # x: [..., in] -> [..., out]
+        rows = x.numel() // self.in_features
+        if self._pack_ones is not None and rows <= self.pack_max_rows:
+            a = x.reshape(rows, self.in_features).to(torch.bfloat16, copy=True)   # fresh, hence aligned
+            y = _INT8PACK_MM(a, self.weight_int8, self._pack_ones).to(x.dtype).view(*x.shape[:-1], -1)
+        else:
+            y = F.linear(x, self.weight_int8.to(x.dtype))
+        y = y * self.weight_scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        kernel = "int8pack_mm" if self._pack_ones is not None else "dequant"
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, kernel={kernel}"
+
+
+class Int8WeightOnlyKernels(KernelsBackend):
+    fidelity = Fidelity.NEAR
+    summary = ("int8 weights with per-channel scales, dequantised on the fly (ATen int8 GEMV on AVX2/AVX-512 CPUs "
+               "for decode): a quarter of fp32's bytes per token, the main decode lever on bandwidth-bound machines")
+
+    def __init__(self, hw: HardwareProfile, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(hw, options)
+        self.quantize_head = bool(self.options.get("quantize_head", False))
+        self.pack_max_rows = int(self.options.get("pack_max_rows", 32))
+        name = self.options.get("compute_dtype", "float32")
+        if name != "stored" and name not in COMPUTE_DTYPES:
+            raise ConfigError(f"int8 kernels compute_dtype {name!r} is not one of {[*COMPUTE_DTYPES, 'stored']}",
+                              hint="set kernels.options.compute_dtype=float32")
+        self._compute = None if name == "stored" else COMPUTE_DTYPES[name]
+        # ATen's int8 GEMV is vectorised for AVX2 and AVX-512 only; elsewhere its scalar loop loses to dequant.
+        self.pack_cpu = hw.has_isa("avx2") or hw.has_isa("avx512f")
+
+    def linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        return QuantizableLinear(in_features, out_features, bias=bias)
+
+    def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
+        return stored if self._compute is None else self._compute
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Swap every QuantizableLinear for an Int8Linear under the same name (lm_head only if quantize_head)."""
+        def quantized(module: nn.Module) -> Int8Linear:
+            return Int8Linear(module, pack_cpu=self.pack_cpu, pack_max_rows=self.pack_max_rows)
+
+        if isinstance(model, QuantizableLinear):
+            return quantized(model)
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, QuantizableLinear):
+                continue
+            parent_name, _, child = name.rpartition(".")
+            if child == "lm_head" and not self.quantize_head:
+                continue
+            setattr(model.get_submodule(parent_name), child, quantized(module))
+        return model
+
+    def self_test(self) -> None:
+        from qvl_plugins.kernels.torch_native import TorchNativeKernels  # the slot's reference plugin
+
+        gen = torch.Generator().manual_seed(0)
+        for device in self_test_devices(self.hw):
+            with failures_as_selftest_error(f"{type(self).__name__} self-test on {device}"):
+                reference = TorchNativeKernels(self.hw).linear(32, 24, True)
+                with torch.no_grad():
+                    for p in reference.parameters():
+                        p.copy_(torch.randn(p.shape, generator=gen))
+                mine = self.linear(32, 24, True)
+                mine.load_state_dict(reference.state_dict())
+                mine = self.prepare(mine).to(device)
+                for rows in (1, self.pack_max_rows + 1):      # both kernels where the GEMV is selected
+                    x = torch.randn(rows, 32, generator=gen)
+                    got = mine(x.to(device))
+                    check_close(f"linear on {device}, {rows} row(s)", got, reference(x), self.fidelity)

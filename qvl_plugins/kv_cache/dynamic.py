@@ -1,0 +1,85 @@
+"""KV cache whose per-layer buffers start small and double when full, up to the shape's max_len."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from qvl_pipeline.errors import ConfigError
+from qvl_pipeline.hardware.profile import HardwareProfile
+from qvl_pipeline.slots.base import Fidelity
+from qvl_pipeline.slots.kv_cache import CacheShape, KVCache, KVCacheBackend
+from qvl_plugins.kv_cache.capacity import check_capacity
+
+
+class DynamicKVCache(KVCache):
+    """Same contract as the static cache; memory follows the longest context seen, not max_len."""
+
+    def __init__(self, shape: CacheShape, dtype: torch.dtype, device: torch.device | str,
+                 initial_len: int) -> None:
+        self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
+        self.initial_len = initial_len
+        self.keys: list[torch.Tensor | None] = [None] * shape.layers     # each [batch, kv_heads, capacity, d]
+        self.values: list[torch.Tensor | None] = [None] * shape.layers
+        self.length = 0
+
+    def _grow(self, layer: int, needed: int) -> None:
+        """Reallocate `layer`'s buffers to max(needed, 2 × capacity, initial_len) ≤ max_len positions,
+        keeping the committed positions."""
+        old_k, old_v = self.keys[layer], self.values[layer]
+        capacity = 0 if old_k is None else old_k.shape[2]
+        capacity = min(self.shape.max_len, max(needed, 2 * capacity, self.initial_len))
+        size = (self.shape.batch, self.shape.kv_heads, capacity, self.shape.head_dim)
+        new_k = torch.empty(size, dtype=self.dtype, device=self.device)
+        new_v = torch.empty(size, dtype=self.dtype, device=self.device)
+        if old_k is not None and old_v is not None:
+            new_k[:, :, :self.length] = old_k[:, :, :self.length]
+            new_v[:, :, :self.length] = old_v[:, :, :self.length]
+        self.keys[layer], self.values[layer] = new_k, new_v
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        check_capacity(self.shape.max_len, end)
+        keys = self.keys[layer]
+        if keys is None or keys.shape[2] < end:
+            self._grow(layer, end)
+        keys, values = self.keys[layer], self.values[layer]
+        assert keys is not None and values is not None
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def truncate(self, n: int) -> None:
+        self.length = min(self.length, n)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+
+class DynamicCache(KVCacheBackend):
+    fidelity = Fidelity.EXACT
+    summary = ("per-layer buffers that grow by doubling up to max_len: memory follows the real context; "
+               "wins for short requests under a long max_context")
+
+    def __init__(self, hw: HardwareProfile, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(hw, options)
+        initial = self.options.get("initial_len", 256)
+        if isinstance(initial, bool) or not isinstance(initial, int) or initial < 1:
+            raise ConfigError(f"kv_cache initial_len must be a positive integer, got {initial!r}",
+                              hint="set kv_cache.options.initial_len=256")
+        self.initial_len = initial
+
+    def create(self, shape: CacheShape, dtype: torch.dtype, device: torch.device | str) -> KVCache:
+        return DynamicKVCache(shape, dtype, device, self.initial_len)
+
+    def self_test(self) -> None:
+        from qvl_plugins.kv_cache.reference_check import check_against_static
+
+        check_against_static(self)
+        # The configured initial_len outlasts the tiny script: also run it growing from a single position.
+        check_against_static(type(self)(self.hw, {**self.options, "initial_len": 1}))

@@ -1,0 +1,93 @@
+"""Rotary with cached cos/sin tables: one [positions, freqs] table per inv_freq, rows gathered by position id."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qvl_pipeline.hardware.profile import HardwareProfile
+from qvl_pipeline.slots.base import Fidelity
+from qvl_pipeline.slots.rotary import RotaryBackend
+from qvl_pipeline.slots.selftest import check_each, failures_as_selftest_error
+from qvl_plugins.rotary.reference import interleave_mrope, rotate_half
+
+MIN_POSITIONS = 256
+
+
+@dataclass
+class _Table:
+    source: torch.Tensor       # the inv_freq the table was built from (held, so its id stays unique)
+    version: int               # source._version when built: an in-place change invalidates the table
+    cos: torch.Tensor          # [positions, freqs] fp32
+    sin: torch.Tensor          # [positions, freqs] fp32
+
+
+class CachedRotary(RotaryBackend):
+    fidelity = Fidelity.EXACT
+    summary = ("cos/sin tables built once per inv_freq (grown by doubling) and gathered by position id; "
+               "bit-equal to the reference, wins on decode where every step recomputed them")
+
+    def __init__(self, hw: HardwareProfile, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(hw, options)
+        self._tables: dict[tuple[int, torch.device], _Table] = {}
+
+    def _rows(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [...] (non-negative ints) -> cos, sin [..., freqs] in fp32."""
+        needed = int(positions.max()) + 1 if positions.numel() else 1
+        key = (id(inv_freq), positions.device)
+        table = self._tables.get(key)
+        fresh = table is not None and table.source is inv_freq and table.version == inv_freq._version
+        if not fresh or table.cos.shape[0] < needed:
+            size = max(MIN_POSITIONS, 1 << (needed - 1).bit_length())
+            # The angle is the reference's own product (fp32 position × fp32 inv_freq), hence equal values.
+            angles = torch.arange(size, device=positions.device).float()[:, None] \
+                * inv_freq.float().to(positions.device)                      # [size, freqs]
+            table = _Table(inv_freq, inv_freq._version, angles.cos(), angles.sin())
+            self._tables[key] = table
+        return table.cos[positions], table.sin[positions]
+
+    def text_tables(self, position_ids: torch.Tensor, inv_freq: torch.Tensor,
+                    mrope_section: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self._rows(position_ids, inv_freq)                          # [3, batch, seq, d/2]
+        cos = interleave_mrope(cos, mrope_section)                              # [batch, seq, d/2]
+        sin = interleave_mrope(sin, mrope_section)
+        return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)     # [batch, seq, d]
+
+    def vision_tables(self, hw_positions: torch.Tensor,
+                      inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self._rows(hw_positions, inv_freq)                           # [patches, 2, d/4]
+        cos, sin = cos.flatten(1), sin.flatten(1)                               # [patches, d/2]
+        return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)     # [patches, d]
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+              upcast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        work = torch.float32 if upcast else q.dtype
+        cos, sin = cos.to(work), sin.to(work)
+        qw, kw = q.to(work), k.to(work)
+        return (qw * cos + rotate_half(qw) * sin).to(q.dtype), (kw * cos + rotate_half(kw) * sin).to(k.dtype)
+
+    def self_test(self) -> None:
+        from qvl_plugins.rotary.reference import ReferenceRotary  # the slot's reference plugin
+
+        reference = ReferenceRotary(self.hw)
+        gen = torch.Generator().manual_seed(0)
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, 24, 2).float() / 24))      # head_dim 24 -> 12 freqs
+        with failures_as_selftest_error(f"{type(self).__name__} self-test"):
+            for seq, top in ((5, 40), (3, 700)):                                  # the second grows the table
+                pos = torch.randint(0, top, (3, 2, seq), generator=gen)
+                check_each(f"text_tables (positions < {top})", ("cos", "sin"),
+                           self.text_tables(pos, inv_freq, (4, 4, 4)),
+                           reference.text_tables(pos, inv_freq, (4, 4, 4)), self.fidelity)
+            hw_pos = torch.randint(0, 30, (7, 2), generator=gen)
+            vis_freq = inv_freq[:6]
+            check_each("vision_tables", ("cos", "sin"), self.vision_tables(hw_pos, vis_freq),
+                       reference.vision_tables(hw_pos, vis_freq), self.fidelity)
+            q, k = torch.randn(2, 3, 5, 24, generator=gen), torch.randn(2, 1, 5, 24, generator=gen)
+            cos, sin = reference.text_tables(torch.arange(5).expand(3, 2, 5), inv_freq, (4, 4, 4))
+            cos, sin = cos[:, None], sin[:, None]                                   # [batch, 1, seq, d]
+            for upcast in (True, False):
+                check_each(f"apply(upcast={upcast})", ("q", "k"), self.apply(q, k, cos, sin, upcast=upcast),
+                           reference.apply(q, k, cos, sin, upcast=upcast), self.fidelity)

@@ -1,0 +1,69 @@
+"""Weight names and shapes are one-to-one with the checkpoint transformers saves; every linear is the plugin's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_configs import HW, hf_model, our_model, tiny_hf_dict
+from torch import nn
+
+from qvl_pipeline.model.config import ModelConfig
+from qvl_pipeline.model.qwen3_vl import Qwen3VL
+from qvl_pipeline.model.sizing import count_params
+from qvl_plugins.attention.eager import EagerAttention
+from qvl_plugins.kernels.torch_native import TorchNativeKernels
+from qvl_plugins.rotary.reference import ReferenceRotary
+
+
+def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in state.items()}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_keys_and_shapes_equal_saved_checkpoint(tied, tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors import safe_open
+    hf = tiny_hf_dict(tied=tied)
+    hf_model(hf).save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    ours = _shapes(our_model(hf).state_dict())
+    assert ours == saved
+    assert ("lm_head.weight" in ours) is (not tied)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_count_matches_sizing(tied):
+    hf = tiny_hf_dict(tied=tied)
+    model = our_model(hf)
+    assert sum(p.numel() for p in model.parameters()) == count_params(hf).total
+
+
+class RecordingKernels(TorchNativeKernels):
+    """Native linears, remembering each one it made."""
+
+    def __init__(self, hw):
+        super().__init__(hw)
+        self.made: list[nn.Module] = []
+
+    def linear(self, in_features, out_features, bias):
+        module = super().linear(in_features, out_features, bias)
+        self.made.append(module)
+        return module
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_every_linear_comes_from_the_kernels_slot(tied):
+    kernels = RecordingKernels(HW)
+    model = Qwen3VL(ModelConfig.from_hf_dict(tiny_hf_dict(tied=tied)), attention=EagerAttention(HW),
+                    rotary=ReferenceRotary(HW), kernels=kernels)
+    linears = {id(m) for m in model.modules() if isinstance(m, nn.Linear)}
+    assert linears == {id(m) for m in kernels.made}
+    assert len(linears) > 0
+
+
+def test_inverse_frequencies_survive_dtype_casts():
+    model = our_model(tiny_hf_dict()).to(torch.bfloat16)
+    assert model.model.language_model._inv_freq.dtype == torch.float32
+    assert model.model.visual._inv_freq.dtype == torch.float32
+    assert all(not name.endswith("inv_freq") for name in model.state_dict())
