@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -17,6 +18,7 @@ from qvl_pipeline.runtime.guard import PluginRuntimeError
 from qvl_pipeline.slots import KVCache
 
 MAX_RECOVERIES = 8
+T = TypeVar("T")
 
 # Called with a runtime failure; moves that slot along its chain (raises PluginError when exhausted).
 Recover = Callable[[PluginRuntimeError], None]
@@ -48,6 +50,20 @@ def feed(model: Qwen3VL, fused: Fused, start: int, cache: KVCache) -> torch.Tens
     return logits[0, -1]
 
 
+def with_recovery(step: Callable[[], T], recover: Recover, log: list[str],
+                  before_retry: Callable[[], None] = lambda: None) -> T:
+    """Run `step`; after a plugin's runtime failure, move that slot along its chain, restore state, retry."""
+    for _ in range(MAX_RECOVERIES):
+        try:
+            return step()
+        except PluginRuntimeError as failure:
+            log.append(str(failure))
+            before_retry()
+            recover(failure)
+    raise PluginError(f"gave up after {MAX_RECOVERIES} runtime fallbacks: {log[-1]}",
+                      "choose plugins explicitly (see task=plan) or report the failing plugin")
+
+
 class Engine:
     """Runs one generation for a prepared prompt."""
 
@@ -56,21 +72,14 @@ class Engine:
         self.recover = recover
 
     def _retrying(self, cache: KVCache, step: Callable[[], torch.Tensor], outcome: Outcome) -> torch.Tensor:
-        for _ in range(MAX_RECOVERIES):
-            length = cache.length
-            try:
-                return step()
-            except PluginRuntimeError as failure:
-                cache.truncate(length)           # preserved state: what the cache held before the step
-                outcome.recoveries.append(str(failure))
-                self.recover(failure)
-        raise PluginError(f"gave up after {MAX_RECOVERIES} runtime fallbacks: {outcome.recoveries[-1]}",
-                          "choose plugins explicitly (see task=plan) or report the failing plugin")
+        length = cache.length                    # preserved state: what the cache held before the step
+        return with_recovery(step, self.recover, outcome.recoveries, lambda: cache.truncate(length))
 
     def run(self, fused: Fused, cache: KVCache, *, context_ids: Sequence[int], start: int, sampler: Sampler,
-            max_new_tokens: int, stop_ids: Sequence[int], on_token: Callable[[int], None] | None = None) -> Outcome:
+            max_new_tokens: int, stop_ids: Sequence[int], on_token: Callable[[int], None] | None = None,
+            recoveries: Sequence[str] = ()) -> Outcome:
         """Generate after the prompt in `fused` (positions from `start` are not yet cached)."""
-        outcome = Outcome()
+        outcome = Outcome(recoveries=list(recoveries))
         stops = set(stop_ids)
         seen = list(context_ids)
         t0 = time.perf_counter()

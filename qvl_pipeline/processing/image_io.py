@@ -36,7 +36,8 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
             image = Image.open(path)
     except Image.DecompressionBombError as exc:
         raise InputError(f"image {path} is too large for Pillow to open safely ({exc})",
-                         "downscale the image first") from exc
+                         "downscale the image first; Pillow refuses images over twice Image.MAX_IMAGE_PIXELS "
+                         "whatever max_image_pixels says") from exc
     except UnidentifiedImageError as exc:
         raise InputError(f"{path} is not an image Pillow can read",
                          "pass a JPEG, PNG, WebP, GIF, BMP or TIFF file") from exc

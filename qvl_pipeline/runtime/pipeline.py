@@ -15,7 +15,7 @@ from qvl_pipeline.checkpoint import LoadReport, load_checkpoint, read_config
 from qvl_pipeline.config.load import compose_config, to_plain
 from qvl_pipeline.container import RootContainer, make_container
 from qvl_pipeline.errors import CheckpointError, ConfigError, InputError
-from qvl_pipeline.generation.engine import Engine, Outcome
+from qvl_pipeline.generation.engine import Engine, Outcome, with_recovery
 from qvl_pipeline.generation.sampling import Sampler, SamplingParams
 from qvl_pipeline.model.config import ModelConfig
 from qvl_pipeline.model.fusion import FeatureCache, Fused
@@ -156,10 +156,10 @@ class Pipeline:
         return placement
 
     # ---- requests ------------------------------------------------------------------------------------------
-    def _default_images(self, images: Sequence[str], video: Sequence[str]) -> list[str]:
-        if images or video or not self.is_demo:
-            return list(images)
-        return [str(self.folder / DEMO_IMAGE)]
+    def demo_images(self) -> list[str]:
+        """The generated demo picture (CLI runs on the demo use it when no image is given)."""
+        self.load()
+        return [str(self.folder / DEMO_IMAGE)] if self.is_demo else []
 
     def _sampler(self, overrides: Mapping[str, Any]) -> tuple[Sampler, int]:
         gen = {**self.cfg["generate"], **{k: v for k, v in overrides.items() if v is not None}}
@@ -211,7 +211,8 @@ class Pipeline:
             raise InputError(f"the prompt has {len(input_ids)} tokens but the context holds {context}",
                              "shorten the prompt, use fewer/smaller images (processing.max_pixels=...), "
                              "or raise generate.max_context")
-        fused, vision_s = self._fuse(input_ids, vision)
+        recoveries: list[str] = []
+        fused, vision_s = with_recovery(lambda: self._fuse(input_ids, vision), self._recover, recoveries)
         start = 0
         cache = conversation.cache if conversation is not None else None
         if cache is not None:
@@ -233,7 +234,7 @@ class Pipeline:
         with torch.inference_mode():
             outcome: Outcome = Engine(self.model, self._recover).run(
                 fused, cache, context_ids=input_ids, start=start, sampler=sampler, max_new_tokens=max_new,
-                stop_ids=self.stop_ids, on_token=on_token)
+                stop_ids=self.stop_ids, on_token=on_token, recoveries=recoveries)
         if conversation is not None:
             conversation.cache = cache
             conversation.cached_ids = list(input_ids) + outcome.tokens[:-1]
@@ -253,7 +254,7 @@ class Pipeline:
                  seed: int | None = None, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
         """One user turn (images first, then the text) → text, token_ids, prompt_tokens, plan, timings."""
         self.load()
-        images = self._default_images(images, video)
+        images = list(images)
         vision = self.images(images) if images else None
         if video:
             raise InputError("video input is not wired into generation yet",

@@ -19,7 +19,7 @@ HELP = "type a message; '/image PATH' attaches an image to your next message; '/
 def run(cfg: Mapping[str, Any], container: RootContainer, results_dir: Path | None = None) -> int:
     pipe = Pipeline(cfg, container).load()
     conversation = Conversation()
-    pending = request_images(cfg) or pipe._default_images([], [])
+    pending = request_images(cfg) or pipe.demo_images()
     print(f"qvl-pipeline chat ({'demo weights' if pipe.is_demo else pipe.folder}): {HELP}", file=sys.stderr)
     turn = 0
     while True:

@@ -31,7 +31,8 @@ def run(cfg: Mapping[str, Any], container: RootContainer, results_dir: Path | No
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    result = pipe.generate(str(cfg.get("prompt", "")), request_images(cfg), video=cfg.get("video") or [],
+    images = request_images(cfg) or ([] if cfg.get("video") else pipe.demo_images())
+    result = pipe.generate(str(cfg.get("prompt", "")), images, video=cfg.get("video") or [],
                            on_text=None if as_json else stream)
     if as_json:
         print(json.dumps(result, ensure_ascii=False))
