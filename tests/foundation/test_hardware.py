@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -37,7 +38,7 @@ def profile_dict():
 def test_malformed_profile_names_the_field(mutate, field):
     data = profile_dict()
     mutate(data)
-    with pytest.raises(ProfileError, match=field.replace(".", r"\.")):
+    with pytest.raises(ProfileError, match=re.escape(field)):
         profile_from_dict(data)
 
 
@@ -102,7 +103,7 @@ def test_i5_profile_without_cuda_falls_back_to_cpu_and_says_so():
 def test_i5_profile_on_a_pascal_box_keeps_the_gpu():
     real = make_profile(name="probed", gpu=PASCAL)
     target = profile_from_dict(profile_dict())
-    effective, diffs = reconcile(target, real, emulate=False)
+    effective, _ = reconcile(target, real, emulate=False)
     assert effective.gpu == PASCAL and effective.chains == target.chains
 
 

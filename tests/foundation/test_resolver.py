@@ -124,5 +124,5 @@ def test_missing_chain_is_an_error_naming_the_fix():
 
 
 def test_bad_fidelity_level_is_named():
-    with pytest.raises(PluginError, match="opt.max_fidelity='bogus'"):
+    with pytest.raises(PluginError, match=r"opt\.max_fidelity='bogus'"):
         Resolver(registry(), make_profile(chains={}), cfg(fidelity="bogus"))

@@ -121,17 +121,15 @@ def prompt(image_grids: torch.Tensor | None = None, video_grids: torch.Tensor | 
     """[1, s] ids: text, each image as start + pads + end between text, each video frame after a timestamp."""
     g = torch.Generator().manual_seed(seed)
     ids = text(5, g)
-    parts = []
+    image_parts, video_parts = [], []
     if image_grids is not None:
         for t, h, w in image_grids.tolist():
-            parts.append([START] + [IMAGE] * (t * h * w // MERGE ** 2) + [END] + text(3, g))
+            image_parts.append([START] + [IMAGE] * (t * h * w // MERGE ** 2) + [END] + text(3, g))
     if video_grids is not None:
         for t, h, w in video_grids.tolist():
             frames = [text(2, g) + [START] + [VIDEO] * (h * w // MERGE ** 2) + [END] for _ in range(t)]
-            parts.append([START] + sum(frames, []) + [END] + text(2, g))
-    if video_first:
-        parts.reverse()
-    for part in parts:
+            video_parts.append([START] + sum(frames, []) + [END] + text(2, g))
+    for part in (video_parts + image_parts if video_first else image_parts + video_parts):
         ids += part
     ids += text(4, g)
     return torch.tensor([ids])
