@@ -44,7 +44,7 @@ def test_malformed_profile_names_the_field(mutate, field):
 
 def test_malformed_profile_via_config_is_a_config_error():
     bad = dict(I5, ram_gb="sixteen")
-    with pytest.raises(ConfigError, match="hardware.ram_gb"):
+    with pytest.raises(ConfigError, match=r"hardware\.ram_gb"):
         build_hardware(bad, lambda path, measure: (make_profile(), []))
 
 
