@@ -60,7 +60,7 @@ def join_deepstack(image_mask: torch.Tensor | None, video_mask: torch.Tensor | N
     visual = image_mask | video_mask
     is_image = image_mask[visual]                         # [visual tokens] bool
     joined = []
-    for img, vid in zip(images.deepstack, videos.deepstack):
+    for img, vid in zip(images.deepstack, videos.deepstack, strict=True):
         out = img.new_zeros(is_image.shape[0], img.shape[-1])
         out[is_image.to(out.device)] = img
         out[~is_image.to(out.device)] = vid.to(out.dtype)

@@ -82,12 +82,12 @@ class Qwen3VL(nn.Module):
         check_vision_input(self.config.vision, pixel_values, grid_thw)
         grid = grid_thw.cpu()
         pieces = pixel_values.split(grid.prod(-1).tolist())
-        keys = [content_key(piece, g) for piece, g in zip(pieces, grid)]
+        keys = [content_key(piece, g) for piece, g in zip(pieces, grid, strict=True)]
         found: list[VisionOutput | None] = [self.feature_cache.get(k) for k in keys]
         missing = [i for i, out in enumerate(found) if out is None]
         if missing:
             fresh = visual(torch.cat([pieces[i] for i in missing]), grid[missing])
-            for i, part in zip(missing, split_output(fresh, self.config.vision.merge_unit)):
+            for i, part in zip(missing, split_output(fresh, self.config.vision.merge_unit), strict=True):
                 self.feature_cache.put(keys[i], part)
                 found[i] = part
         return concat_outputs(found)

@@ -46,7 +46,7 @@ def check_vision_input(cfg: VisionConfig, pixel_values: torch.Tensor, grid_thw: 
     if grid_thw.is_floating_point() or bool((grid_thw <= 0).any()):
         raise InputError(f"grid_thw must hold positive integers, got {grid_thw.tolist()}")
     m = cfg.spatial_merge_size
-    for i, (t, h, w) in enumerate(grid_thw.tolist()):
+    for i, (_, h, w) in enumerate(grid_thw.tolist()):
         if h % m or w % m:
             raise InputError(f"grid {i} is {h}×{w} patches, not divisible by the spatial merge size {m}",
                              f"resize images to multiples of patch_size·merge = {cfg.patch_size * m} px")

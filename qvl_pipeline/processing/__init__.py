@@ -5,6 +5,7 @@ from qvl_pipeline.processing.image import ImageProcessor, VisionInputs
 from qvl_pipeline.processing.image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image, to_rgb
 from qvl_pipeline.processing.patchify import patchify
 from qvl_pipeline.processing.prompt import Prompt, build_prompt, expand_placeholders, user_message
+from qvl_pipeline.processing.request import ProcessedRequest, RequestProcessor
 from qvl_pipeline.processing.smart_resize import smart_resize, smart_resize_video
 from qvl_pipeline.processing.stop_tokens import read_generation_config, stop_token_ids
 from qvl_pipeline.processing.tokenizer import Tokenizer
@@ -12,7 +13,8 @@ from qvl_pipeline.processing.video import VideoClip, VideoInputs, VideoProcessor
 from qvl_pipeline.processing.vision_config import VisionPreprocessConfig, parse_vision_config, read_vision_config
 
 __all__ = [
-    "DEFAULT_MAX_IMAGE_PIXELS", "ChatTemplate", "ImageProcessor", "Prompt", "Tokenizer", "VideoClip", "VideoInputs",
+    "DEFAULT_MAX_IMAGE_PIXELS", "ChatTemplate", "ImageProcessor", "ProcessedRequest", "Prompt", "RequestProcessor",
+    "Tokenizer", "VideoClip", "VideoInputs",
     "VideoProcessor", "VisionInputs", "VisionPreprocessConfig", "build_prompt", "expand_placeholders",
     "find_chat_template", "frame_timestamps", "load_image", "parse_vision_config", "patchify",
     "read_generation_config", "read_vision_config", "smart_resize", "smart_resize_video", "stop_token_ids",

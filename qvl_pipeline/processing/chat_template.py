@@ -109,9 +109,7 @@ def _plain(value: Any) -> Any:
     """Template data rebuilt from plain JSON types; anything else becomes an inert "<TypeName>" string."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, bool):
-        return bool(value)
-    for base in (str, int, float):
+    for base in (bool, str, int, float):   # subclasses (enums, numpy scalars) lose their extra methods
         if isinstance(value, base):
             return base(value)
     if isinstance(value, Mapping):

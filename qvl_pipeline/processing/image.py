@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from qvl_pipeline.errors import InputError
 from qvl_pipeline.processing.image_io import DEFAULT_MAX_IMAGE_PIXELS, ImageSource, load_image, to_rgb
 from qvl_pipeline.processing.patchify import patchify
 from qvl_pipeline.processing.pixels import BACKENDS, Backend, prepare_frames
@@ -66,8 +67,12 @@ class ImageProcessor:
     def process_one(self, image: ImageSource) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Patch rows [t·h·w, C·T·P·P] and the (1, h, w) grid of one image."""
         rgb = load_image(image, self.max_image_pixels)
-        height, width = self.target_size(rgb.height, rgb.width) if self.config.do_resize else (rgb.height,
-                                                                                                rgb.width)
+        height, width = rgb.height, rgb.width
+        if self.config.do_resize:
+            height, width = self.target_size(height, width)
+        elif height % self.config.factor or width % self.config.factor:
+            raise InputError(f"image of {width}×{height} pixels is not a multiple of {self.config.factor} and the "
+                             "preprocessor config disables resizing", "resize the image, or set do_resize to true")
         frames = prepare_frames([rgb], height, width, self.config, self.backend)  # [1, C, H, W]
         return patchify(frames, self.config.patch_size, self.config.merge_size, self.config.temporal_patch_size)
 

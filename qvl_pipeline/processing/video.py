@@ -105,6 +105,9 @@ class VideoProcessor:
         height, width = frames[0].height, frames[0].width
         if self.config.do_resize:
             height, width = self.target_size(len(frames), height, width)
+        elif height % self.config.factor or width % self.config.factor:
+            raise InputError(f"frames of {width}×{height} pixels are not a multiple of {self.config.factor} and "
+                             "the preprocessor config disables resizing", "resize the frames, or set do_resize to true")
         pixels = prepare_frames(frames, height, width, self.config, self.backend)  # [T, C, H, W]
         rows, grid = patchify(pixels, self.config.patch_size, self.config.merge_size,
                               self.config.temporal_patch_size)

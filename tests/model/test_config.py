@@ -6,11 +6,11 @@ import copy
 import json
 
 import pytest
-from tiny_configs import old_spelling, tiny_hf_dict
 
 from qvl_pipeline.errors import ConfigError
 from qvl_pipeline.model.activations import _ACTIVATIONS
 from qvl_pipeline.model.config import KNOWN_ACTIVATIONS, ModelConfig
+from tests.model.tiny_configs import old_spelling, tiny_hf_dict
 
 # The shape of a released 2B checkpoint's config.json (old rope spelling, vision model_type "qwen3_vl").
 RELEASED_2B = {

@@ -6,7 +6,10 @@ import functools
 
 import pytest
 import torch
-from tiny_configs import (
+
+from qvl_pipeline.generation.greedy import greedy_generate
+from qvl_plugins.kv_cache.static import StaticCache
+from tests.model.tiny_configs import (
     HW,
     images,
     max_rel_diff,
@@ -17,9 +20,6 @@ from tiny_configs import (
     tiny_hf_dict,
     video,
 )
-
-from qvl_pipeline.generation.greedy import greedy_generate
-from qvl_plugins.kv_cache.static import StaticCache
 
 pytest.importorskip("transformers")
 
@@ -36,7 +36,7 @@ CASES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _oracle_and_ours(case: str, seed: int = 0):
     return pair(tiny_hf_dict(init=0.1, **CASES[case]["hf"]), seed=seed)
 
@@ -85,7 +85,7 @@ def test_stages_match_oracle(case, attention):
         got = ours.encode_images(pixels, grid)
         assert max_rel_diff(got.embeds, torch.cat(ref.pooler_output)) <= TOL, kind
         assert len(got.deepstack) == len(ref.deepstack_features)
-        for mine, theirs in zip(got.deepstack, ref.deepstack_features):
+        for mine, theirs in zip(got.deepstack, ref.deepstack_features, strict=True):
             assert max_rel_diff(mine, torch.cat(theirs)) <= TOL, kind
 
     fused = ours.prepare(**inputs)
@@ -102,7 +102,7 @@ def test_stages_match_oracle(case, attention):
     else:
         assert torch.equal(fused.visual_mask, seen["visual_pos_masks"])
         assert len(fused.deepstack) == len(seen["deepstack_visual_embeds"])
-        for mine, theirs in zip(fused.deepstack, seen["deepstack_visual_embeds"]):
+        for mine, theirs in zip(fused.deepstack, seen["deepstack_visual_embeds"], strict=True):
             assert max_rel_diff(mine, theirs) <= TOL
 
     logits = ours.forward_decoder(fused.inputs_embeds, fused.position_ids, None, fused.visual_mask,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_configs import IMAGE, MERGE, VIDEO, hf_model, images, mm_token_types, prompt, tiny_hf_dict, video
 
 from qvl_pipeline.errors import InputError
 from qvl_pipeline.model.positions import (
@@ -16,6 +15,7 @@ from qvl_pipeline.model.positions import (
     vision_cu_seqlens,
     vision_rotary_positions,
 )
+from tests.model.tiny_configs import IMAGE, MERGE, VIDEO, hf_model, images, mm_token_types, prompt, tiny_hf_dict, video
 
 transformers = pytest.importorskip("transformers")
 from transformers import vision_utils  # noqa: E402
@@ -92,7 +92,7 @@ def test_run_length_mismatch_is_input_error():
 def test_grid_and_run_counts_must_agree():
     _, grid = images([(50, 70), (90, 45)])
     ids = prompt(grid[:1])
-    with pytest.raises(InputError, match="2 image grids were given but the prompt has 1"):
+    with pytest.raises(InputError, match=r"2 image grids were given but the prompt has 1"):
         mrope_position_ids(token_types(ids, IMAGE, VIDEO), grid, None, MERGE)
     with pytest.raises(InputError, match=r"more image placeholder runs than image grids \(0 given\)"):
         mrope_position_ids(token_types(ids, IMAGE, VIDEO), None, None, MERGE)
@@ -101,7 +101,7 @@ def test_grid_and_run_counts_must_agree():
 def test_video_frames_need_their_own_runs():
     grid = torch.tensor([[2, 4, 4]])
     ids = torch.tensor([[1, 2, *([VIDEO] * 8), 3]])          # both frames in one run: no timestamp between
-    with pytest.raises(InputError, match="video frame placeholder run at tokens 2..9 has 8 tokens"):
+    with pytest.raises(InputError, match=r"video frame placeholder run at tokens 2\.\.9 has 8 tokens"):
         mrope_position_ids(token_types(ids, IMAGE, VIDEO), None, grid, MERGE)
 
 
@@ -109,5 +109,5 @@ def test_positions_beyond_the_limit():
     types = torch.zeros(1, 10, dtype=torch.long)
     with pytest.raises(InputError, match="position 9 is beyond the model's max_position_embeddings=8"):
         mrope_position_ids(types, None, None, MERGE, max_positions=8)
-    with pytest.raises(InputError, match="position 12 is beyond .*=12"):
+    with pytest.raises(InputError, match=r"position 12 is beyond .*=12"):
         decode_position_ids(10, torch.tensor([2]), max_positions=12)

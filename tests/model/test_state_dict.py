@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_configs import HW, hf_model, our_model, tiny_hf_dict
 from torch import nn
 
 from qvl_pipeline.model.config import ModelConfig
@@ -13,6 +12,7 @@ from qvl_pipeline.model.sizing import count_params
 from qvl_plugins.attention.eager import EagerAttention
 from qvl_plugins.kernels.torch_native import TorchNativeKernels
 from qvl_plugins.rotary.reference import ReferenceRotary
+from tests.model.tiny_configs import HW, hf_model, max_rel_diff, our_model, tiny_hf_dict
 
 
 def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -30,6 +30,19 @@ def test_keys_and_shapes_equal_saved_checkpoint(tied, tmp_path):
     ours = _shapes(our_model(hf).state_dict())
     assert ours == saved
     assert ("lm_head.weight" in ours) is (not tied)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_saved_checkpoint_loads_strictly_and_computes_the_same(tied, tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+    hf = tiny_hf_dict(tied=tied, init=0.1)
+    oracle = hf_model(hf, seed=3)
+    oracle.save_pretrained(tmp_path)
+    model = our_model(hf)
+    model.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=True)
+    ids = torch.tensor([[5, 17, 99, 3, 42, 8]])
+    assert max_rel_diff(model(ids), oracle(input_ids=ids).logits) <= 1e-4
 
 
 @pytest.mark.parametrize("tied", [False, True])

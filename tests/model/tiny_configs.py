@@ -127,8 +127,8 @@ def prompt(image_grids: torch.Tensor | None = None, video_grids: torch.Tensor | 
             image_parts.append([START] + [IMAGE] * (t * h * w // MERGE ** 2) + [END] + text(3, g))
     if video_grids is not None:
         for t, h, w in video_grids.tolist():
-            frames = [text(2, g) + [START] + [VIDEO] * (h * w // MERGE ** 2) + [END] for _ in range(t)]
-            video_parts.append([START] + sum(frames, []) + [END] + text(2, g))
+            frames = [tok for _ in range(t) for tok in [*text(2, g), START, *[VIDEO] * (h * w // MERGE ** 2), END]]
+            video_parts.append([START, *frames, END, *text(2, g)])
     for part in (video_parts + image_parts if video_first else image_parts + video_parts):
         ids += part
     ids += text(4, g)

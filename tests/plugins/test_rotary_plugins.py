@@ -1,0 +1,105 @@
+"""CachedRotary: bit-equal tables and rotation vs ReferenceRotary, table caching and growth, self-test, faults."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qvl_pipeline.slots.base import SelfTestError
+from qvl_plugins.rotary.cached import CachedRotary
+from qvl_plugins.rotary.reference import ReferenceRotary
+from tests.conftest import make_profile
+
+HW = make_profile()
+REF = ReferenceRotary(HW)
+SECTION = (24, 20, 20)
+TEXT_INV = 1.0 / (5e6 ** (torch.arange(0, 128, 2).float() / 128))     # Qwen3-VL decoder: head_dim 128
+VISION_INV = 1.0 / (10000 ** (torch.arange(0, 32, 2).float() / 32))   # vision: head_dim 64 -> 16 per axis
+
+
+@pytest.mark.parametrize("top", [1, 200, 5000, 70000])
+def test_text_tables_bit_equal(top):
+    gen = torch.Generator().manual_seed(top)
+    pos = torch.randint(0, top, (3, 2, 33), generator=gen)
+    rotary = CachedRotary(HW)
+    got, want = rotary.text_tables(pos, TEXT_INV, SECTION), REF.text_tables(pos, TEXT_INV, SECTION)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape == (2, 33, 128) and g.dtype == torch.float32
+        assert torch.equal(g, w)                          # measured: bit-equal (max |diff| 0)
+
+
+def test_decode_steps_bit_equal_while_the_table_grows():
+    rotary = CachedRotary(HW)
+    for p in [*range(0, 300, 13), 511, 512, 1025]:
+        pos = torch.full((3, 1, 1), p)
+        for g, w in zip(rotary.text_tables(pos, TEXT_INV, SECTION), REF.text_tables(pos, TEXT_INV, SECTION),
+                        strict=True):
+            assert torch.equal(g, w), p
+
+
+def test_vision_tables_bit_equal():
+    pos = torch.randint(0, 48, (300, 2), generator=torch.Generator().manual_seed(2))
+    for g, w in zip(CachedRotary(HW).vision_tables(pos, VISION_INV), REF.vision_tables(pos, VISION_INV),
+                    strict=True):
+        assert g.shape == w.shape == (300, 64)
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("upcast", [True, False])
+def test_apply_equals_reference(dtype, upcast):
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 4, 6, 128, generator=gen).to(dtype), torch.randn(1, 2, 6, 128, generator=gen).to(dtype)
+    cos, sin = REF.text_tables(torch.arange(6).expand(3, 1, 6), TEXT_INV, SECTION)
+    got = CachedRotary(HW).apply(q, k, cos[:, None], sin[:, None], upcast=upcast)
+    want = REF.apply(q, k, cos[:, None], sin[:, None], upcast=upcast)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype and torch.equal(g, w)
+
+
+def test_tables_are_built_once_per_inv_freq_and_grow_by_doubling():
+    rotary = CachedRotary(HW)
+    rotary.text_tables(torch.zeros(3, 1, 4, dtype=torch.long), TEXT_INV, SECTION)
+    (table,) = rotary._tables.values()
+    assert table.cos.shape == (256, 64)                   # MIN_POSITIONS
+    rotary.text_tables(torch.full((3, 1, 1), 255), TEXT_INV, SECTION)
+    assert next(iter(rotary._tables.values())) is table    # reused, not rebuilt
+    rotary.text_tables(torch.full((3, 1, 1), 300), TEXT_INV, SECTION)
+    assert next(iter(rotary._tables.values())).cos.shape == (512, 64)
+    rotary.vision_tables(torch.zeros(2, 2, dtype=torch.long), VISION_INV)
+    assert len(rotary._tables) == 2                        # one table per inv_freq
+
+
+def test_in_place_change_of_inv_freq_rebuilds_the_table():
+    inv = TEXT_INV.clone()
+    rotary = CachedRotary(HW)
+    pos = torch.arange(5).expand(3, 1, 5)
+    rotary.text_tables(pos, inv, SECTION)
+    inv.mul_(0.5)
+    for g, w in zip(rotary.text_tables(pos, inv, SECTION), REF.text_tables(pos, inv, SECTION), strict=True):
+        assert torch.equal(g, w)
+
+
+def test_self_test_passes_and_validate_is_empty():
+    CachedRotary(HW).self_test()
+    assert CachedRotary.validate(HW, {}) == []
+
+
+class OffByOneRotary(CachedRotary):
+    """A plausible bug: rows gathered at position + 1."""
+
+    def _rows(self, positions, inv_freq):
+        return super()._rows(positions + 1, inv_freq)
+
+
+class StaleTableRotary(CachedRotary):
+    """A plausible bug: the table never grows, so large positions are clamped to its last row."""
+
+    def _rows(self, positions, inv_freq):
+        return super()._rows(positions.clamp(max=255), inv_freq)
+
+
+@pytest.mark.parametrize("faulty", [OffByOneRotary, StaleTableRotary])
+def test_faulty_rotary_fails_self_test(faulty):
+    with pytest.raises(SelfTestError, match="relative error"):
+        faulty(HW).self_test()
