@@ -15,12 +15,12 @@ from qvl_pipeline.slots.selftest import check_each, failures_as_selftest_error
 from qvl_plugins.rotary.reference import interleave_mrope, rotate_half
 
 MIN_POSITIONS = 256
+MAX_TABLES = 4            # text and vision inv_freq, on up to two devices
 
 
 @dataclass
 class _Table:
-    source: torch.Tensor       # the inv_freq the table was built from (held, so its id stays unique)
-    version: int               # source._version when built: an in-place change invalidates the table
+    freqs: torch.Tensor        # [freqs] fp32, the inv_freq the table was built from, on the table's device
     cos: torch.Tensor          # [positions, freqs] fp32
     sin: torch.Tensor          # [positions, freqs] fp32
 
@@ -32,21 +32,29 @@ class CachedRotary(RotaryBackend):
 
     def __init__(self, hw: HardwareProfile, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(hw, options)
-        self._tables: dict[tuple[int, torch.device], _Table] = {}
+        self._tables: list[_Table] = []          # most recently built first
+
+    def _table(self, freqs: torch.Tensor, needed: int) -> _Table:
+        """The table for these inv_freq values (matched by value, so a caller that rebuilds inv_freq every
+        step still hits) holding at least `needed` positions."""
+        for table in self._tables:
+            if table.freqs.device == freqs.device and table.freqs.shape == freqs.shape \
+                    and torch.equal(table.freqs, freqs):
+                if table.cos.shape[0] >= needed:
+                    return table
+                self._tables.remove(table)
+                break
+        size = max(MIN_POSITIONS, 1 << (needed - 1).bit_length())
+        # The angle is the reference's own product (fp32 position × fp32 inv_freq), hence equal values.
+        angles = torch.arange(size, device=freqs.device).float()[:, None] * freqs          # [size, freqs]
+        table = _Table(freqs.clone(), angles.cos(), angles.sin())      # a copy: the caller's may change
+        self._tables = [table, *self._tables][:MAX_TABLES]
+        return table
 
     def _rows(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [...] (non-negative ints) -> cos, sin [..., freqs] in fp32."""
         needed = int(positions.max()) + 1 if positions.numel() else 1
-        key = (id(inv_freq), positions.device)
-        table = self._tables.get(key)
-        fresh = table is not None and table.source is inv_freq and table.version == inv_freq._version
-        if not fresh or table.cos.shape[0] < needed:
-            size = max(MIN_POSITIONS, 1 << (needed - 1).bit_length())
-            # The angle is the reference's own product (fp32 position × fp32 inv_freq), hence equal values.
-            angles = torch.arange(size, device=positions.device).float()[:, None] \
-                * inv_freq.float().to(positions.device)                      # [size, freqs]
-            table = _Table(inv_freq, inv_freq._version, angles.cos(), angles.sin())
-            self._tables[key] = table
+        table = self._table(inv_freq.detach().float().to(positions.device), needed)
         return table.cos[positions], table.sin[positions]
 
     def text_tables(self, position_ids: torch.Tensor, inv_freq: torch.Tensor,

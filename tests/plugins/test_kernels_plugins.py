@@ -159,7 +159,7 @@ def test_int8_blocked_dequant_equals_whole_dequant():
     x = torch.randn(3, 64)
     whole = mine(x)
     mine._dequant_rows = 5                                          # uneven blocks: 9 × 5 rows + 3
-    assert torch.equal(mine(x), whole)
+    assert relative_error(mine(x), whole) <= 1e-6                   # GEMM order only
 
 
 def test_int8_falls_back_to_dequant_when_the_gemv_cannot_run():

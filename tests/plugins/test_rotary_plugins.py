@@ -60,14 +60,18 @@ def test_apply_equals_reference(dtype, upcast):
 def test_tables_are_built_once_per_inv_freq_and_grow_by_doubling():
     rotary = CachedRotary(HW)
     rotary.text_tables(torch.zeros(3, 1, 4, dtype=torch.long), TEXT_INV, SECTION)
-    (table,) = rotary._tables.values()
-    assert table.cos.shape == (256, 64)                   # MIN_POSITIONS
-    rotary.text_tables(torch.full((3, 1, 1), 255), TEXT_INV, SECTION)
-    assert next(iter(rotary._tables.values())) is table    # reused, not rebuilt
+    (table,) = rotary._tables
+    assert table.cos.shape == (256, 64)                    # MIN_POSITIONS
+    rotary.text_tables(torch.full((3, 1, 1), 255), TEXT_INV.clone(), SECTION)   # same values, new tensor
+    assert len(rotary._tables) == 1 and rotary._tables[0] is table             # reused, not rebuilt
     rotary.text_tables(torch.full((3, 1, 1), 300), TEXT_INV, SECTION)
-    assert next(iter(rotary._tables.values())).cos.shape == (512, 64)
+    (grown,) = rotary._tables
+    assert grown.cos.shape == (512, 64)
     rotary.vision_tables(torch.zeros(2, 2, dtype=torch.long), VISION_INV)
-    assert len(rotary._tables) == 2                        # one table per inv_freq
+    assert len(rotary._tables) == 2                         # one table per inv_freq
+    for scale in (0.5, 0.25, 0.125, 0.0625):
+        rotary.vision_tables(torch.zeros(2, 2, dtype=torch.long), VISION_INV * scale)
+    assert len(rotary._tables) == 4                         # bounded
 
 
 def test_in_place_change_of_inv_freq_rebuilds_the_table():
