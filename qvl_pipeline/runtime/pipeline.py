@@ -26,6 +26,7 @@ from qvl_pipeline.processing.image import ImageProcessor, VisionInputs
 from qvl_pipeline.processing.prompt import build_prompt
 from qvl_pipeline.processing.stop_tokens import read_generation_config, stop_token_ids
 from qvl_pipeline.processing.tokenizer import Tokenizer
+from qvl_pipeline.processing.video import VideoInputs, VideoProcessor
 from qvl_pipeline.runtime.demo import DEMO_IMAGE, ensure_demo_checkpoint
 from qvl_pipeline.runtime.guard import PluginRuntimeError, guard
 from qvl_pipeline.slots import KVCache, KVCacheBackend, MemoryManager, Placement
@@ -182,16 +183,24 @@ class Pipeline:
             return min(limit, int(budget))
         return limit
 
-    def _fuse(self, input_ids: list[int], vision: VisionInputs | None) -> tuple[Fused, float]:
+    def _fuse(self, input_ids: list[int], vision: VisionInputs | None,
+              clips: VideoInputs | None = None) -> tuple[Fused, float]:
         assert self.model is not None
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.model.device)
+        dtype = self.model.dtype
+        pixels = None if vision is None else vision.pixel_values.to(dtype)
+        frames = None if clips is None else clips.pixel_values.to(dtype)
         start = time.perf_counter()
         with torch.inference_mode():
-            if vision is None or vision.grid_thw.shape[0] == 0:
-                fused = self.model.prepare(ids)
-            else:
-                fused = self.model.prepare(ids, vision.pixel_values.to(self.model.dtype), vision.grid_thw)
+            fused = self.model.prepare(ids, pixels, None if vision is None else vision.grid_thw,
+                                       frames, None if clips is None else clips.grid_thw)
         return fused, time.perf_counter() - start
+
+    def _video_processor(self) -> VideoProcessor:
+        if getattr(self, "_videos", None) is None:
+            max_pixels, _ = pixel_budget(self.cfg, self.container.core.hardware_report())
+            self._videos = VideoProcessor.from_folder(self.folder, max_pixels=max_pixels)
+        return self._videos
 
     def _recover(self, failure: PluginRuntimeError) -> None:
         resolver = self.container.core.resolver()
@@ -203,7 +212,8 @@ class Pipeline:
         print(f"qvl-pipeline: {failure}; continuing with {failure.slot}={replacement.name}", file=sys.stderr)
 
     def _run(self, input_ids: list[int], vision: VisionInputs | None, conversation: Conversation | None,
-             on_text: Callable[[str], None] | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
+             on_text: Callable[[str], None] | None, overrides: Mapping[str, Any],
+             clips: VideoInputs | None = None) -> dict[str, Any]:
         assert self.model is not None
         sampler, max_new = self._sampler(overrides)
         context = self._context_limit()
@@ -212,7 +222,7 @@ class Pipeline:
                              "shorten the prompt, use fewer/smaller images (processing.max_pixels=...), "
                              "or raise generate.max_context")
         recoveries: list[str] = []
-        fused, vision_s = with_recovery(lambda: self._fuse(input_ids, vision), self._recover, recoveries)
+        fused, vision_s = with_recovery(lambda: self._fuse(input_ids, vision, clips), self._recover, recoveries)
         start = 0
         cache = conversation.cache if conversation is not None else None
         if cache is not None:
@@ -256,15 +266,18 @@ class Pipeline:
         self.load()
         images = list(images)
         vision = self.images(images) if images else None
-        if video:
-            raise InputError("video input is not wired into generation yet",
-                             "pass the frames as images=[...] for now")
+        clips = self._video_processor()([list(video)]) if video else None
+        specs = []
+        if clips is not None:
+            per_frame = [int(h * w) // clips.merge_size**2 for _, h, w in clips.grid_thw.tolist()]
+            specs = list(zip(clips.timestamps, per_frame, strict=True))
         prompt_obj = build_prompt(self.tokenizer, self.template, prompt,
-                                  image_tokens=vision.token_counts() if vision else ())
+                                  image_tokens=vision.token_counts() if vision else (), videos=specs)
         overrides = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-        result = self._run(prompt_obj.input_ids, vision, None, on_text, overrides)
+        result = self._run(prompt_obj.input_ids, vision, None, on_text, overrides, clips)
         result["images"] = list(images)
+        result["video_frames"] = len(video)
         return result
 
     def chat_turn(self, conversation: Conversation, text: str, images: Sequence[str] = (),

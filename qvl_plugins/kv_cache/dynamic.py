@@ -25,7 +25,7 @@ class DynamicKVCache(KVCache):
         self.values: list[torch.Tensor | None] = [None] * shape.layers
         self.length = 0
 
-    def _grow(self, layer: int, needed: int) -> None:
+    def _grow(self, layer: int, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Reallocate `layer`'s buffers to max(needed, 2 × capacity, initial_len) ≤ max_len positions,
         keeping the committed positions."""
         old_k, old_v = self.keys[layer], self.values[layer]
@@ -38,15 +38,14 @@ class DynamicKVCache(KVCache):
             new_k[:, :, :self.length] = old_k[:, :, :self.length]
             new_v[:, :, :self.length] = old_v[:, :, :self.length]
         self.keys[layer], self.values[layer] = new_k, new_v
+        return new_k, new_v
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
         check_capacity(self.shape.max_len, end)
-        keys = self.keys[layer]
-        if keys is None or keys.shape[2] < end:
-            self._grow(layer, end)
         keys, values = self.keys[layer], self.values[layer]
-        assert keys is not None and values is not None
+        if keys is None or values is None or keys.shape[2] < end:
+            keys, values = self._grow(layer, end)
         keys[:, :, self.length:end] = k
         values[:, :, self.length:end] = v
         return keys[:, :, :end], values[:, :, :end]

@@ -132,8 +132,8 @@ class ForgetfulGrowth(DynamicCache):
         grow = cache._grow
 
         def bad_grow(layer, needed):
-            grow(layer, needed)
-            cache.keys[layer].zero_()
+            keys, values = grow(layer, needed)
+            return keys.zero_(), values
 
         cache._grow = bad_grow
         return cache

@@ -97,3 +97,16 @@ def test_bf16_demo_is_finite():
                                     "generate.max_new_tokens=3"]).load()
     assert pipe.model.dtype == torch.bfloat16
     assert len(pipe.generate("Describe.")["token_ids"]) >= 1
+
+
+def test_video_given_as_frames(demo, tmp_path):
+    from PIL import Image
+
+    frames = []
+    for i in range(4):
+        path = tmp_path / f"f{i}.png"
+        Image.new("RGB", (96, 64), (40 * i, 100, 200 - 30 * i)).save(path)
+        frames.append(str(path))
+    result = demo.generate("What happens?", video=frames, max_new_tokens=3)
+    assert result["video_frames"] == 4 and len(result["token_ids"]) >= 1
+    assert result["prompt_tokens"] > 12
