@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from qvl_pipeline.hardware.profile import HardwareProfile
 from qvl_pipeline.slots.attention import repeat_kv_heads
@@ -42,6 +41,10 @@ def forced_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bo
         if q_len == kv_len:
             is_causal = True
         else:
+            # Imported here: torch.nn.attention.bias pulls in torch._dynamo (~1.5 s), which screening a chain
+            # (importing the class to validate it) must not pay on machines where the plugin is rejected.
+            from torch.nn.attention.bias import causal_lower_right
+
             mask = causal_lower_right(q_len, kv_len)
     with sdpa_kernel(backend):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)

@@ -46,7 +46,7 @@ class CachedRotary(RotaryBackend):
                 break
         size = max(MIN_POSITIONS, 1 << (needed - 1).bit_length())
         # The angle is the reference's own product (fp32 position × fp32 inv_freq), hence equal values.
-        angles = torch.arange(1, size + 1, device=freqs.device).float()[:, None] * freqs          # [size, freqs]
+        angles = torch.arange(size, device=freqs.device).float()[:, None] * freqs          # [size, freqs]
         table = _Table(freqs.clone(), angles.cos(), angles.sin())      # a copy: the caller's may change
         self._tables = [table, *self._tables][:MAX_TABLES]
         return table
