@@ -46,6 +46,11 @@ def forced_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bo
             from torch.nn.attention.bias import causal_lower_right
 
             mask = causal_lower_right(q_len, kv_len)
+    if not q.is_cuda:
+        # Layers the memory plan keeps on the CPU (cuda_partial) reach the same plugin: there torch's own
+        # CPU SDPA kernel computes the same maths instead of failing the whole slot at run time.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+        return out.transpose(1, 2).contiguous()
     with sdpa_kernel(backend):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
     return out.transpose(1, 2).contiguous()

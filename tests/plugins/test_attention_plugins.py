@@ -207,3 +207,17 @@ def test_flash_matches_eager_on_cuda(b, h, kvh, q_len, kv_len, d, causal, dtype)
 @pytest.mark.skipif(_sm() < (8, 0), reason="needs CUDA sm_80+ (FlashAttention)")
 def test_flash_self_test_on_cuda():
     SdpaFlashAttention(HW).self_test()
+
+
+def test_cuda_attention_plugins_compute_cpu_layers_of_a_split_placement():
+    """cuda_partial keeps trailing layers on the CPU; the CUDA-only plugins must still compute them exactly."""
+    from qvl_plugins.attention.eager import EagerAttention
+    from qvl_plugins.attention.sdpa_mem_efficient import SdpaMemEfficientAttention
+    from tests.conftest import PASCAL, make_profile
+
+    hw = make_profile(gpu=PASCAL)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, n, 16, generator=g) for h, n in ((4, 3), (2, 7), (2, 7)))
+    want = EagerAttention(hw).attend(q, k, v, causal=True, scale=0.25)
+    got = SdpaMemEfficientAttention(hw).attend(q, k, v, causal=True, scale=0.25)
+    assert torch.allclose(got, want, atol=1e-6)
