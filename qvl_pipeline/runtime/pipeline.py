@@ -234,11 +234,13 @@ class Pipeline:
                 max_len = context
             cache = self.cache_backend.create(self.model.cache_shape(1, max_len), self.model.dtype, self.model.device)
         stream = self.tokenizer.decode_stream() if on_text is not None else None
+        streamed: list[str] = []
 
         def on_token(token: int) -> None:
             if stream is not None and token not in self.stop_ids:
                 piece = stream.step(self.tokenizer.backend, token)
                 if piece:
+                    streamed.append(piece)
                     on_text(piece)
 
         with torch.inference_mode():
@@ -249,6 +251,9 @@ class Pipeline:
             conversation.cache = cache
             conversation.cached_ids = list(input_ids) + outcome.tokens[:-1]
         text = self.tokenizer.decode([t for t in outcome.tokens if t not in self.stop_ids])
+        sent = "".join(streamed)
+        if on_text is not None and text.startswith(sent) and len(text) > len(sent):
+            on_text(text[len(sent):])    # the tail the stream held back (an incomplete UTF-8 sequence)
         return {
             "text": text, "token_ids": outcome.tokens, "prompt_tokens": len(input_ids),
             "cached_prompt_tokens": start, "stop_reason": outcome.stop_reason, "demo": self.is_demo,
