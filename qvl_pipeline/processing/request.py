@@ -59,10 +59,7 @@ class RequestProcessor:
             if self.video_processor is None:
                 raise ValueError("this RequestProcessor was built without a video processor")
             clips = self.video_processor(videos)
-        video_specs = []
-        if clips is not None:
-            per_frame = [int(h * w) // clips.merge_size**2 for _, h, w in clips.grid_thw.tolist()]
-            video_specs = list(zip(clips.timestamps, per_frame, strict=True))
+        video_specs = clips.prompt_specs() if clips is not None else []
         prompt = build_prompt(self.tokenizer, self.template, text,
                               image_tokens=vision.token_counts() if vision else (), videos=video_specs)
         ids = torch.tensor([prompt.input_ids], dtype=torch.long)

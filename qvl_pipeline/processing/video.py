@@ -36,6 +36,11 @@ class VideoInputs(VisionInputs):
 
     timestamps: list[list[float]] = field(default_factory=list)
 
+    def prompt_specs(self) -> list[tuple[list[float], int]]:
+        """Per video, (timestamps, placeholder tokens per temporal patch) as `build_prompt(videos=...)` takes."""
+        per_frame = [int(h * w) // self.merge_size**2 for _, h, w in self.grid_thw.tolist()]
+        return list(zip(self.timestamps, per_frame, strict=True))
+
 
 def frame_timestamps(indices: Sequence[int], fps: float, temporal_patch_size: int) -> list[float]:
     """Seconds of each temporal patch: the mean time of its first and last frame (the last index is repeated

@@ -272,10 +272,7 @@ class Pipeline:
         images = list(images)
         vision = self.images(images) if images else None
         clips = self._video_processor()([list(video)]) if video else None
-        specs = []
-        if clips is not None:
-            per_frame = [int(h * w) // clips.merge_size**2 for _, h, w in clips.grid_thw.tolist()]
-            specs = list(zip(clips.timestamps, per_frame, strict=True))
+        specs = clips.prompt_specs() if clips is not None else []
         prompt_obj = build_prompt(self.tokenizer, self.template, prompt,
                                   image_tokens=vision.token_counts() if vision else (), videos=specs)
         overrides = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
