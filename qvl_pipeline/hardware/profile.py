@@ -70,6 +70,18 @@ class HardwareProfile:
     def has_isa(self, flag: str) -> bool:
         return flag in self.cpu.isa
 
+    def cuda_reasons(self, min_cc: tuple[int, int] = (0, 0), feature: str = "") -> list[str]:
+        """Why CUDA (at compute capability ≥ min_cc, for `feature`) cannot be used here; empty when it can."""
+        if self.gpu is None:
+            return ["needs a CUDA GPU; this machine has none"]
+        reasons = []
+        if self.gpu.torch_has_kernels is False:
+            reasons.append(f"needs CUDA kernels for sm_{self.gpu.sm} ({self.gpu.name}); the installed torch build "
+                           "has none (for Pascal install a CUDA 12.6 build, cu126: 12.8+ builds dropped sm_60/61)")
+        if self.gpu.compute_capability < min_cc:
+            reasons.append(f"needs compute capability ≥ {min_cc[0]}.{min_cc[1]} ({feature}); GPU is sm_{self.gpu.sm}")
+        return reasons
+
     @property
     def cuda_usable(self) -> bool:
         """A GPU is present and the installed torch can run kernels on it."""

@@ -6,21 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from qvl_pipeline.hardware.profile import HardwareProfile
 from qvl_pipeline.slots.attention import repeat_kv_heads
-
-
-def cuda_reasons(hw: HardwareProfile, min_cc: tuple[int, int], feature: str) -> list[str]:
-    """Why `feature` cannot run on hw's GPU: no GPU, a torch build without its kernels, too old an arch."""
-    if hw.gpu is None:
-        return ["needs a CUDA GPU; this machine has none"]
-    reasons = []
-    if hw.gpu.torch_has_kernels is False:
-        reasons.append(f"needs CUDA kernels for sm_{hw.gpu.sm} ({hw.gpu.name}); the installed torch build has "
-                       f"none (install one that does, e.g. cu126 for Pascal)")
-    if hw.gpu.compute_capability < min_cc:
-        reasons.append(f"needs compute capability ≥ {min_cc[0]}.{min_cc[1]} ({feature}); GPU is sm_{hw.gpu.sm}")
-    return reasons
 
 
 def forced_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,

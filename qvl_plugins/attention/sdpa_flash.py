@@ -11,7 +11,7 @@ from torch.nn.attention import SDPBackend
 from qvl_pipeline.hardware.profile import HardwareProfile
 from qvl_pipeline.slots.attention import AttentionBackend
 from qvl_pipeline.slots.base import Fidelity, SelfTestError
-from qvl_plugins.attention.cuda_sdpa import cuda_reasons, forced_sdpa
+from qvl_plugins.attention.cuda_sdpa import forced_sdpa
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -22,7 +22,7 @@ class SdpaFlashAttention(AttentionBackend):
 
     @classmethod
     def validate(cls, hw: HardwareProfile, cfg: Mapping[str, Any]) -> list[str]:
-        reasons = cuda_reasons(hw, (8, 0), "FlashAttention")
+        reasons = hw.cuda_reasons((8, 0), "FlashAttention")
         dtype = (cfg.get("model") or {}).get("dtype", "auto")
         if dtype == "float32":
             reasons.append("FlashAttention runs only in fp16/bf16; model.dtype is float32")

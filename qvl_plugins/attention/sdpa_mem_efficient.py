@@ -11,7 +11,7 @@ from torch.nn.attention import SDPBackend
 from qvl_pipeline.hardware.profile import HardwareProfile
 from qvl_pipeline.slots.attention import AttentionBackend
 from qvl_pipeline.slots.base import Fidelity, SelfTestError
-from qvl_plugins.attention.cuda_sdpa import cuda_reasons, forced_sdpa
+from qvl_plugins.attention.cuda_sdpa import forced_sdpa
 
 
 class SdpaMemEfficientAttention(AttentionBackend):
@@ -21,7 +21,7 @@ class SdpaMemEfficientAttention(AttentionBackend):
 
     @classmethod
     def validate(cls, hw: HardwareProfile, cfg: Mapping[str, Any]) -> list[str]:
-        return cuda_reasons(hw, (5, 0), "memory-efficient SDPA")
+        return hw.cuda_reasons((5, 0), "memory-efficient SDPA")
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                scale: float) -> torch.Tensor:

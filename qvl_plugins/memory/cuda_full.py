@@ -13,23 +13,13 @@ from qvl_pipeline.slots.memory import MemoryManager, Placement
 from qvl_plugins.memory.budget import GIB, model_weight_bytes
 
 
-def cuda_reasons(hw: HardwareProfile) -> list[str]:
-    """Why CUDA cannot be used on `hw` (empty when it can)."""
-    if hw.gpu is None:
-        return ["needs a CUDA GPU; this machine has none usable by torch"]
-    if hw.gpu.torch_has_kernels is False:
-        return [f"the installed torch has no kernels for {hw.gpu.name} (sm_{hw.gpu.sm}); for Pascal install a "
-                "CUDA 12.6 build of torch (CUDA 12.8+ wheels dropped sm_60/61)"]
-    return []
-
-
 class CudaFullMemory(MemoryManager):
     fidelity = Fidelity.EXACT
     summary = "all weights and the KV cache on the GPU"
 
     @classmethod
     def validate(cls, hw: HardwareProfile, cfg: Mapping[str, Any]) -> list[str]:
-        reasons = cuda_reasons(hw)
+        reasons = hw.cuda_reasons()
         if reasons:
             return reasons
         assert hw.gpu is not None

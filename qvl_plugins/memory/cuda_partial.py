@@ -13,7 +13,6 @@ from qvl_pipeline.hardware.profile import HardwareProfile
 from qvl_pipeline.slots.base import Fidelity
 from qvl_pipeline.slots.memory import MemoryManager, Placement
 from qvl_plugins.memory.budget import GIB, layers_that_fit
-from qvl_plugins.memory.cuda_full import cuda_reasons
 
 
 class CudaPartialMemory(MemoryManager):
@@ -22,7 +21,7 @@ class CudaPartialMemory(MemoryManager):
 
     @classmethod
     def validate(cls, hw: HardwareProfile, cfg: Mapping[str, Any]) -> list[str]:
-        reasons = cuda_reasons(hw)
+        reasons = hw.cuda_reasons()
         if reasons:
             return reasons
         assert hw.gpu is not None
