@@ -9,6 +9,7 @@ from torch import nn
 from qvl_pipeline.slots.base import Fidelity, SelfTestError
 from qvl_pipeline.slots.kernels import KernelsBackend
 from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, self_test_devices
+from qvl_plugins.kernels.reference_check import prepared_pair
 
 
 class Fp16StoreLinear(nn.Linear):
@@ -47,18 +48,10 @@ class Fp16StoreFp32ComputeKernels(KernelsBackend):
         return model
 
     def self_test(self) -> None:
-        from qvl_plugins.kernels.torch_native import TorchNativeKernels  # the slot's reference plugin
-
         gen = torch.Generator().manual_seed(0)
         for device in self_test_devices(self.hw):
             with failures_as_selftest_error(f"{type(self).__name__} self-test on {device}"):
-                reference = TorchNativeKernels(self.hw).linear(24, 16, True)
-                with torch.no_grad():
-                    for p in reference.parameters():
-                        p.copy_(torch.randn(p.shape, generator=gen))
-                mine = self.linear(24, 16, True)
-                mine.load_state_dict(reference.state_dict())
-                mine = self.prepare(mine).to(device)
+                reference, mine = prepared_pair(self, 24, 16, gen, device)
                 if mine.weight.dtype != torch.float16:
                     raise SelfTestError(f"stores linear weights as {mine.weight.dtype}, not float16")
                 x = torch.randn(3, 24, generator=gen)

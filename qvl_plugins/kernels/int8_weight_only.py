@@ -14,6 +14,7 @@ from qvl_pipeline.hardware.profile import HardwareProfile
 from qvl_pipeline.slots.base import Fidelity
 from qvl_pipeline.slots.kernels import KernelsBackend
 from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, self_test_devices
+from qvl_plugins.kernels.reference_check import prepared_pair
 
 # ATen's CPU int8 × bf16 GEMV kernel (torch ≥ 2.4): AVX2/AVX-512 vector code, scalar elsewhere. Its vector loops
 # use aligned 16-element loads and do not check shapes: only in_features % 16 == 0 is safe.
@@ -128,18 +129,10 @@ class Int8WeightOnlyKernels(KernelsBackend):
         return model
 
     def self_test(self) -> None:
-        from qvl_plugins.kernels.torch_native import TorchNativeKernels  # the slot's reference plugin
-
         gen = torch.Generator().manual_seed(0)
         for device in self_test_devices(self.hw):
             with failures_as_selftest_error(f"{type(self).__name__} self-test on {device}"):
-                reference = TorchNativeKernels(self.hw).linear(32, 24, True)
-                with torch.no_grad():
-                    for p in reference.parameters():
-                        p.copy_(torch.randn(p.shape, generator=gen))
-                mine = self.linear(32, 24, True)
-                mine.load_state_dict(reference.state_dict())
-                mine = self.prepare(mine).to(device)
+                reference, mine = prepared_pair(self, 32, 24, gen, device)
                 for rows in (1, self.pack_max_rows + 1):      # both kernels where the GEMV is selected
                     x = torch.randn(rows, 32, generator=gen)
                     got = mine(x.to(device))
