@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from qvl_pipeline.errors import PluginError
-from qvl_pipeline.slots import SLOTS, Plugin
+from qvl_pipeline.slots import SLOTS, Fidelity, Plugin
 
 ENTRY_POINT_GROUP = "qvl_pipeline.plugins"
+BUILTIN_ORIGIN = "qvl_plugins (built-in)"
 
 # Built-in plugins: slot -> name -> "module:Class". Nothing here is imported until selected.
 BUILTIN: dict[str, dict[str, str]] = {
@@ -45,46 +48,81 @@ BUILTIN: dict[str, dict[str, str]] = {
 Target = str | type[Plugin]
 
 
-def _entry_point_targets() -> dict[str, dict[str, str]]:
+@dataclass(frozen=True)
+class Discovered:
+    """An entry point found in the group: "<slot>.<name>" = "module:Class", and the distribution shipping it."""
+
+    slot: str
+    name: str
+    target: str
+    distribution: str
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """A loaded plugin class under its registered name, and where it came from."""
+
+    slot: str
+    name: str
+    cls: type[Plugin]
+    origin: str
+
+
+def entry_point_plugins() -> list[Discovered]:
     """Third-party plugins: entry points named "<slot>.<name>" in the group qvl_pipeline.plugins."""
-    found: dict[str, dict[str, str]] = {}
+    found = []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         slot, _, name = ep.name.partition(".")
-        found.setdefault(slot, {})[name] = ep.value
+        dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "an unknown distribution"
+        found.append(Discovered(slot, name, ep.value, dist))
     return found
+
+
+def plugin_class_problems(cls: object, slot: str) -> list[str]:
+    """Why `cls` cannot be a plugin of `slot` (pure): not a subclass of the interface, no declared fidelity,
+    Options not a dataclass."""
+    interface = SLOTS[slot]
+    if not (isinstance(cls, type) and issubclass(cls, interface)):
+        return [f"{cls!r} is not a subclass of {interface.__name__} (qvl_pipeline.slots)"]
+    problems = []
+    if not isinstance(getattr(cls, "fidelity", None), Fidelity):
+        problems.append(f"{cls.__name__} declares no fidelity (set `fidelity = Fidelity.EXACT` or another level)")
+    if not dataclasses.is_dataclass(getattr(cls, "Options", None)):
+        problems.append(f"{cls.__name__}.Options is not a dataclass")
+    return problems
 
 
 class PluginRegistry:
     """Knows every plugin name per slot and imports a plugin class on first use."""
 
     def __init__(self, builtin: Mapping[str, Mapping[str, Target]] | None = None,
-                 discover: Callable[[], Mapping[str, Mapping[str, str]]] | None = _entry_point_targets) -> None:
+                 discover: Callable[[], Iterable[Discovered]] | None = entry_point_plugins) -> None:
         self._targets: dict[str, dict[str, Target]] = {slot: {} for slot in SLOTS}
-        self.origin: dict[tuple[str, str], str] = {}
+        self._origin: dict[tuple[str, str], str] = {}
+        self._loaded: dict[tuple[str, str], PluginSpec] = {}
         self.problems: list[str] = []
         for slot, names in (BUILTIN if builtin is None else builtin).items():
             for name, target in names.items():
-                self.register(slot, name, target, origin="built-in")
-        for slot, names in (discover() if discover else {}).items():
-            for name, target in names.items():
-                if slot not in SLOTS:
-                    self.problems.append(f"entry point {slot}.{name} ({target}) names no slot; "
-                                         f"slots are {sorted(SLOTS)}")
-                    continue
-                if name in self._targets[slot]:
-                    self.problems.append(f"entry point {slot}.{name} ({target}) ignored: the name is taken "
-                                         f"by the {self.origin[(slot, name)]} plugin")
-                    continue
-                self.register(slot, name, target, origin=f"entry point {target}")
-        self._loaded: dict[tuple[str, str], type[Plugin]] = {}
+                self.register(slot, name, target, origin=BUILTIN_ORIGIN)
+        for found in (discover() if discover else ()):
+            where = f"entry point {found.slot}.{found.name} = {found.target} (from {found.distribution})"
+            if found.slot not in SLOTS:
+                self.problems.append(f"{where} names no slot; slots are {', '.join(SLOTS)}")
+            elif found.name in ("", "auto") or not found.name.isidentifier():
+                self.problems.append(f"{where} ignored: a plugin name must be an identifier other than 'auto'")
+            elif found.name in self._targets[found.slot]:
+                self.problems.append(f"{where} ignored: the name is taken by "
+                                     f"{self._origin[(found.slot, found.name)]}")
+            else:
+                self.register(found.slot, found.name, found.target, origin=found.distribution)
 
-    def register(self, slot: str, name: str, target: Target, origin: str = "registered") -> None:
+    def register(self, slot: str, name: str, target: Target, origin: str = "registered in code") -> None:
         """Add (or replace) a plugin: a "module:Class" path or the class itself."""
         if slot not in SLOTS:
-            raise PluginError(f"unknown slot {slot!r}", f"slots are: {', '.join(sorted(SLOTS))}")
+            raise PluginError(f"unknown slot {slot!r}", f"slots are: {', '.join(SLOTS)}")
         self._targets[slot][name] = target
-        self.origin[(slot, name)] = origin
-        getattr(self, "_loaded", {}).pop((slot, name), None)
+        self._origin[(slot, name)] = origin
+        self._loaded.pop((slot, name), None)
 
     def names(self, slot: str) -> list[str]:
         return sorted(self._targets.get(slot, {}))
@@ -92,8 +130,12 @@ class PluginRegistry:
     def has(self, slot: str, name: str) -> bool:
         return name in self._targets.get(slot, {})
 
-    def load(self, slot: str, name: str) -> type[Plugin]:
-        """Import and return the plugin class; errors name the available plugins or the import problem."""
+    def origin(self, slot: str, name: str) -> str:
+        return self._origin.get((slot, name), "")
+
+    def load(self, slot: str, name: str) -> PluginSpec:
+        """Import the plugin class; PluginError names the available plugins, the import problem, or what the
+        class lacks."""
         key = (slot, name)
         if key in self._loaded:
             return self._loaded[key]
@@ -102,15 +144,13 @@ class PluginRegistry:
                               f"choose one of: {', '.join(self.names(slot))} (e.g. {slot}={self.names(slot)[0]})")
         target = self._targets[slot][name]
         cls = _import_target(target, slot, name) if isinstance(target, str) else target
-        interface = SLOTS[slot]
-        if not (isinstance(cls, type) and issubclass(cls, interface)):
-            raise PluginError(f"{slot} plugin {name!r} ({target}) is not a subclass of {interface.__name__}",
-                              "a plugin must subclass its slot's interface from qvl_pipeline.slots")
-        # Each registered name gets its own subclass so `name` never leaks between aliases of one class.
-        named = type(cls.__name__, (cls,), {"name": name, "__module__": cls.__module__,
-                                             "__qualname__": cls.__qualname__})
-        self._loaded[key] = named
-        return named
+        problems = plugin_class_problems(cls, slot)
+        if problems:
+            raise PluginError(f"{slot} plugin {name!r} ({target}) is not usable: {'; '.join(problems)}",
+                              "fix the plugin class (see plugins/README.md) or pick another plugin")
+        spec = PluginSpec(slot, name, cls, self._origin[key])
+        self._loaded[key] = spec
+        return spec
 
 
 def _import_target(target: str, slot: str, name: str) -> type:
@@ -118,6 +158,7 @@ def _import_target(target: str, slot: str, name: str) -> type:
     try:
         module = importlib.import_module(module_name)
         return getattr(module, attr)
-    except (ImportError, AttributeError) as exc:
-        raise PluginError(f"{slot} plugin {name!r} could not be imported from {target}: {exc}",
+    except Exception as exc:    # a third-party module may raise anything on import: report it, never crash
+        raise PluginError(f"{slot} plugin {name!r} could not be imported from {target}: "
+                          f"{type(exc).__name__}: {exc}",
                           "reinstall the package that provides it, or pick another plugin") from exc

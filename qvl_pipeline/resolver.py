@@ -1,17 +1,34 @@
-"""Fallback resolution: explicit choice or first usable chain entry per slot, with every rejection recorded."""
+"""Fallback resolution against RunFacts: explicit choice or first usable chain entry per slot, every rejection
+recorded, each plugin with its own typed options."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from qvl_pipeline.errors import PluginError
-from qvl_pipeline.hardware.profile import HardwareProfile
-from qvl_pipeline.registry import PluginRegistry
+from qvl_pipeline.errors import ConfigError, PluginError, QvlError
+from qvl_pipeline.facts import RunFacts
+from qvl_pipeline.options import build_options
+from qvl_pipeline.registry import PluginRegistry, PluginSpec
 from qvl_pipeline.slots import SLOTS, Fidelity, Plugin
 
 FIDELITY_BY_NAME = {level.name.lower(): level for level in Fidelity}
+
+
+class SlotChoice(Protocol):
+    """What the resolver reads of a slot's config (`SlotConfig` in the schema)."""
+
+    choice: str | None
+    options: Mapping[str, Mapping[str, Any]]
+
+
+class OptLevel(Protocol):
+    """What the resolver reads of the opt level (`OptConfig` in the schema)."""
+
+    level: str
+    max_fidelity: str
+    self_test: bool
 
 
 @dataclass
@@ -31,36 +48,41 @@ class SlotDecision:
     how: str = ""                          # explicit | chain
     summary: str = ""
     fidelity: str = ""
+    origin: str = ""                       # the package the chosen plugin came from
     options: dict[str, Any] = field(default_factory=dict)
     candidates: list[str] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"slot": self.slot, "chosen": self.chosen, "how": self.how, "summary": self.summary,
-                "fidelity": self.fidelity, "options": dict(self.options), "candidates": list(self.candidates),
-                "rejected": [r.to_dict() for r in self.rejected]}
+                "fidelity": self.fidelity, "origin": self.origin, "options": dict(self.options),
+                "candidates": list(self.candidates), "rejected": [r.to_dict() for r in self.rejected]}
 
 
-def max_fidelity(cfg: Mapping[str, Any]) -> Fidelity:
-    name = str(cfg.get("opt", {}).get("max_fidelity", "approximate")).lower()
-    if name not in FIDELITY_BY_NAME:
-        raise PluginError(f"opt.max_fidelity={name!r} is not a fidelity level",
+def fidelity_ceiling(name: str) -> Fidelity:
+    """The Fidelity an opt level's `max_fidelity` names."""
+    key = name.lower()
+    if key not in FIDELITY_BY_NAME:
+        raise ConfigError(f"opt.max_fidelity={name!r} is not a fidelity level",
                           f"use one of: {', '.join(FIDELITY_BY_NAME)}")
-    return FIDELITY_BY_NAME[name]
+    return FIDELITY_BY_NAME[key]
 
 
 class Resolver:
     """Resolves each slot once per run; `fallback` moves a slot along its chain after a runtime failure."""
 
-    def __init__(self, registry: PluginRegistry, hw: HardwareProfile, cfg: Mapping[str, Any]) -> None:
+    def __init__(self, registry: PluginRegistry, facts: RunFacts, opt: OptLevel,
+                 slots: Mapping[str, SlotChoice]) -> None:
         self.registry = registry
-        self.hw = hw
-        self.cfg = cfg
-        self.ceiling = max_fidelity(cfg)
-        self.run_self_tests = bool(cfg.get("opt", {}).get("self_test", True))
+        self.facts = facts
+        self.opt = opt
+        self.slots = slots
+        self.ceiling = fidelity_ceiling(opt.max_fidelity)
         self._plugins: dict[str, Plugin] = {}
+        self._references: dict[str, Plugin] = {}
         self._positions: dict[str, int] = {}
         self.decisions: dict[str, SlotDecision] = {}
+        self._check_option_names()
 
     # -- public -------------------------------------------------------------------------------------------
     def resolve(self, slot: str) -> Plugin:
@@ -69,10 +91,9 @@ class Resolver:
             return self._plugins[slot]
         if slot not in SLOTS:
             raise PluginError(f"unknown slot {slot!r}", f"slots are: {', '.join(SLOTS)}")
-        slot_cfg = self.cfg.get(slot) or {}
-        choice = slot_cfg.get("choice")
-        decision = SlotDecision(slot=slot, options=dict(slot_cfg.get("options") or {}))
+        decision = SlotDecision(slot=slot)
         self.decisions[slot] = decision
+        choice = self.slots[slot].choice
         if choice:
             plugin = self._resolve_explicit(slot, str(choice), decision)
         else:
@@ -102,45 +123,69 @@ class Resolver:
         self.resolve_all()
         return {slot: self.decisions[slot].to_dict() for slot in SLOTS}
 
-    # -- internals ----------------------------------------------------------------------------------------
-    def _chain(self, slot: str) -> tuple[str, ...]:
-        chain = self.hw.chains.get(slot)
+    def chain(self, slot: str) -> tuple[str, ...]:
+        chain = self.facts.hardware.chains.get(slot)
         if not chain:
-            raise PluginError(f"hardware profile {self.hw.name!r} declares no chain for slot {slot!r}",
+            raise PluginError(f"hardware profile {self.facts.hardware.name!r} declares no chain for slot {slot!r}",
                               f"add hardware.chains.{slot}: [...] to the profile, or choose one: "
                               f"{slot}={self.registry.names(slot)[0]}")
         return chain
 
+    # -- internals ----------------------------------------------------------------------------------------
+    def _check_option_names(self) -> None:
+        """Options given for a plugin the slot does not have are a typo: say so before anything runs."""
+        for slot in SLOTS:
+            for name in self.slots[slot].options or {}:
+                if not self.registry.has(slot, name):
+                    raise ConfigError(f"{slot}.options.{name}: there is no {slot} plugin named {name!r}",
+                                      f"options are per plugin: {slot}.options.<plugin>.<option>=value with "
+                                      f"<plugin> one of {', '.join(self.registry.names(slot))}")
+
+    def _options(self, spec: PluginSpec) -> Any:
+        raw = (self.slots[spec.slot].options or {}).get(spec.name) or {}
+        return build_options(spec.cls.Options, raw, f"{spec.slot}.options.{spec.name}")
+
+    def _reference(self, slot: str) -> Plugin:
+        if slot not in self._references:
+            name = SLOTS[slot].reference
+            spec = self.registry.load(slot, name)
+            self._references[slot] = spec.cls(self.facts, None, name=name)
+        return self._references[slot]
+
     def _resolve_explicit(self, slot: str, name: str, decision: SlotDecision) -> Plugin:
         decision.how, decision.candidates = "explicit", [name]
-        cls = self.registry.load(slot, name)   # unknown name -> PluginError listing the available ones
-        reasons = cls.validate(self.hw, self.cfg)
+        spec = self.registry.load(slot, name)   # unknown name -> PluginError listing the available ones
+        options = self._options(spec)
+        reasons = spec.cls.validate(self.facts, options)
         if reasons:
-            raise PluginError(f"{slot}={name} cannot run on this machine ({self.hw.name}): " + "; ".join(reasons),
+            raise PluginError(f"{slot}={name} cannot run here ({self.facts.hardware.name}, "
+                              f"{self.facts.model.source}): " + "; ".join(reasons),
                               f"drop the override to let the {slot} chain choose, or pick another of: "
                               f"{', '.join(self.registry.names(slot))}")
-        plugin, failure = self._instantiate(cls, decision)
+        plugin, failure = self._instantiate(spec, options)
         if plugin is None:
             raise PluginError(f"{slot}={name} failed its self-test: {failure}",
                               f"drop the override {slot}={name} to let the chain choose")
-        self._accept(decision, plugin, note=self._fidelity_note(cls))
+        note = f"chosen explicitly beyond opt={self.opt.level}" if spec.cls.fidelity > self.ceiling else ""
+        self._accept(decision, spec, plugin, note)
         return plugin
 
     def _resolve_chain(self, slot: str, decision: SlotDecision, start: int) -> Plugin:
-        chain = self._chain(slot)
+        chain = self.chain(slot)
         decision.how, decision.candidates = "chain", list(chain)
         for position in range(start, len(chain)):
             name = chain[position]
-            reasons = self._screen(slot, name)
+            spec, options, reasons = self._screen(slot, name)
             if reasons:
                 decision.rejected.append(Rejection(name, reasons))
                 continue
-            plugin, failure = self._instantiate(self.registry.load(slot, name), decision)
+            assert spec is not None
+            plugin, failure = self._instantiate(spec, options)
             if plugin is None:
                 decision.rejected.append(Rejection(name, [f"self-test failed: {failure}"]))
                 continue
             self._positions[slot] = position
-            self._accept(decision, plugin)
+            self._accept(decision, spec, plugin)
             return plugin
         decision.chosen = None
         lines = [f"  - {r.plugin}: {'; '.join(r.reasons)}" for r in decision.rejected]
@@ -148,40 +193,46 @@ class Resolver:
                           + "\n".join(lines),
                           f"pick a plugin explicitly ({slot}=NAME), a wider opt level, or another hardware profile")
 
-    def _screen(self, slot: str, name: str) -> list[str]:
+    def _screen(self, slot: str, name: str) -> tuple[PluginSpec | None, Any, list[str]]:
+        """(spec, options, reasons it is unusable); a broken plugin is rejected, never crashes the run."""
         if not self.registry.has(slot, name):
-            return [f"not installed (known {slot} plugins: {', '.join(self.registry.names(slot))})"]
+            return None, None, [f"not installed (known {slot} plugins: {', '.join(self.registry.names(slot))})"]
         try:
-            cls = self.registry.load(slot, name)
+            spec = self.registry.load(slot, name)
         except PluginError as exc:
-            return [exc.message]
-        if cls.fidelity > self.ceiling:
-            level = self.cfg.get("opt", {}).get("level", "?")
-            return [f"fidelity {cls.fidelity.name.lower()} is beyond opt={level} "
-                    f"(admits up to {self.ceiling.name.lower()})"]
+            return None, None, [exc.message]
+        if spec.cls.fidelity > self.ceiling:
+            return spec, None, [f"fidelity {spec.cls.fidelity.name.lower()} is beyond opt={self.opt.level} "
+                                f"(admits up to {self.ceiling.name.lower()})"]
+        options = self._options(spec)       # a bad option is the user's error: ConfigError, not a rejection
         try:
-            return list(cls.validate(self.hw, self.cfg))
+            return spec, options, list(spec.cls.validate(self.facts, options))
         except Exception as exc:  # a broken validate must not take the run down: reject and go on
-            return [f"validate raised {_one_line(exc)}"]
+            return spec, options, [f"validate raised {_one_line(exc)}"]
 
-    def _instantiate(self, cls: type[Plugin], decision: SlotDecision) -> tuple[Plugin | None, str]:
+    def _instantiate(self, spec: PluginSpec, options: Any) -> tuple[Plugin | None, str]:
         try:
-            plugin = cls(self.hw, decision.options)
-            if self.run_self_tests:
-                plugin.self_test()
+            plugin = spec.cls(self.facts, options, name=spec.name)
+            if self.opt.self_test:
+                plugin.self_test(self._reference(spec.slot))
+        except QvlError:
+            raise
         except Exception as exc:
             return None, _one_line(exc)
         return plugin, ""
 
-    def _accept(self, decision: SlotDecision, plugin: Plugin, note: str = "") -> None:
-        decision.chosen = plugin.name
-        decision.summary = plugin.summary + (f" ({note})" if note else "")
-        decision.fidelity = plugin.fidelity.name.lower()
+    def _accept(self, decision: SlotDecision, spec: PluginSpec, plugin: Plugin, note: str = "") -> None:
+        decision.chosen = spec.name
+        decision.summary = spec.cls.summary + (f" ({note})" if note else "")
+        decision.fidelity = spec.cls.fidelity.name.lower()
+        decision.origin = spec.origin
+        decision.options = _plain(plugin.options)
 
-    def _fidelity_note(self, cls: type[Plugin]) -> str:
-        if cls.fidelity > self.ceiling:
-            return f"chosen explicitly beyond opt={self.cfg.get('opt', {}).get('level', '?')}"
-        return ""
+
+def _plain(options: Any) -> dict[str, Any]:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(options) if is_dataclass(options) else {}
 
 
 def _one_line(error: BaseException) -> str:

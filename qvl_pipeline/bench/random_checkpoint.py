@@ -9,15 +9,14 @@ from typing import Any
 import torch
 
 from qvl_pipeline.checkpoint import save_checkpoint
-from qvl_pipeline.config.load import compose_config, to_plain
+from qvl_pipeline.config.load import load_config
 from qvl_pipeline.model.config import ModelConfig
-from qvl_pipeline.model.qwen3_vl import Qwen3VL
+from qvl_pipeline.model.qwen3_vl import skeleton
 from qvl_pipeline.processing.demo_assets import write_demo_processor_configs, write_demo_tokenizer
-from qvl_pipeline.slots import AttentionBackend, KernelsBackend, RotaryBackend
 
 
 def preset_config(model: str) -> dict[str, Any]:
-    return to_plain(compose_config([f"model={model}"]))["model"]["hf_config"]
+    return dict(load_config([f"model={model}"]).model.hf_config)
 
 
 def write_random_checkpoint(folder: Path, model: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
@@ -26,10 +25,7 @@ def write_random_checkpoint(folder: Path, model: str, dtype: torch.dtype = torch
         return folder
     config = preset_config(model)
     config["dtype"] = str(dtype).removeprefix("torch.")
-    hw = None
-    with torch.device("meta"):
-        shapes = Qwen3VL(ModelConfig.from_hf_dict(config), attention=AttentionBackend(hw),
-                         rotary=RotaryBackend(hw), kernels=KernelsBackend(hw)).state_dict()
+    shapes = skeleton(ModelConfig.from_hf_dict(config)).state_dict()
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, meta in shapes.items():

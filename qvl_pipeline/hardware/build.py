@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qvl_pipeline.errors import ConfigError
+from qvl_pipeline.hardware.chains import cpu_chains, derive_chains
 from qvl_pipeline.hardware.effective import reconcile
 from qvl_pipeline.hardware.profile import RUN_SWITCHES, HardwareProfile, ProfileError, profile_from_dict
 
@@ -38,14 +39,19 @@ def build_hardware(hw_cfg: Mapping[str, Any], prober: Prober, model_path: str | 
     chains = data.get("chains") or {}
     if probe:
         budgets = {k: v for k, v in (data.get("budgets") or {}).items() if v is not None}
-        profile = replace(real, name=str(data.get("name", "auto")), budgets=budgets,
-                          chains={slot: tuple(chain) for slot, chain in chains.items()})
-        return HardwareReport(profile, target=profile.name, probed=True, emulate=False, notes=notes)
+        derived = {**derive_chains(real), **{slot: tuple(chain) for slot, chain in chains.items()}}
+        profile = replace(real, name=str(data.get("name", "auto")), budgets=budgets, chains=derived)
+        where = "this GPU" if real.cuda_usable else "this CPU"
+        return HardwareReport(profile, target=profile.name, probed=True, emulate=False,
+                              notes=[*notes, f"chains derived from {where}'s facts"])
     try:
         target = profile_from_dict({k: v for k, v in data.items() if k not in RUN_SWITCHES})
     except ProfileError as exc:
         raise ConfigError(f"malformed hardware profile {data.get('name', '?')!r}: {exc}",
                           "fix that field in conf/hardware/<profile>.yaml (or in your override)") from exc
     effective, differences = reconcile(target, real, emulate)
+    if target.cuda_usable and not effective.cuda_usable:
+        effective = replace(effective, chains={**effective.chains, **cpu_chains(effective)})
+        differences.append("without a usable GPU the profile's chains give way to this CPU's (fastest first on the CPU)")
     return HardwareReport(effective, target=target.name, probed=False, emulate=emulate,
                           differences=differences, notes=notes)

@@ -24,14 +24,19 @@ from qvl_pipeline.model.vision import VisionOutput, VisionTower, check_vision_in
 from qvl_pipeline.slots import AttentionBackend, CacheShape, KernelsBackend, KVCache, RotaryBackend
 
 
+def output_head(config: ModelConfig, kernels: KernelsBackend) -> nn.Module | None:
+    """The untied `lm_head` [vocab, hidden]; None when the head is tied to the token embedding."""
+    text = config.text
+    return None if config.tie_word_embeddings else kernels.linear(text.hidden_size, text.vocab_size, False)
+
+
 class _Body(nn.Module):
     """The checkpoint's `model.` prefix: `visual` and `language_model`."""
 
-    def __init__(self, config: ModelConfig, attention: AttentionBackend, rotary: RotaryBackend,
-                 kernels: KernelsBackend) -> None:
+    def __init__(self, visual: VisionTower, language_model: TextModel) -> None:
         super().__init__()
-        self.visual = VisionTower(config.vision, attention=attention, rotary=rotary, kernels=kernels)
-        self.language_model = TextModel(config.text, attention=attention, rotary=rotary, kernels=kernels)
+        self.visual = visual
+        self.language_model = language_model
 
 
 class Qwen3VL(nn.Module):
@@ -42,15 +47,21 @@ class Qwen3VL(nn.Module):
     `forward_decoder` (stage 3); `prepare` runs stages 1–2 and skips the vision tower for text-only input.
     """
 
-    def __init__(self, config: ModelConfig, *, attention: AttentionBackend, rotary: RotaryBackend,
-                 kernels: KernelsBackend, feature_cache: FeatureCache | None = None) -> None:
+    def __init__(self, config: ModelConfig, *, visual: VisionTower, language_model: TextModel,
+                 lm_head: nn.Module | None, feature_cache: FeatureCache | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = _Body(config, attention, rotary, kernels)
-        text = config.text
-        self.lm_head = None if config.tie_word_embeddings else kernels.linear(text.hidden_size, text.vocab_size,
-                                                                              False)
+        self.model = _Body(visual, language_model)
+        self.lm_head = lm_head
         self.feature_cache = feature_cache
+
+    @classmethod
+    def build(cls, config: ModelConfig, *, attention: AttentionBackend, rotary: RotaryBackend,
+              kernels: KernelsBackend, feature_cache: FeatureCache | None = None) -> Qwen3VL:
+        """The whole model from one set of slot plugins (the container builds the stages separately)."""
+        return cls(config, visual=VisionTower(config.vision, attention=attention, rotary=rotary, kernels=kernels),
+                   language_model=TextModel(config.text, attention=attention, rotary=rotary, kernels=kernels),
+                   lm_head=output_head(config, kernels), feature_cache=feature_cache)
 
     # ---- small facts --------------------------------------------------------------------------------------
     @property
@@ -187,3 +198,13 @@ class Qwen3VL(nn.Module):
         if low < 0 or high >= vocab:
             raise InputError(f"token ids span [{low}, {high}] but the vocabulary has {vocab} entries",
                              "use the checkpoint's own tokenizer")
+
+
+def skeleton(config: ModelConfig) -> Qwen3VL:
+    """The model on the meta device with the slots' plain interfaces: checkpoint names and shapes, no memory."""
+    from qvl_pipeline.facts import RunFacts
+
+    facts = RunFacts.example()
+    with torch.device("meta"):
+        return Qwen3VL.build(config, attention=AttentionBackend(facts), rotary=RotaryBackend(facts),
+                             kernels=KernelsBackend(facts))

@@ -1,7 +1,8 @@
 """Slot interfaces: the only plugin-facing API the model math and the plugins import."""
 
+from qvl_pipeline.facts import ContextFacts, ModelFacts, RunFacts
 from qvl_pipeline.slots.attention import AttentionBackend
-from qvl_pipeline.slots.base import Fidelity, Plugin, SelfTestError
+from qvl_pipeline.slots.base import Fidelity, NoOptions, Plugin, SelfTestError
 from qvl_pipeline.slots.kernels import KernelsBackend
 from qvl_pipeline.slots.kv_cache import CacheShape, ContextOverflowError, KVCache, KVCacheBackend
 from qvl_pipeline.slots.memory import MemoryManager, Placement
@@ -16,6 +17,7 @@ SLOTS: dict[str, type[Plugin]] = {
 }
 
 __all__ = [
-    "SLOTS", "AttentionBackend", "CacheShape", "ContextOverflowError", "Fidelity", "KVCache", "KVCacheBackend",
-    "KernelsBackend", "MemoryManager", "Placement", "Plugin", "RotaryBackend", "SelfTestError",
+    "SLOTS", "AttentionBackend", "CacheShape", "ContextFacts", "ContextOverflowError", "Fidelity", "KVCache",
+    "KVCacheBackend", "KernelsBackend", "MemoryManager", "ModelFacts", "NoOptions", "Placement", "Plugin",
+    "RotaryBackend", "RunFacts", "SelfTestError",
 ]

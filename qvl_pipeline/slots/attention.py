@@ -19,6 +19,7 @@ class AttentionBackend(Plugin):
     """
 
     slot = "attention"
+    reference = "eager"
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                scale: float) -> torch.Tensor:
@@ -39,6 +40,11 @@ class AttentionBackend(Plugin):
                               causal=False, scale=scale)   # [1, len, heads, head_dim]
             outs.append(seg[0])
         return torch.cat(outs, dim=0)
+
+    def self_test(self, reference: Plugin) -> None:
+        from qvl_pipeline.slots.checks import check_attention
+
+        check_attention(self, reference)
 
 
 def repeat_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ class KernelsBackend(Plugin):
     """
 
     slot = "kernels"
+    reference = "torch_native"
 
     def linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=bias)
@@ -27,3 +28,8 @@ class KernelsBackend(Plugin):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model
+
+    def self_test(self, reference: Plugin) -> None:
+        from qvl_pipeline.slots.checks import check_kernels
+
+        check_kernels(self, reference)

@@ -1,7 +1,8 @@
-"""The KV-cache slot: per-layer key/value storage for autoregressive decoding."""
+"""The KV-cache slot: per-layer key/value storage for autoregressive decoding, on each layer's device."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,18 +20,20 @@ class CacheShape:
     batch: int
     kv_heads: int
     head_dim: int
-    max_len: int          # positions the cache can hold
+    max_len: int          # positions the cache holds now (grow() raises it)
 
 
 class KVCache:
     """One request's cache. `append` stores new keys/values for a layer and returns all keys/values so far.
 
-    k, v in: [batch, kv_heads, new, head_dim]; out: [batch, kv_heads, length + new, head_dim].
-    `length` counts positions already committed; `advance(n)` commits n positions after every layer has
-    appended them; `truncate(n)` forgets everything after position n (multi-turn edits, retries).
+    k, v in: [batch, kv_heads, new, head_dim]; out: [batch, kv_heads, length + new, head_dim], on the layer's
+    device. `length` counts positions already committed; `advance(n)` commits n positions after every layer has
+    appended them; `truncate(n)` forgets everything after position n (multi-turn edits, retries); `grow(n)`
+    makes room for n positions keeping what is committed (a chat that outgrows its first size).
     """
 
     length: int
+    shape: CacheShape
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -41,14 +44,23 @@ class KVCache:
     def truncate(self, n: int) -> None:
         raise NotImplementedError
 
+    def grow(self, max_len: int) -> None:
+        raise NotImplementedError
+
     def nbytes(self) -> int:
         raise NotImplementedError
 
 
 class KVCacheBackend(Plugin):
-    """Creates KVCache objects for requests."""
+    """Creates KVCache objects for requests; layer i's buffers live on devices[i]."""
 
     slot = "kv_cache"
+    reference = "static"
 
-    def create(self, shape: CacheShape, dtype: torch.dtype, device: torch.device | str) -> KVCache:
+    def create(self, shape: CacheShape, dtype: torch.dtype, devices: Sequence[torch.device | str]) -> KVCache:
         raise NotImplementedError
+
+    def self_test(self, reference: Plugin) -> None:
+        from qvl_pipeline.slots.checks import check_kv_cache
+
+        check_kv_cache(self, reference)

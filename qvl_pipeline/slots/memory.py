@@ -30,6 +30,7 @@ class MemoryManager(Plugin):
     """Plans placement from the model's per-part sizes and the machine's budgets."""
 
     slot = "memory"
+    reference = "cpu"
 
     def place(self, layer_bytes: list[int], vision_bytes: int, embed_bytes: int, head_bytes: int) -> Placement:
         raise NotImplementedError
@@ -37,3 +38,8 @@ class MemoryManager(Plugin):
     def device(self) -> torch.device:
         """The device where requests start (inputs, sampler)."""
         return torch.device("cpu")
+
+    def self_test(self, reference: Plugin) -> None:
+        from qvl_pipeline.slots.checks import check_memory
+
+        check_memory(self, reference)

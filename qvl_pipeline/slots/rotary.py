@@ -20,6 +20,7 @@ class RotaryBackend(Plugin):
     """
 
     slot = "rotary"
+    reference = "reference"
 
     def text_tables(self, position_ids: torch.Tensor, inv_freq: torch.Tensor,
                     mrope_section: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,3 +33,8 @@ class RotaryBackend(Plugin):
     def apply(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
               upcast: bool) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def self_test(self, reference: Plugin) -> None:
+        from qvl_pipeline.slots.checks import check_rotary
+
+        check_rotary(self, reference)

@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from qvl_pipeline.errors import ConfigError
-from qvl_pipeline.hardware.profile import HardwareProfile
 from qvl_pipeline.slots.attention import AttentionBackend, causal_mask
-from qvl_pipeline.slots.base import Fidelity
+from qvl_pipeline.slots.base import Fidelity, Plugin
+from qvl_pipeline.slots.checks import check_attention
+
+
+@dataclass(frozen=True)
+class ChunkedOptions:
+    chunk_size: int = 1024        # query rows per chunk: scores take chunk_size × kv_len × 4 bytes per head
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive row count, got {self.chunk_size}")
 
 
 class ChunkedAttention(AttentionBackend):
     fidelity = Fidelity.EXACT
     summary = ("eager maths over query chunks of chunk_size rows (scores ≤ chunk×kv, fp32 softmax); "
-               "any device; wins on long prefill where the full score matrix would not fit")
-
-    def __init__(self, hw: HardwareProfile, options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(hw, options)
-        chunk = self.options.get("chunk_size", 1024)
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ConfigError(f"attention chunk_size must be a positive integer, got {chunk!r}",
-                              hint="set attention.options.chunk_size=1024 (or any positive row count)")
-        self.chunk_size = chunk
+               "any device; bounds prefill memory where the full score matrix would not fit")
+    Options = ChunkedOptions
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                scale: float) -> torch.Tensor:
@@ -33,8 +33,9 @@ class ChunkedAttention(AttentionBackend):
         groups = heads // kv_heads
         offset = kv_len - q_len                     # queries are the last q_len positions
         out = q.new_empty(b, q_len, heads, v.shape[-1])
-        for start in range(0, q_len, self.chunk_size):
-            end = min(start + self.chunk_size, q_len)
+        chunk = self.options.chunk_size
+        for start in range(0, q_len, chunk):
+            end = min(start + chunk, q_len)
             n = end - start
             # Under the causal mask no query of this chunk sees a key past offset + end: skip those keys.
             keys = offset + end if causal else kv_len
@@ -51,9 +52,7 @@ class ChunkedAttention(AttentionBackend):
             out[:, start:end] = ctx.view(b, heads, n, -1).transpose(1, 2)
         return out                                                                   # [b, q_len, h, dv]
 
-    def self_test(self) -> None:
-        from qvl_plugins.attention.reference_check import check_against_eager
-
-        check_against_eager(self, "cpu")
+    def self_test(self, reference: Plugin) -> None:
+        check_attention(self, reference)
         # The configured chunk is larger than the tiny cases: also run them split into 2-row chunks.
-        check_against_eager(type(self)(self.hw, {**self.options, "chunk_size": 2}), "cpu")
+        check_attention(type(self)(self.facts, ChunkedOptions(chunk_size=2), name=self.name), reference)

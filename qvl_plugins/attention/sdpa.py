@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from qvl_pipeline.slots.attention import AttentionBackend, causal_mask, repeat_kv_heads
-from qvl_pipeline.slots.base import Fidelity
+from qvl_pipeline.slots import Fidelity
 
 
 class SdpaAttention(AttentionBackend):

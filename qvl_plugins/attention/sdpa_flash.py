@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch.nn.attention import SDPBackend
 
-from qvl_pipeline.hardware.profile import HardwareProfile
+from qvl_pipeline.slots import RunFacts
 from qvl_pipeline.slots.attention import AttentionBackend
-from qvl_pipeline.slots.base import Fidelity, SelfTestError
+from qvl_pipeline.slots.base import Fidelity, NoOptions, Plugin, SelfTestError
+from qvl_pipeline.slots.checks import check_attention
 from qvl_plugins.attention.cuda_sdpa import forced_sdpa
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -21,11 +19,11 @@ class SdpaFlashAttention(AttentionBackend):
     summary = "torch SDPA forced to FlashAttention-2 (fp16/bf16, sm_80+); the fastest exact attention on Ampere+"
 
     @classmethod
-    def validate(cls, hw: HardwareProfile, cfg: Mapping[str, Any]) -> list[str]:
+    def validate(cls, facts: RunFacts, options: NoOptions) -> list[str]:
+        hw = facts.hardware
         reasons = hw.cuda_reasons((8, 0), "FlashAttention")
-        dtype = (cfg.get("model") or {}).get("dtype", "auto")
-        if dtype == "float32":
-            reasons.append("FlashAttention runs only in fp16/bf16; model.dtype is float32")
+        if facts.model.stored_dtype == "float32":
+            reasons.append("FlashAttention runs only in fp16/bf16; the weights are float32")
         return reasons
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
@@ -35,10 +33,8 @@ class SdpaFlashAttention(AttentionBackend):
                                f"(pick a kernels plugin with a half compute dtype, or another attention plugin)")
         return forced_sdpa(q, k, v, causal=causal, scale=scale, backend=SDPBackend.FLASH_ATTENTION)
 
-    def self_test(self) -> None:
-        from qvl_plugins.attention.reference_check import check_against_eager
-
+    def self_test(self, reference: Plugin) -> None:
         if not torch.cuda.is_available():
             raise SelfTestError("needs CUDA, but this process cannot reach a CUDA device")
-        check_against_eager(self, "cuda", torch.float16)
-        check_against_eager(self, "cuda", torch.bfloat16)
+        check_attention(self, reference, "cuda", torch.float16)
+        check_attention(self, reference, "cuda", torch.bfloat16)

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvl_pipeline.slots.base import Fidelity, SelfTestError
+from qvl_pipeline.slots import Fidelity, Plugin, SelfTestError
+from qvl_pipeline.slots.checks import check_kernels
 from qvl_pipeline.slots.kernels import KernelsBackend
-from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, self_test_devices
-from qvl_plugins.kernels.reference_check import prepared_pair
+from qvl_pipeline.slots.selftest import failures_as_selftest_error, self_test_devices
 
 
 class Fp16StoreLinear(nn.Linear):
@@ -47,15 +47,12 @@ class Fp16StoreFp32ComputeKernels(KernelsBackend):
                 module.float()
         return model
 
-    def self_test(self) -> None:
-        gen = torch.Generator().manual_seed(0)
+    def self_test(self, reference: Plugin) -> None:
+        with failures_as_selftest_error(f"{type(self).__name__} self-test"):
+            mine = self.prepare(self.linear(8, 4, True))
+            if mine.weight.dtype != torch.float16:
+                raise SelfTestError(f"stores linear weights as {mine.weight.dtype}, not float16")
+            if mine(torch.randn(2, 8)).dtype != torch.float32:
+                raise SelfTestError("linear does not compute in float32")
         for device in self_test_devices(self.hw):
-            with failures_as_selftest_error(f"{type(self).__name__} self-test on {device}"):
-                reference, mine = prepared_pair(self, 24, 16, gen, device)
-                if mine.weight.dtype != torch.float16:
-                    raise SelfTestError(f"stores linear weights as {mine.weight.dtype}, not float16")
-                x = torch.randn(3, 24, generator=gen)
-                got = mine(x.to(device))
-                if got.dtype != torch.float32:
-                    raise SelfTestError(f"linear computes in {got.dtype}, not float32")
-                check_close(f"linear on {device}", got, reference(x), self.fidelity)
+            check_kernels(self, reference, device)

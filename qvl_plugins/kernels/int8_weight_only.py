@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvl_pipeline.errors import ConfigError
-from qvl_pipeline.hardware.profile import HardwareProfile
-from qvl_pipeline.slots.base import Fidelity
+from qvl_pipeline.slots import Fidelity, Plugin, RunFacts
+from qvl_pipeline.slots.checks import check_kernels
 from qvl_pipeline.slots.kernels import KernelsBackend
-from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, self_test_devices
-from qvl_plugins.kernels.reference_check import prepared_pair
+from qvl_pipeline.slots.selftest import self_test_devices
 
 # ATen's CPU int8 × bf16 GEMV kernel (torch ≥ 2.4): AVX2/AVX-512 vector code, scalar elsewhere. Its vector loops
 # use aligned 16-element loads and do not check shapes: only in_features % 16 == 0 is safe.
@@ -89,22 +87,32 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, kernel={kernel}"
 
 
+@dataclass(frozen=True)
+class Int8Options:
+    quantize_head: bool = False     # the output head through int8 too (tied heads keep the exact embedding)
+    pack_max_rows: int = 32         # inputs up to this many rows use the int8 GEMV; larger ones the dequant GEMM
+    compute_dtype: str = "float32"  # activations' dtype: float32 | bfloat16 | float16 | stored
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype != "stored" and self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype {self.compute_dtype!r} is not one of {[*COMPUTE_DTYPES, 'stored']}")
+
+
 class Int8WeightOnlyKernels(KernelsBackend):
     fidelity = Fidelity.NEAR
     summary = ("int8 weights with per-channel scales, dequantised on the fly (ATen int8 GEMV on AVX2/AVX-512 CPUs "
                "for decode): a quarter of fp32's bytes per token, the main decode lever on bandwidth-bound machines")
 
-    def __init__(self, hw: HardwareProfile, options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(hw, options)
-        self.quantize_head = bool(self.options.get("quantize_head", False))
-        self.pack_max_rows = int(self.options.get("pack_max_rows", 32))
-        name = self.options.get("compute_dtype", "float32")
-        if name != "stored" and name not in COMPUTE_DTYPES:
-            raise ConfigError(f"int8 kernels compute_dtype {name!r} is not one of {[*COMPUTE_DTYPES, 'stored']}",
-                              hint="set kernels.options.compute_dtype=float32")
-        self._compute = None if name == "stored" else COMPUTE_DTYPES[name]
+    Options = Int8Options
+
+    def __init__(self, facts: RunFacts, options: Int8Options | None = None, *, name: str = "") -> None:
+        super().__init__(facts, options, name=name)
+        self.quantize_head = self.options.quantize_head
+        self.pack_max_rows = self.options.pack_max_rows
+        dtype = self.options.compute_dtype
+        self._compute = None if dtype == "stored" else COMPUTE_DTYPES[dtype]
         # ATen's int8 GEMV is vectorised for AVX2 and AVX-512 only; elsewhere its scalar loop loses to dequant.
-        self.pack_cpu = hw.has_isa("avx2") or hw.has_isa("avx512f")
+        self.pack_cpu = self.hw.has_isa("avx2") or self.hw.has_isa("avx512f")
 
     def linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return QuantizableLinear(in_features, out_features, bias=bias)
@@ -128,12 +136,6 @@ class Int8WeightOnlyKernels(KernelsBackend):
             setattr(model.get_submodule(parent_name), child, quantized(module))
         return model
 
-    def self_test(self) -> None:
-        gen = torch.Generator().manual_seed(0)
-        for device in self_test_devices(self.hw):
-            with failures_as_selftest_error(f"{type(self).__name__} self-test on {device}"):
-                reference, mine = prepared_pair(self, 32, 24, gen, device)
-                for rows in (1, self.pack_max_rows + 1):      # both kernels where the GEMV is selected
-                    x = torch.randn(rows, 32, generator=gen)
-                    got = mine(x.to(device))
-                    check_close(f"linear on {device}, {rows} row(s)", got, reference(x), self.fidelity)
+    def self_test(self, reference: Plugin) -> None:
+        for device in self_test_devices(self.hw):      # both kernels where the GEMV is selected
+            check_kernels(self, reference, device, rows=(1, self.pack_max_rows + 1))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qvl_pipeline.slots.base import Fidelity
+from qvl_pipeline.slots import Fidelity
 from qvl_pipeline.slots.kernels import KernelsBackend
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
-from qvl_pipeline.errors import ConfigError
-from qvl_pipeline.hardware.profile import HardwareProfile
-from qvl_pipeline.slots.base import Fidelity
+from qvl_pipeline.slots import Fidelity, Plugin
+from qvl_pipeline.slots.checks import check_kv_cache
 from qvl_pipeline.slots.kv_cache import CacheShape, KVCache, KVCacheBackend
 from qvl_plugins.kv_cache.capacity import check_capacity
 
@@ -17,9 +16,9 @@ from qvl_plugins.kv_cache.capacity import check_capacity
 class DynamicKVCache(KVCache):
     """Same contract as the static cache; memory follows the longest context seen, not max_len."""
 
-    def __init__(self, shape: CacheShape, dtype: torch.dtype, device: torch.device | str,
+    def __init__(self, shape: CacheShape, dtype: torch.dtype, devices: Sequence[torch.device | str],
                  initial_len: int) -> None:
-        self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
+        self.shape, self.dtype, self.devices = shape, dtype, tuple(torch.device(d) for d in devices)
         self.initial_len = initial_len
         self.keys: list[torch.Tensor | None] = [None] * shape.layers     # each [batch, kv_heads, capacity, d]
         self.values: list[torch.Tensor | None] = [None] * shape.layers
@@ -32,8 +31,8 @@ class DynamicKVCache(KVCache):
         capacity = 0 if old_k is None else old_k.shape[2]
         capacity = min(self.shape.max_len, max(needed, 2 * capacity, self.initial_len))
         size = (self.shape.batch, self.shape.kv_heads, capacity, self.shape.head_dim)
-        new_k = torch.empty(size, dtype=self.dtype, device=self.device)
-        new_v = torch.empty(size, dtype=self.dtype, device=self.device)
+        new_k = torch.empty(size, dtype=self.dtype, device=self.devices[layer])
+        new_v = torch.empty(size, dtype=self.dtype, device=self.devices[layer])
         if old_k is not None and old_v is not None:
             new_k[:, :, :self.length] = old_k[:, :, :self.length]
             new_v[:, :, :self.length] = old_v[:, :, :self.length]
@@ -56,29 +55,34 @@ class DynamicKVCache(KVCache):
     def truncate(self, n: int) -> None:
         self.length = min(self.length, n)
 
+    def grow(self, max_len: int) -> None:
+        """Raise the limit; buffers keep doubling on demand up to it."""
+        if max_len > self.shape.max_len:
+            self.shape = replace(self.shape, max_len=max_len)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+
+@dataclass(frozen=True)
+class DynamicOptions:
+    initial_len: int = 256         # positions allocated at the first append, doubled when full
+
+    def __post_init__(self) -> None:
+        if self.initial_len < 1:
+            raise ValueError(f"initial_len must be a positive position count, got {self.initial_len}")
 
 
 class DynamicCache(KVCacheBackend):
     fidelity = Fidelity.EXACT
     summary = ("per-layer buffers that grow by doubling up to max_len: memory follows the real context; "
                "wins for short requests under a long max_context")
+    Options = DynamicOptions
 
-    def __init__(self, hw: HardwareProfile, options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(hw, options)
-        initial = self.options.get("initial_len", 256)
-        if isinstance(initial, bool) or not isinstance(initial, int) or initial < 1:
-            raise ConfigError(f"kv_cache initial_len must be a positive integer, got {initial!r}",
-                              hint="set kv_cache.options.initial_len=256")
-        self.initial_len = initial
+    def create(self, shape: CacheShape, dtype: torch.dtype, devices: Sequence[torch.device | str]) -> KVCache:
+        return DynamicKVCache(shape, dtype, devices, self.options.initial_len)
 
-    def create(self, shape: CacheShape, dtype: torch.dtype, device: torch.device | str) -> KVCache:
-        return DynamicKVCache(shape, dtype, device, self.initial_len)
-
-    def self_test(self) -> None:
-        from qvl_plugins.kv_cache.reference_check import check_against_static
-
-        check_against_static(self)
+    def self_test(self, reference: Plugin) -> None:
+        check_kv_cache(self, reference)
         # The configured initial_len outlasts the tiny script: also run it growing from a single position.
-        check_against_static(type(self)(self.hw, {**self.options, "initial_len": 1}))
+        check_kv_cache(type(self)(self.facts, DynamicOptions(initial_len=1), name=self.name), reference)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
+
 import torch
 
-from qvl_pipeline.slots.base import Fidelity
+from qvl_pipeline.slots import Fidelity
 from qvl_pipeline.slots.kv_cache import CacheShape, KVCache, KVCacheBackend
 from qvl_plugins.kv_cache.capacity import check_capacity
+from qvl_plugins.kv_cache.static import grown
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,14 +23,14 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8KVCacheStore(KVCache):
     """Preallocated int8 buffers [batch, kv_heads, max_len, d] plus scales [batch, kv_heads, max_len, 1]."""
 
-    def __init__(self, shape: CacheShape, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, shape: CacheShape, dtype: torch.dtype, devices: Sequence[torch.device | str]) -> None:
         self.shape, self.dtype = shape, dtype
         size = (shape.batch, shape.kv_heads, shape.max_len, shape.head_dim)
         scale_size = (shape.batch, shape.kv_heads, shape.max_len, 1)
-        self.keys = [torch.zeros(size, dtype=torch.int8, device=device) for _ in range(shape.layers)]
-        self.values = [torch.zeros(size, dtype=torch.int8, device=device) for _ in range(shape.layers)]
-        self.key_scales = [torch.zeros(scale_size, device=device) for _ in range(shape.layers)]
-        self.value_scales = [torch.zeros(scale_size, device=device) for _ in range(shape.layers)]
+        self.keys = [torch.zeros(size, dtype=torch.int8, device=device) for device in devices]
+        self.values = [torch.zeros(size, dtype=torch.int8, device=device) for device in devices]
+        self.key_scales = [torch.zeros(scale_size, device=device) for device in devices]
+        self.value_scales = [torch.zeros(scale_size, device=device) for device in devices]
         self.length = 0
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +48,13 @@ class Int8KVCacheStore(KVCache):
     def truncate(self, n: int) -> None:
         self.length = min(self.length, n)
 
+    def grow(self, max_len: int) -> None:
+        if max_len <= self.shape.max_len:
+            return
+        for buffers in (self.keys, self.values, self.key_scales, self.value_scales):
+            buffers[:] = [grown(t, max_len, self.length) for t in buffers]
+        self.shape = replace(self.shape, max_len=max_len)
+
     def nbytes(self) -> int:
         tensors = self.keys + self.values + self.key_scales + self.value_scales
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -54,10 +65,5 @@ class Int8KVCache(KVCacheBackend):
     summary = ("keys/values stored int8 with a fp32 scale per (token, head), dequantised on read: ~¼ of fp32 "
                "(½ of bf16) cache memory for long contexts at ~1% relative error")
 
-    def create(self, shape: CacheShape, dtype: torch.dtype, device: torch.device | str) -> KVCache:
-        return Int8KVCacheStore(shape, dtype, device)
-
-    def self_test(self) -> None:
-        from qvl_plugins.kv_cache.reference_check import check_against_static
-
-        check_against_static(self)
+    def create(self, shape: CacheShape, dtype: torch.dtype, devices: Sequence[torch.device | str]) -> KVCache:
+        return Int8KVCacheStore(shape, dtype, devices)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from qvl_pipeline.hardware.profile import HardwareProfile
-from qvl_pipeline.slots.base import Fidelity
+from qvl_pipeline.slots import Fidelity, NoOptions, RunFacts
 from qvl_pipeline.slots.rotary import RotaryBackend
-from qvl_pipeline.slots.selftest import check_each, failures_as_selftest_error
 from qvl_plugins.rotary.reference import interleave_mrope, rotate_half
 
 MIN_POSITIONS = 256
@@ -30,8 +26,8 @@ class CachedRotary(RotaryBackend):
     summary = ("cos/sin tables built once per inv_freq (grown by doubling) and gathered by position id; "
                "bit-equal to the reference, wins on decode where every step recomputed them")
 
-    def __init__(self, hw: HardwareProfile, options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(hw, options)
+    def __init__(self, facts: RunFacts, options: NoOptions | None = None, *, name: str = "") -> None:
+        super().__init__(facts, options, name=name)
         self._tables: list[_Table] = []          # most recently built first
 
     def _table(self, freqs: torch.Tensor, needed: int) -> _Table:
@@ -76,26 +72,3 @@ class CachedRotary(RotaryBackend):
         cos, sin = cos.to(work), sin.to(work)
         qw, kw = q.to(work), k.to(work)
         return (qw * cos + rotate_half(qw) * sin).to(q.dtype), (kw * cos + rotate_half(kw) * sin).to(k.dtype)
-
-    def self_test(self) -> None:
-        from qvl_plugins.rotary.reference import ReferenceRotary  # the slot's reference plugin
-
-        reference = ReferenceRotary(self.hw)
-        gen = torch.Generator().manual_seed(0)
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, 24, 2).float() / 24))      # head_dim 24 -> 12 freqs
-        with failures_as_selftest_error(f"{type(self).__name__} self-test"):
-            for seq, top in ((5, 40), (3, 700)):                                  # the second grows the table
-                pos = torch.randint(0, top, (3, 2, seq), generator=gen)
-                check_each(f"text_tables (positions < {top})", ("cos", "sin"),
-                           self.text_tables(pos, inv_freq, (4, 4, 4)),
-                           reference.text_tables(pos, inv_freq, (4, 4, 4)), self.fidelity)
-            hw_pos = torch.randint(0, 30, (7, 2), generator=gen)
-            vis_freq = inv_freq[:6]
-            check_each("vision_tables", ("cos", "sin"), self.vision_tables(hw_pos, vis_freq),
-                       reference.vision_tables(hw_pos, vis_freq), self.fidelity)
-            q, k = torch.randn(2, 3, 5, 24, generator=gen), torch.randn(2, 1, 5, 24, generator=gen)
-            cos, sin = reference.text_tables(torch.arange(5).expand(3, 2, 5), inv_freq, (4, 4, 4))
-            cos, sin = cos[:, None], sin[:, None]                                   # [batch, 1, seq, d]
-            for upcast in (True, False):
-                check_each(f"apply(upcast={upcast})", ("q", "k"), self.apply(q, k, cos, sin, upcast=upcast),
-                           reference.apply(q, k, cos, sin, upcast=upcast), self.fidelity)

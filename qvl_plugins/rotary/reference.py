@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qvl_pipeline.slots.base import Fidelity
+from qvl_pipeline.slots import Fidelity
 from qvl_pipeline.slots.rotary import RotaryBackend
 
 

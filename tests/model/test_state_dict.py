@@ -68,7 +68,7 @@ class RecordingKernels(TorchNativeKernels):
 @pytest.mark.parametrize("tied", [False, True])
 def test_every_linear_comes_from_the_kernels_slot(tied):
     kernels = RecordingKernels(HW)
-    model = Qwen3VL(ModelConfig.from_hf_dict(tiny_hf_dict(tied=tied)), attention=EagerAttention(HW),
+    model = Qwen3VL.build(ModelConfig.from_hf_dict(tiny_hf_dict(tied=tied)), attention=EagerAttention(HW),
                     rotary=ReferenceRotary(HW), kernels=kernels)
     linears = {id(m) for m in model.modules() if isinstance(m, nn.Linear)}
     assert linears == {id(m) for m in kernels.made}

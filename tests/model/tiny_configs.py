@@ -69,7 +69,7 @@ def hf_model(hf: dict[str, Any], seed: int = 0, attn: str = "eager"):
 
 
 def our_model(hf: dict[str, Any], attention: str = "eager", **kwargs: Any) -> Qwen3VL:
-    return Qwen3VL(ModelConfig.from_hf_dict(hf), attention=ATTENTION[attention](HW), rotary=ReferenceRotary(HW),
+    return Qwen3VL.build(ModelConfig.from_hf_dict(hf), attention=ATTENTION[attention](HW), rotary=ReferenceRotary(HW),
                    kernels=TorchNativeKernels(HW), **kwargs).eval()
 
 

@@ -1,0 +1,115 @@
+"""RunFacts: what resolution validates against — the machine, the model that will really be loaded, its weight
+bytes, and the context a request may use. Gathered once, before any plugin is chosen."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qvl_pipeline.hardware.profile import CpuFacts, HardwareProfile, StorageFacts
+from qvl_pipeline.model.config import ModelConfig
+from qvl_pipeline.model.sizing import ParamCounts, count_params
+
+GIB = 1024 ** 3
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Share of the RAM left after the weights that a KV cache may grow into when no budget or override applies.
+KV_RAM_SHARE = 0.25
+# A context is never budgeted below this many positions (a one-image prompt plus an answer), nor rounded finer.
+MIN_CONTEXT = 4096
+CONTEXT_STEP = 1024
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The model a run loads: its parsed config, where it comes from, and its stored weight dtype."""
+
+    config: ModelConfig
+    hf_config: Mapping[str, Any]
+    stored_dtype: str                 # float32 | bfloat16 | float16: what the weights are loaded in
+    source: str                       # "checkpoint /path", "demo preset tiny", "preset qwen3_vl_2b (no weights)"
+    folder: Path | None = None        # a checkpoint folder, None until the demo is written / for a bare preset
+    demo: bool = False
+
+    @property
+    def params(self) -> ParamCounts:
+        return count_params(self.hf_config)
+
+    @property
+    def bytes_per_param(self) -> int:
+        return DTYPE_BYTES[self.stored_dtype]
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.params.total * self.bytes_per_param
+
+    @property
+    def kv_bytes_per_position(self) -> int:
+        """Keys and values of every layer for one position, in the stored dtype."""
+        t = self.config.text
+        return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * self.bytes_per_param
+
+
+@dataclass(frozen=True)
+class ContextFacts:
+    """How many positions (prompt + answer, all turns of a chat) a request may use, and why."""
+
+    positions: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """Everything plugins may validate against. Nothing below the resolver reads the machine on its own."""
+
+    hardware: HardwareProfile
+    model: ModelFacts
+    context: ContextFacts
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def example(cls, hardware: HardwareProfile | None = None, hf_config: Mapping[str, Any] | None = None,
+                stored_dtype: str = "float32") -> RunFacts:
+        """Facts for unit tests and plugin self-tests: the given (or a plain CPU) machine and a model config
+        (default: a tiny two-layer one)."""
+        hw = hardware or HardwareProfile(name="example", cpu=CpuFacts(model="example cpu", physical_cores=2,
+                                                                      threads=2), ram_gb=8.0,
+                                         storage=StorageFacts())
+        hf = dict(hf_config or TINY_HF_CONFIG)
+        model = ModelFacts(ModelConfig.from_hf_dict(hf), hf, stored_dtype, "example")
+        return cls(hw, model, ContextFacts(model.config.text.max_position_embeddings, "example"))
+
+
+def context_budget(model: ModelFacts, hardware: HardwareProfile, *, requested: int | None,
+                   profile_budget: int | None) -> ContextFacts:
+    """The context in force (pure): an explicit request, else the profile's budget, else what a KV cache may
+    take of the RAM left after the weights — never more than the model's max_position_embeddings."""
+    limit = model.config.text.max_position_embeddings
+    if requested is not None:
+        return ContextFacts(min(limit, requested), f"generate.max_context={requested}"
+                            + (f" (model maximum {limit})" if requested > limit else ""))
+    if profile_budget is not None:
+        return ContextFacts(min(limit, profile_budget), f"hardware profile {hardware.name} budget")
+    spare = max(0.0, hardware.ram_gb * GIB - model.weight_bytes)
+    per_position = model.kv_bytes_per_position
+    positions = int(KV_RAM_SHARE * spare // per_position) // CONTEXT_STEP * CONTEXT_STEP
+    positions = min(limit, max(MIN_CONTEXT, positions))
+    return ContextFacts(positions, f"{KV_RAM_SHARE:.0%} of the {spare / GIB:.1f} GiB of RAM left after the weights "
+                                   f"at {per_position / 1024:.0f} KiB per position (model maximum {limit}); "
+                                   "the cache grows on demand up to it")
+
+
+# The smallest sensible Qwen3-VL: two decoder layers, a two-block vision tower (RunFacts.example's default).
+TINY_HF_CONFIG: dict[str, Any] = {
+    "model_type": "qwen3_vl", "tie_word_embeddings": False,
+    "image_token_id": 60, "video_token_id": 61, "vision_start_token_id": 62, "vision_end_token_id": 63,
+    "text_config": {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 64, "hidden_act": "silu",
+                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 1, 1]}},
+    "vision_config": {"depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                      "hidden_act": "gelu_pytorch_tanh", "patch_size": 16, "temporal_patch_size": 2,
+                      "spatial_merge_size": 2, "num_position_embeddings": 16, "out_hidden_size": 32,
+                      "deepstack_visual_indexes": [0]},
+}
