@@ -9,17 +9,17 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from qvl_pipeline.config.load import to_plain
-from qvl_pipeline.config.schema import register_schemas
+from qvl_pipeline.config.load import open_option_overrides, typed
+from qvl_pipeline.config.schema import RootConfig, register_schemas
 from qvl_pipeline.errors import ConfigError, QvlError
 
 TASKS = ("generate", "chat", "plan", "probe")
 REEXEC_GUARD = "QVL_EMULATION_APPLIED"
 
 
-def _results_dir(cfg: dict) -> Path | None:
-    if cfg.get("results_dir"):
-        return Path(cfg["results_dir"])
+def _results_dir(cfg: RootConfig) -> Path | None:
+    if cfg.results_dir:
+        return Path(cfg.results_dir)
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -50,23 +50,23 @@ def run_task(cfg: DictConfig) -> int:
     from qvl_pipeline.container import make_container
 
     try:
-        plain = to_plain(cfg)
-        task = plain["task"]["name"]
+        config = typed(cfg)
+        task = config.task.name
         if task not in TASKS:
             raise ConfigError(f"unknown task {task!r}", f"use task=<one of {', '.join(TASKS)}>")
-        container = make_container(plain)
+        container = make_container(config)
         _apply_emulation(container)
         if task == "probe":
             from qvl_pipeline.tasks import probe
-            return probe.run(plain, container)
+            return probe.run(config, container)
         if task == "plan":
             from qvl_pipeline.tasks import plan
-            return plan.run(plain, container, _results_dir(plain))
+            return plan.run(config, container, _results_dir(config))
         if task == "chat":
             from qvl_pipeline.tasks import chat
-            return chat.run(plain, container, _results_dir(plain))
+            return chat.run(config, container, _results_dir(config))
         from qvl_pipeline.tasks import generate
-        return generate.run(plain, container, _results_dir(plain))
+        return generate.run(config, container, _results_dir(config))
     except QvlError as exc:
         print(f"qvl-pipeline: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -83,6 +83,7 @@ def _hydra_entry(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    sys.argv[1:] = open_option_overrides(sys.argv[1:])
     _hydra_entry()
 
 

@@ -1,89 +1,155 @@
-"""The dependency-injection wiring: config enters once, stages get their slot plugins from the resolver."""
+"""The composition root: dependency-injector containers that build the whole run from the typed config.
+
+Core: machine facts → the model's facts (its checkpoint's config.json) → RunFacts → resolver → one plugin per
+slot (guarded where runtime fallback applies). Stages get their slice of config and the plugins they need and
+build their part of the model on the meta device; the root assembles the model, loads and places it, and builds
+the processors, KV-cache factory, engine and pipeline. Tests and experiments swap any provider with
+`.override()` and the run executes what they swapped in.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
 from typing import Any
 
+import torch
 from dependency_injector import containers, providers
 
-from qvl_pipeline.hardware.build import HardwareReport, build_hardware
+from qvl_pipeline.config.schema import RootConfig
+from qvl_pipeline.generation.engine import Engine
 from qvl_pipeline.hardware.probe import probe_machine
-from qvl_pipeline.hardware.profile import HardwareProfile
+from qvl_pipeline.model.fusion import FeatureCache
+from qvl_pipeline.model.qwen3_vl import Qwen3VL, output_head
+from qvl_pipeline.model.text import TextModel
+from qvl_pipeline.model.vision import VisionTower
+from qvl_pipeline.plan import RunPlan
+from qvl_pipeline.processing.chat_template import ChatTemplate
+from qvl_pipeline.processing.image import ImageProcessor
+from qvl_pipeline.processing.stop_tokens import read_generation_config, stop_token_ids
+from qvl_pipeline.processing.tokenizer import Tokenizer
+from qvl_pipeline.processing.video import VideoProcessor
 from qvl_pipeline.registry import PluginRegistry
 from qvl_pipeline.resolver import Resolver
-from qvl_pipeline.slots import (
-    AttentionBackend,
-    KernelsBackend,
-    KVCacheBackend,
-    MemoryManager,
-    Plugin,
-    RotaryBackend,
-)
+from qvl_pipeline.runtime import assembly
+from qvl_pipeline.runtime.guard import guard
+from qvl_pipeline.runtime.pipeline import Pipeline, Processors
+from qvl_pipeline.runtime.recovery import Recovery
 
 
-def _profile_of(report: HardwareReport) -> HardwareProfile:
-    return report.profile
+def on_meta(build: Any, *args: Any, **kwargs: Any) -> Any:
+    """`build(*args, **kwargs)` with every tensor on the meta device (shapes only; the loader fills them)."""
+    with torch.device("meta"):
+        return build(*args, **kwargs)
 
 
-def _resolve(resolver: Resolver, slot: str) -> Plugin:
+def _resolve(resolver: Resolver, slot: str) -> Any:
     return resolver.resolve(slot)
 
 
 class CoreContainer(containers.DeclarativeContainer):
-    """Machine facts, the plugin registry, resolution, and one resolved plugin per slot (singletons)."""
+    """Facts, the plugin registry, resolution and one resolved plugin per slot (singletons)."""
 
-    config = providers.Configuration()
+    config = providers.Dependency(instance_of=RootConfig)
     prober = providers.Object(probe_machine)
-    hardware_report = providers.Singleton(build_hardware, config.hardware, prober, config.model.path)
-    hardware = providers.Singleton(_profile_of, hardware_report)
     registry = providers.Singleton(PluginRegistry)
-    resolver = providers.Singleton(Resolver, registry, hardware, config)
+
+    hardware_report = providers.Singleton(assembly.hardware_report, config.provided.hardware, prober,
+                                          config.provided.model.path)
+    model_facts = providers.Singleton(assembly.model_facts, config.provided.model)
+    facts = providers.Singleton(assembly.run_facts, hardware_report, model_facts, config.provided.generate,
+                                config.provided.processing, config.provided.opt)
+    resolver = providers.Singleton(Resolver, registry, facts, config.provided.opt,
+                                   providers.Callable(assembly.slot_configs, config))
 
     attention = providers.Singleton(_resolve, resolver, "attention")
     rotary = providers.Singleton(_resolve, resolver, "rotary")
     kernels = providers.Singleton(_resolve, resolver, "kernels")
     memory = providers.Singleton(_resolve, resolver, "memory")
     kv_cache = providers.Singleton(_resolve, resolver, "kv_cache")
+    # The model holds guards, never the plugins: a runtime failure re-points a guard to the next chain entry.
+    attention_guard = providers.Singleton(guard, "attention", attention)
+    rotary_guard = providers.Singleton(guard, "rotary", rotary)
+    recovery = providers.Singleton(Recovery, resolver, providers.Dict(attention=attention_guard,
+                                                                      rotary=rotary_guard))
+    plan = providers.Singleton(RunPlan, hardware_report, facts, resolver, config.provided.opt.level)
 
 
 class VisionStage(containers.DeclarativeContainer):
-    """Stage 1: the vision encoder's plugins."""
+    """Stage 1: the vision encoder and the image processor, with their slice of config."""
 
-    attention = providers.Dependency(instance_of=AttentionBackend)
-    rotary = providers.Dependency(instance_of=RotaryBackend)
-    kernels = providers.Dependency(instance_of=KernelsBackend)
+    processing = providers.Dependency()          # ProcessingConfig
+    pixels = providers.Dependency()              # PixelFacts: the max_pixels in force
+    model_config = providers.Dependency()        # the checkpoint's VisionConfig
+    folder = providers.Dependency()              # the checkpoint folder (preprocessor configs)
+    attention = providers.Dependency()
+    rotary = providers.Dependency()
+    kernels = providers.Dependency()
+
+    tower = providers.Factory(on_meta, VisionTower, model_config, attention=attention, rotary=rotary,
+                              kernels=kernels)
+    image_processor = providers.Singleton(ImageProcessor.from_folder, folder, max_pixels=pixels.provided.max_pixels,
+                                          min_pixels=processing.provided.min_pixels,
+                                          max_image_pixels=processing.provided.max_image_pixels)
+    video_processor = providers.Singleton(VideoProcessor.from_folder, folder, max_pixels=pixels.provided.max_pixels)
 
 
 class FeatureStage(containers.DeclarativeContainer):
-    """Stage 2: conditional feature extraction; per-image results are cached by content."""
+    """Stage 2: conditional feature extraction; per-image vision outputs cached by content."""
 
-    max_cached_images = providers.Object(16)
+    features = providers.Dependency()            # FeaturesConfig
+    cache = providers.Singleton(FeatureCache, features.provided.max_cached_images)
 
 
 class DecoderStage(containers.DeclarativeContainer):
-    """Stage 3: the text decoder's plugins and its KV-cache factory."""
+    """Stage 3: the text decoder, the output head, and the KV-cache backend."""
 
-    attention = providers.Dependency(instance_of=AttentionBackend)
-    rotary = providers.Dependency(instance_of=RotaryBackend)
-    kernels = providers.Dependency(instance_of=KernelsBackend)
-    kv_cache = providers.Dependency(instance_of=KVCacheBackend)
-    memory = providers.Dependency(instance_of=MemoryManager)
+    model_config = providers.Dependency()        # the checkpoint's ModelConfig
+    attention = providers.Dependency()
+    rotary = providers.Dependency()
+    kernels = providers.Dependency()
+    kv_cache = providers.Dependency()
+
+    text_model = providers.Factory(on_meta, TextModel, model_config.provided.text, attention=attention,
+                                   rotary=rotary, kernels=kernels)
+    head = providers.Factory(on_meta, output_head, model_config, kernels)
 
 
 class RootContainer(containers.DeclarativeContainer):
-    """Composes the core and the three stage containers; tests swap any provider with `.override()`."""
+    """Composes the core and the three stages into the loaded model, the processors and the pipeline."""
 
-    config = providers.Configuration()
+    config = providers.Dependency(instance_of=RootConfig)
+    started = providers.Object(0.0)              # perf_counter() when the run began (load time is measured from it)
     core = providers.Container(CoreContainer, config=config)
-    vision = providers.Container(VisionStage, attention=core.attention, rotary=core.rotary, kernels=core.kernels)
-    features = providers.Container(FeatureStage)
-    decoder = providers.Container(DecoderStage, attention=core.attention, rotary=core.rotary,
-                                  kernels=core.kernels, kv_cache=core.kv_cache, memory=core.memory)
+    folder = providers.Singleton(assembly.checkpoint_folder, core.model_facts)
+    model_config = core.model_facts.provided.config
+
+    vision = providers.Container(VisionStage, processing=config.provided.processing,
+                                 pixels=core.facts.provided.pixels, model_config=model_config.vision,
+                                 folder=folder, attention=core.attention_guard, rotary=core.rotary_guard,
+                                 kernels=core.kernels)
+    features = providers.Container(FeatureStage, features=config.provided.features)
+    decoder = providers.Container(DecoderStage, model_config=model_config, attention=core.attention_guard,
+                                  rotary=core.rotary_guard, kernels=core.kernels, kv_cache=core.kv_cache)
+
+    skeleton = providers.Factory(Qwen3VL, model_config, visual=vision.tower, language_model=decoder.text_model,
+                                 lm_head=decoder.head, feature_cache=features.cache)
+    loaded = providers.Singleton(assembly.load_model, skeleton, folder, core.kernels, core.memory,
+                                 config.provided.model.dtype, config.provided.progress)
+    kv_caches = providers.Singleton(assembly.KVCaches, core.kv_cache, loaded)
+
+    tokenizer = providers.Singleton(Tokenizer.from_folder, folder)
+    processors = providers.Singleton(
+        Processors, tokenizer=tokenizer, template=providers.Singleton(ChatTemplate.from_folder, folder),
+        stop_ids=providers.Singleton(stop_token_ids, providers.Callable(read_generation_config, folder), tokenizer),
+        images=vision.image_processor, videos=vision.video_processor.provider)
+
+    engine = providers.Singleton(Engine, loaded.provided.model, core.recovery)
+    pipeline = providers.Singleton(Pipeline, config, loaded=loaded, processors=processors, caches=kv_caches,
+                                   engine=engine, plan=core.plan, facts=core.facts, started=started)
 
 
-def make_container(plain_cfg: Mapping[str, Any]) -> RootContainer:
-    """A root container holding `plain_cfg` (already a plain dict: config enters exactly once)."""
-    container = RootContainer()
-    container.config.from_dict(dict(plain_cfg))
+def make_container(config: RootConfig) -> RootContainer:
+    """A root container for one run of `config` (typed: the config enters exactly once)."""
+    container = RootContainer(config=config)
+    container.started.override(providers.Object(time.perf_counter()))
     return container

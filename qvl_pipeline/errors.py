@@ -37,3 +37,11 @@ class CheckpointError(QvlError):
     """A missing, truncated or inconsistent checkpoint folder."""
 
     exit_code = 5
+
+
+class PluginRuntimeError(RuntimeError):
+    """A plugin failed while running; `slot` says which chain should move on (raised by the slot guards)."""
+
+    def __init__(self, slot: str, plugin: str, error: BaseException) -> None:
+        super().__init__(f"{slot} plugin {plugin!r} failed: {type(error).__name__}: {error}")
+        self.slot, self.plugin, self.error = slot, plugin, error

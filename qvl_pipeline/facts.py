@@ -60,13 +60,21 @@ class ContextFacts:
 
 
 @dataclass(frozen=True)
+class PixelFacts:
+    """The cap on an image's resized area (None: the checkpoint's own) and why."""
+
+    max_pixels: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
 class RunFacts:
     """Everything plugins may validate against. Nothing below the resolver reads the machine on its own."""
 
     hardware: HardwareProfile
     model: ModelFacts
     context: ContextFacts
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    pixels: PixelFacts = field(default_factory=lambda: PixelFacts(None, "the checkpoint's preprocessor_config"))
 
     @classmethod
     def example(cls, hardware: HardwareProfile | None = None, hf_config: Mapping[str, Any] | None = None,

@@ -7,11 +7,16 @@ import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 from qvl_pipeline.errors import PluginError
-from qvl_pipeline.slots import SLOTS, Fidelity, Plugin
+
+if TYPE_CHECKING:      # the registry lists names without importing torch; classes are imported when selected
+    from qvl_pipeline.slots import Plugin
 
 ENTRY_POINT_GROUP = "qvl_pipeline.plugins"
+# The plugin slots, in resolution order (the interfaces are `qvl_pipeline.slots.SLOTS`, keyed alike).
+SLOT_NAMES = ("attention", "rotary", "kernels", "memory", "kv_cache")
 BUILTIN_ORIGIN = "qvl_plugins (built-in)"
 
 # Built-in plugins: slot -> name -> "module:Class". Nothing here is imported until selected.
@@ -45,7 +50,7 @@ BUILTIN: dict[str, dict[str, str]] = {
     },
 }
 
-Target = str | type[Plugin]
+Target = "str | type[Plugin]"
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,8 @@ def entry_point_plugins() -> list[Discovered]:
 def plugin_class_problems(cls: object, slot: str) -> list[str]:
     """Why `cls` cannot be a plugin of `slot` (pure): not a subclass of the interface, no declared fidelity,
     Options not a dataclass."""
+    from qvl_pipeline.slots import SLOTS, Fidelity
+
     interface = SLOTS[slot]
     if not (isinstance(cls, type) and issubclass(cls, interface)):
         return [f"{cls!r} is not a subclass of {interface.__name__} (qvl_pipeline.slots)"]
@@ -97,7 +104,7 @@ class PluginRegistry:
 
     def __init__(self, builtin: Mapping[str, Mapping[str, Target]] | None = None,
                  discover: Callable[[], Iterable[Discovered]] | None = entry_point_plugins) -> None:
-        self._targets: dict[str, dict[str, Target]] = {slot: {} for slot in SLOTS}
+        self._targets: dict[str, dict[str, Target]] = {slot: {} for slot in SLOT_NAMES}
         self._origin: dict[tuple[str, str], str] = {}
         self._loaded: dict[tuple[str, str], PluginSpec] = {}
         self.problems: list[str] = []
@@ -106,8 +113,8 @@ class PluginRegistry:
                 self.register(slot, name, target, origin=BUILTIN_ORIGIN)
         for found in (discover() if discover else ()):
             where = f"entry point {found.slot}.{found.name} = {found.target} (from {found.distribution})"
-            if found.slot not in SLOTS:
-                self.problems.append(f"{where} names no slot; slots are {', '.join(SLOTS)}")
+            if found.slot not in SLOT_NAMES:
+                self.problems.append(f"{where} names no slot; slots are {', '.join(SLOT_NAMES)}")
             elif found.name in ("", "auto") or not found.name.isidentifier():
                 self.problems.append(f"{where} ignored: a plugin name must be an identifier other than 'auto'")
             elif found.name in self._targets[found.slot]:
@@ -118,8 +125,8 @@ class PluginRegistry:
 
     def register(self, slot: str, name: str, target: Target, origin: str = "registered in code") -> None:
         """Add (or replace) a plugin: a "module:Class" path or the class itself."""
-        if slot not in SLOTS:
-            raise PluginError(f"unknown slot {slot!r}", f"slots are: {', '.join(SLOTS)}")
+        if slot not in SLOT_NAMES:
+            raise PluginError(f"unknown slot {slot!r}", f"slots are: {', '.join(SLOT_NAMES)}")
         self._targets[slot][name] = target
         self._origin[(slot, name)] = origin
         self._loaded.pop((slot, name), None)

@@ -1,17 +1,25 @@
-"""Composition outside the CLI (Python API, tests) and the single conversion of config into plain data."""
+"""Composition outside the CLI (Python API, tests) and the one conversion of the composed config into the typed
+RootConfig object that travels down to the components."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qvl_pipeline.config.schema import register_schemas
+from qvl_pipeline.config.schema import RootConfig, register_schemas
 from qvl_pipeline.errors import ConfigError
 
 CONFIG_MODULE = "qvl_pipeline.conf"
+_PLUGIN_OPTION = re.compile(r"^(attention|rotary|kernels|memory|kv_cache)\.options\.[A-Za-z_]\w*\.[A-Za-z_]\w*=")
+
+
+def open_option_overrides(overrides: Sequence[str]) -> list[str]:
+    """Plugin options are an open namespace (`attention.options.chunked.chunk_size=512` for any plugin, built-in
+    or third-party): such overrides get Hydra's add-or-override prefix `++`, so nobody has to type it."""
+    return [f"++{o}" if _PLUGIN_OPTION.match(o) else o for o in overrides]
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
@@ -25,21 +33,31 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
-            return compose(config_name="config", overrides=list(overrides))
+            return compose(config_name="config", overrides=open_option_overrides(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"bad config or override: {exc}",
                           "check the override's spelling; `python -m qvl_pipeline --help` lists the groups "
                           "and `--cfg job` shows the composed config") from exc
 
 
-def to_plain(cfg: DictConfig) -> dict[str, Any]:
-    """OmegaConf -> plain dict (resolved); a missing mandatory value or bad type names its key."""
+def typed(cfg: DictConfig) -> RootConfig:
+    """The composed config as RootConfig (dataclasses all the way down); a missing or bad value names its key."""
+    cfg = cfg.copy()
+    with_hydra = "hydra" in cfg
+    if with_hydra:
+        OmegaConf.set_struct(cfg, False)
+        cfg.pop("hydra")
     try:
-        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", "") or ""
         raise ConfigError(f"config value missing or invalid{f' at {key}' if key else ''}: {exc}",
                           "set it on the command line (key=value) or in the group's YAML file") from exc
-    assert isinstance(data, dict)
-    data.pop("hydra", None)
-    return data
+    if not isinstance(obj, RootConfig):
+        raise ConfigError("the composed config is not a qvl-pipeline config", "compose it from qvl_pipeline.conf")
+    return obj
+
+
+def load_config(overrides: Sequence[str] = ()) -> RootConfig:
+    """compose_config + typed: the Python API's way to the same config the CLI builds."""
+    return typed(compose_config(overrides))

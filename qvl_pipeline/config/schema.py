@@ -46,15 +46,21 @@ class ModelConfig:
 
 @dataclass
 class SlotConfig:
-    choice: str | None = None    # null: follow the hardware profile's chain
+    choice: str | None = None    # null (option `auto`): follow the hardware profile's chain
+    # Per plugin: <slot>.options.<plugin>.<option>=value, whether the plugin is chosen explicitly or by the chain;
+    # defaults live in each plugin's Options dataclass.
     options: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
 
 
 @dataclass
 class TaskConfig:
     name: str = MISSING
     description: str = ""
+
+
+@dataclass
+class FeaturesConfig:
+    max_cached_images: int = 16     # stage 2: vision outputs kept per image content (chat turns reuse them)
 
 
 @dataclass
@@ -88,6 +94,7 @@ class RootConfig:
     kv_cache: SlotConfig = field(default_factory=SlotConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     processing: ProcessingConfig = field(default_factory=ProcessingConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     prompt: str = "Describe this image."
     image: str | None = None
@@ -98,8 +105,24 @@ class RootConfig:
     results_dir: str | None = None   # where the plan and outputs are saved; null = Hydra's run dir
 
 
-def register_schemas() -> None:
-    """Register the root schema so config.yaml can extend it (idempotent)."""
+def register_schemas(plugin_names: dict[str, list[str]] | None = None) -> None:
+    """Register the root schema and one option per plugin in each slot group (`auto` plus every built-in and
+    entry-point plugin the registry knows), so `attention=<name>` works alike for all of them (idempotent)."""
+    import warnings
+
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="qvl_schema", node=RootConfig)
+    from qvl_pipeline.registry import SLOT_NAMES, PluginRegistry
+
+    # The user's conf/ folder is optional: Hydra warns when a search-path entry does not exist.
+    warnings.filterwarnings("ignore", message=r"provider=hydra\.searchpath in main, path=.* is not available")
+
+    store = ConfigStore.instance()
+    store.store(name="qvl_schema", node=RootConfig)
+    if plugin_names is None:
+        registry = PluginRegistry()
+        plugin_names = {slot: registry.names(slot) for slot in SLOT_NAMES}
+    for slot in SLOT_NAMES:
+        store.store(group=slot, name="auto", node={"choice": None})
+        for name in plugin_names.get(slot, []):
+            store.store(group=slot, name=name, node={"choice": name})

@@ -10,11 +10,10 @@ from typing import TypeVar
 
 import torch
 
-from qvl_pipeline.errors import PluginError
+from qvl_pipeline.errors import PluginError, PluginRuntimeError
 from qvl_pipeline.generation.sampling import Sampler
 from qvl_pipeline.model.fusion import Fused
 from qvl_pipeline.model.qwen3_vl import Qwen3VL
-from qvl_pipeline.runtime.guard import PluginRuntimeError
 from qvl_pipeline.slots import KVCache
 
 MAX_RECOVERIES = 8

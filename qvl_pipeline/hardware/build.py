@@ -52,6 +52,7 @@ def build_hardware(hw_cfg: Mapping[str, Any], prober: Prober, model_path: str | 
     effective, differences = reconcile(target, real, emulate)
     if target.cuda_usable and not effective.cuda_usable:
         effective = replace(effective, chains={**effective.chains, **cpu_chains(effective)})
-        differences.append("without a usable GPU the profile's chains give way to this CPU's (fastest first on the CPU)")
+        differences.append("without a usable GPU the profile's chains give way to this CPU's "
+                           "(fastest first on the CPU)")
     return HardwareReport(effective, target=target.name, probed=False, emulate=emulate,
                           differences=differences, notes=notes)

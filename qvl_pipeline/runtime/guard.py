@@ -10,16 +10,8 @@ import functools
 import inspect
 from typing import Any
 
-from qvl_pipeline.errors import QvlError
+from qvl_pipeline.errors import PluginRuntimeError, QvlError
 from qvl_pipeline.slots import SLOTS, Plugin
-
-
-class PluginRuntimeError(RuntimeError):
-    """A plugin failed while running; `slot` says which chain should move on."""
-
-    def __init__(self, slot: str, plugin: str, error: BaseException) -> None:
-        super().__init__(f"{slot} plugin {plugin!r} failed: {type(error).__name__}: {error}")
-        self.slot, self.plugin, self.error = slot, plugin, error
 
 
 def _forward(method_name: str):

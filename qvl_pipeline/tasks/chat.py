@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+from qvl_pipeline.config.schema import RootConfig
 from qvl_pipeline.container import RootContainer
 from qvl_pipeline.errors import InputError
 from qvl_pipeline.runtime.pipeline import Conversation, Pipeline
@@ -16,10 +15,10 @@ from qvl_pipeline.tasks.results import save_results
 HELP = "type a message; '/image PATH' attaches an image to your next message; '/quit' (or end of input) ends"
 
 
-def run(cfg: Mapping[str, Any], container: RootContainer, results_dir: Path | None = None) -> int:
-    pipe = Pipeline(cfg, container).load()
+def run(config: RootConfig, container: RootContainer, results_dir: Path | None = None) -> int:
+    pipe = Pipeline.from_container(container)
     conversation = Conversation()
-    pending = request_images(cfg) or pipe.demo_images()
+    pending = request_images(config) or pipe.demo_images()
     print(f"qvl-pipeline chat ({'demo weights' if pipe.is_demo else pipe.folder}): {HELP}", file=sys.stderr)
     turn = 0
     while True:

@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+from qvl_pipeline.config.schema import RootConfig
 from qvl_pipeline.container import RootContainer
 from qvl_pipeline.plan import render_plan
 from qvl_pipeline.runtime.pipeline import Pipeline
 from qvl_pipeline.tasks.results import save_results
 
 
-def request_images(cfg: Mapping[str, Any]) -> list[str]:
+def request_images(config: RootConfig) -> list[str]:
     """`image=P` and `images=[P1,P2]` together, in that order."""
-    return ([str(cfg["image"])] if cfg.get("image") else []) + [str(p) for p in cfg.get("images") or []]
+    return ([config.image] if config.image else []) + list(config.images)
 
 
-def run(cfg: Mapping[str, Any], container: RootContainer, results_dir: Path | None = None) -> int:
-    as_json = cfg.get("output") == "json"
-    pipe = Pipeline(cfg, container).load()
+def run(config: RootConfig, container: RootContainer, results_dir: Path | None = None) -> int:
+    as_json = config.output == "json"
+    pipe = Pipeline.from_container(container)
     print(render_plan(pipe.plan), file=sys.stderr)
     if pipe.is_demo:
         print("qvl-pipeline: model=tiny runs DEMO weights (deterministic random): the pipeline is real, the words "
@@ -31,8 +30,8 @@ def run(cfg: Mapping[str, Any], container: RootContainer, results_dir: Path | No
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    images = request_images(cfg) or ([] if cfg.get("video") else pipe.demo_images())
-    result = pipe.generate(str(cfg.get("prompt", "")), images, video=cfg.get("video") or [],
+    images = request_images(config) or ([] if config.video else pipe.demo_images())
+    result = pipe.generate(config.prompt, images, video=config.video,
                            on_text=None if as_json else stream)
     if as_json:
         print(json.dumps(result, ensure_ascii=False))

@@ -1,19 +1,18 @@
-"""task=plan: print what this run would use and why (and save it as plan.json)."""
+"""task=plan: print what this run would use and why (and save it as plan.json); loads no weights."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+from qvl_pipeline.config.schema import RootConfig
 from qvl_pipeline.container import RootContainer
-from qvl_pipeline.plan import build_plan, render_plan
+from qvl_pipeline.plan import render_plan
 
 
-def run(cfg: Mapping[str, Any], container: RootContainer, results_dir: Path | None = None) -> int:
-    plan = build_plan(cfg, container.core.hardware_report(), container.core.resolver())
-    if cfg.get("output") == "json":
+def run(config: RootConfig, container: RootContainer, results_dir: Path | None = None) -> int:
+    plan = container.core.plan().to_dict()
+    if config.output == "json":
         print(json.dumps(plan, indent=2))
     else:
         print(render_plan(plan))

@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from qvl_pipeline.config.schema import RootConfig
 from qvl_pipeline.container import RootContainer
 
 
@@ -30,9 +31,8 @@ def probe_yaml(report_facts: Mapping[str, Any], chains: Mapping[str, Any], budge
     return "\n".join(header) + "\n" + yaml.safe_dump(profile, sort_keys=False)
 
 
-def run(cfg: Mapping[str, Any], container: RootContainer) -> int:
+def run(config: RootConfig, container: RootContainer) -> int:
     report = container.core.hardware_report()
     facts = report.profile.to_dict()
-    print(probe_yaml(facts, cfg["hardware"].get("chains") or {}, cfg["hardware"].get("budgets") or {},
-                     report.notes), end="")
+    print(probe_yaml(facts, report.profile.chains, config.hardware.budgets, report.notes), end="")
     return 0

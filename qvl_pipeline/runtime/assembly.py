@@ -1,0 +1,148 @@
+"""The pieces the container wires: the model's facts from its checkpoint (or the demo), the run's facts, loading
+and placing the model, per-request KV caches. Plain functions and small classes; no wiring decisions here."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qvl_pipeline.checkpoint import LoadReport, load_checkpoint, read_config
+from qvl_pipeline.checkpoint.config import resolve_dtype
+from qvl_pipeline.checkpoint.files import find_weight_files
+from qvl_pipeline.config.schema import GenerateConfig, HardwareConfig, OptConfig, ProcessingConfig, RootConfig
+from qvl_pipeline.config.schema import ModelConfig as ModelSection
+from qvl_pipeline.errors import CheckpointError, ConfigError
+from qvl_pipeline.facts import ContextFacts, ModelFacts, PixelFacts, RunFacts, context_budget
+from qvl_pipeline.hardware.build import HardwareReport, Prober, build_hardware
+from qvl_pipeline.model.config import ModelConfig
+from qvl_pipeline.model.qwen3_vl import Qwen3VL, skeleton
+from qvl_pipeline.runtime.demo import ensure_demo_checkpoint
+from qvl_pipeline.slots import KVCache, KVCacheBackend, MemoryManager, Placement
+
+
+def hardware_report(hardware: HardwareConfig, prober: Prober, model_path: str | None) -> HardwareReport:
+    """The effective machine facts for the `hardware` config slice."""
+    return build_hardware(dataclasses.asdict(hardware), prober, model_path)
+
+
+def _stored_dtype(config: Mapping[str, Any], override: str, folder: Path | None) -> str:
+    """The dtype weights are loaded in: the override, the config's declared dtype, else the first shard's."""
+    dtype = resolve_dtype(config, None if override == "auto" else override)
+    if dtype is None and folder is not None:
+        files = find_weight_files(folder)
+        floating = [t.dtype for t in files.tensors.values() if t.dtype in ("F32", "BF16", "F16")]
+        dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(
+            floating[0] if floating else "F32")
+    return str(dtype or torch.float32).removeprefix("torch.")
+
+
+def model_facts(model: ModelSection) -> ModelFacts:
+    """The model the run will load: a checkpoint folder's config.json, the demo (written on first use), or a bare
+    preset (planning only: nothing to load)."""
+    if model.path:
+        folder = Path(model.path).expanduser()
+        if not folder.is_dir():
+            raise CheckpointError(f"model.path={folder} is not a folder",
+                                  "point model.path at the folder holding config.json and *.safetensors")
+        source, demo = f"checkpoint {folder}", False
+    elif model.demo:
+        folder = ensure_demo_checkpoint(model.hf_config, model.seed, lambda hf: skeleton(ModelConfig.from_hf_dict(hf)))
+        source, demo = f"demo preset {model.name} (deterministic random weights)", True
+    else:
+        hf = dict(model.hf_config)
+        return ModelFacts(ModelConfig.from_hf_dict(hf), hf, _stored_dtype(hf, model.dtype, None),
+                          f"preset {model.name} (no weights: set model.path to run it)")
+    hf = read_config(folder)
+    return ModelFacts(ModelConfig.from_hf_dict(hf), hf, _stored_dtype(hf, model.dtype, folder), source, folder, demo)
+
+
+def pixel_budget(processing: ProcessingConfig, opt: OptConfig, report: HardwareReport) -> PixelFacts:
+    """The max_pixels cap in force and where it comes from (pure)."""
+    if processing.max_pixels:
+        return PixelFacts(int(processing.max_pixels), "processing.max_pixels override")
+    budget = report.profile.budgets.get("max_pixels")
+    if budget and opt.use_budgets:
+        return PixelFacts(int(budget), f"hardware profile {report.target} budget")
+    return PixelFacts(None, "the checkpoint's preprocessor_config (no cap)")
+
+
+def run_facts(report: HardwareReport, model: ModelFacts, generate: GenerateConfig, processing: ProcessingConfig,
+              opt: OptConfig) -> RunFacts:
+    """RunFacts: machine, model, the context a request may use and the pixel budget."""
+    profile_context = report.profile.budgets.get("max_context") if opt.use_budgets else None
+    context: ContextFacts = context_budget(model, report.profile, requested=generate.max_context,
+                                           profile_budget=profile_context)
+    return RunFacts(report.profile, model, context, pixel_budget(processing, opt, report))
+
+
+def checkpoint_folder(model: ModelFacts) -> Path:
+    """The folder to load; a bare preset has none."""
+    if model.folder is None:
+        raise ConfigError(f"{model.source}: there is no checkpoint to load",
+                          "pass model.path=/path/to/Qwen3-VL-... (a Hugging Face folder), or use model=tiny")
+    return model.folder
+
+
+@dataclass
+class LoadedModel:
+    """The model with its weights, where each part lives, and what loading did."""
+
+    model: Qwen3VL
+    report: LoadReport
+    placement: Placement
+    seconds: float
+
+
+def slot_configs(config: RootConfig) -> dict[str, Any]:
+    """The config slice of each plugin slot."""
+    return {slot: getattr(config, slot) for slot in ("attention", "rotary", "kernels", "memory", "kv_cache")}
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def place(model: Qwen3VL, memory: MemoryManager) -> Placement:
+    """Ask the memory plugin where each part goes (by its real, prepared size) and move it there."""
+    body = model.model
+    layers = list(body.language_model.layers)
+    head = 0 if model.lm_head is None else _bytes(model.lm_head)
+    placement = memory.place([_bytes(layer) for layer in layers], _bytes(body.visual),
+                             _bytes(body.language_model.embed_tokens), head)
+    body.visual.to(placement.vision)
+    body.language_model.embed_tokens.to(placement.embed)
+    for layer, device in zip(layers, placement.layers, strict=True):
+        layer.to(device)
+    body.language_model.norm.to(placement.layers[-1] if placement.layers else placement.head)
+    if model.lm_head is not None:
+        model.lm_head.to(placement.head)
+    return placement
+
+
+def load_model(skeleton_model: Qwen3VL, folder: Path, kernels: Any, memory: MemoryManager, dtype: str,
+               progress: bool) -> LoadedModel:
+    """Fill the meta-device model from the checkpoint, let the kernels plugin prepare it, place it."""
+    start = time.perf_counter()
+    report = load_checkpoint(folder, skeleton_model, dtype=None if dtype == "auto" else dtype, progress=progress)
+    model = kernels.prepare(skeleton_model)
+    model.eval()
+    placement = place(model, memory)
+    return LoadedModel(model, report, placement, time.perf_counter() - start)
+
+
+class KVCaches:
+    """Creates request caches shaped for the model, each layer's buffers on the device that layer computes on."""
+
+    def __init__(self, backend: KVCacheBackend, loaded: LoadedModel) -> None:
+        self.backend = backend
+        self.model = loaded.model
+        self.devices = tuple(torch.device(d) for d in loaded.placement.layers)
+
+    def create(self, max_len: int) -> KVCache:
+        return self.backend.create(self.model.cache_shape(1, max_len), self.model.dtype, self.devices)
