@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from qvl_pipeline.facts import RunFacts
 from qvl_pipeline.hardware.profile import CpuFacts, GpuFacts, HardwareProfile, StorageFacts
 
 
@@ -18,6 +19,12 @@ def make_profile(name: str = "test", gpu: GpuFacts | None = None, chains: dict |
     return HardwareProfile(name=name, cpu=CpuFacts(model="test cpu", physical_cores=4, threads=8, isa=isa),
                            ram_gb=ram_gb, storage=StorageFacts(kind="nvme"), gpu=gpu,
                            chains={k: tuple(v) for k, v in (chains or {}).items()})
+
+
+def make_facts(gpu: GpuFacts | None = None, hf_config: dict | None = None, stored_dtype: str = "float32",
+               **profile: object) -> RunFacts:
+    """RunFacts for plugin tests: a hand-built machine (see make_profile) and a tiny model (or `hf_config`)."""
+    return RunFacts.example(make_profile(gpu=gpu, **profile), hf_config, stored_dtype)  # type: ignore[arg-type]
 
 
 PASCAL = GpuFacts(name="NVIDIA GeForce MX250", compute_capability=(6, 1), vram_gb=2.0, torch_has_kernels=True)
