@@ -8,7 +8,7 @@ import torch
 from qvl_pipeline.errors import InputError
 from qvl_pipeline.generation.greedy import greedy_generate
 from qvl_plugins.kv_cache.static import StaticCache
-from tests.model.tiny_configs import HW, IMAGE, VIDEO, images, our_model, prompt, tiny_hf_dict, video
+from tests.model.tiny_configs import FACTS, IMAGE, VIDEO, images, our_model, prompt, tiny_hf_dict, video
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_prompt_beyond_max_positions(model):
 def test_generation_beyond_max_positions(model):
     ids = torch.arange(60)[None] % 200
     with pytest.raises(InputError, match="position 64 is beyond the model's max_position_embeddings=64"):
-        greedy_generate(model, ids, max_new_tokens=10, cache_backend=StaticCache(HW))
+        greedy_generate(model, ids, max_new_tokens=10, cache_backend=StaticCache(FACTS))
 
 
 def test_token_ids_outside_the_vocabulary(model):

@@ -12,7 +12,7 @@ import torch
 
 from qvl_pipeline.generation.greedy import greedy_generate
 from qvl_plugins.kv_cache.static import StaticCache
-from tests.model.tiny_configs import HW, images, max_rel_diff, mm_token_types, pair, prompt, tiny_hf_dict, video
+from tests.model.tiny_configs import FACTS, images, max_rel_diff, mm_token_types, pair, prompt, tiny_hf_dict, video
 
 pytest.importorskip("transformers")      # the weights are drawn with the oracle's initialiser
 
@@ -31,11 +31,11 @@ def _inputs(with_video: bool):
 def test_bf16_greedy_matches_fp32(tied, with_video, seed):
     _, model = pair(tiny_hf_dict(tied=tied, init=0.1), seed=seed)
     ids, inputs = _inputs(with_video)
-    fp32 = greedy_generate(model, ids, **inputs, max_new_tokens=STEPS, cache_backend=StaticCache(HW))
+    fp32 = greedy_generate(model, ids, **inputs, max_new_tokens=STEPS, cache_backend=StaticCache(FACTS))
     model.to(torch.bfloat16)
     logits = model(ids, **inputs)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
-    bf16 = greedy_generate(model, ids, **inputs, max_new_tokens=STEPS, cache_backend=StaticCache(HW))
+    bf16 = greedy_generate(model, ids, **inputs, max_new_tokens=STEPS, cache_backend=StaticCache(FACTS))
     assert len(set(fp32)) >= 3                     # a non-degenerate sequence
     assert bf16 == fp32
 

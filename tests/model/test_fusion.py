@@ -8,7 +8,7 @@ import torch
 from qvl_pipeline.generation.greedy import greedy_generate
 from qvl_pipeline.model.fusion import FeatureCache, content_key
 from qvl_plugins.kv_cache.static import StaticCache
-from tests.model.tiny_configs import HW, images, max_rel_diff, our_model, prompt, tiny_hf_dict
+from tests.model.tiny_configs import FACTS, images, max_rel_diff, our_model, prompt, tiny_hf_dict
 
 
 def _model(**kwargs):
@@ -36,7 +36,7 @@ def three_images():
 def test_text_only_never_calls_the_vision_tower():
     model = _model()
     calls = VisionCalls(model)
-    tokens = greedy_generate(model, prompt(), max_new_tokens=4, cache_backend=StaticCache(HW))
+    tokens = greedy_generate(model, prompt(), max_new_tokens=4, cache_backend=StaticCache(FACTS))
     assert len(tokens) == 4 and calls.grids == []
     fused = model.prepare(prompt())
     assert fused.visual_mask is None and fused.deepstack is None
@@ -61,8 +61,8 @@ def test_feature_cache_encodes_each_image_once(three_images):
 
     cached.encode_images(pv, grid)                                # a second turn: nothing new
     assert len(calls.grids) == 2
-    tokens_a = greedy_generate(plain, prompt(grid), pv, grid, max_new_tokens=6, cache_backend=StaticCache(HW))
-    tokens_b = greedy_generate(cached, prompt(grid), pv, grid, max_new_tokens=6, cache_backend=StaticCache(HW))
+    tokens_a = greedy_generate(plain, prompt(grid), pv, grid, max_new_tokens=6, cache_backend=StaticCache(FACTS))
+    tokens_b = greedy_generate(cached, prompt(grid), pv, grid, max_new_tokens=6, cache_backend=StaticCache(FACTS))
     assert tokens_a == tokens_b and len(calls.grids) == 2
 
 
@@ -85,7 +85,7 @@ def test_cached_decoding_equals_full_recompute(three_images):
     pv, grid = three_images
     model = _model()
     ids = prompt(grid)
-    tokens = greedy_generate(model, ids, pv, grid, max_new_tokens=8, cache_backend=StaticCache(HW))
+    tokens = greedy_generate(model, ids, pv, grid, max_new_tokens=8, cache_backend=StaticCache(FACTS))
     full = model(torch.cat([ids, torch.tensor([tokens[:-1]])], dim=1), pv, grid)        # [1, s + 7, vocab]
     assert full[0, ids.shape[1] - 1:].argmax(-1).tolist() == tokens
 
@@ -94,8 +94,8 @@ def test_generation_stops_at_eos(three_images):
     pv, grid = three_images
     model = _model()
     ids = prompt(grid)
-    tokens = greedy_generate(model, ids, pv, grid, max_new_tokens=8, cache_backend=StaticCache(HW))
+    tokens = greedy_generate(model, ids, pv, grid, max_new_tokens=8, cache_backend=StaticCache(FACTS))
     stop = tokens[3]
     first = tokens.index(stop)
-    assert greedy_generate(model, ids, pv, grid, max_new_tokens=8, cache_backend=StaticCache(HW),
+    assert greedy_generate(model, ids, pv, grid, max_new_tokens=8, cache_backend=StaticCache(FACTS),
                            eos_token_ids=[stop]) == tokens[:first + 1]

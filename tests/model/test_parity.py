@@ -10,7 +10,7 @@ import torch
 from qvl_pipeline.generation.greedy import greedy_generate
 from qvl_plugins.kv_cache.static import StaticCache
 from tests.model.tiny_configs import (
-    HW,
+    FACTS,
     images,
     max_rel_diff,
     mm_token_types,
@@ -133,7 +133,7 @@ def test_greedy_matches_oracle_generate(case, attention):
                           max_new_tokens=STEPS, do_sample=False, eos_token_id=None, pad_token_id=255)
     expected = out[0, ids.shape[1]:].tolist()
     assert len(expected) == STEPS and len(set(expected)) >= 3        # a non-degenerate sequence
-    got = greedy_generate(ours, **inputs, max_new_tokens=STEPS, cache_backend=StaticCache(HW))
+    got = greedy_generate(ours, **inputs, max_new_tokens=STEPS, cache_backend=StaticCache(FACTS))
     assert got == expected
 
 

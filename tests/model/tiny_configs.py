@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qvl_pipeline.hardware.profile import CpuFacts, HardwareProfile, StorageFacts
+from qvl_pipeline.facts import RunFacts
 from qvl_pipeline.model.config import ModelConfig
 from qvl_pipeline.model.qwen3_vl import Qwen3VL
 from qvl_plugins.attention.eager import EagerAttention
@@ -21,7 +21,9 @@ VOCAB = 256
 TEXT_IDS = 240          # ordinary text tokens are drawn from [0, TEXT_IDS)
 PATCH, MERGE, TEMPORAL = 16, 2, 2
 
-HW = HardwareProfile(name="test", cpu=CpuFacts(), ram_gb=8.0, storage=StorageFacts())
+# Facts for plugins that do not depend on the model (the KV-cache backends); our_model gives its plugins facts of
+# the model it builds.
+FACTS = RunFacts.example()
 ATTENTION = {"eager": EagerAttention, "sdpa": SdpaAttention}
 
 
@@ -68,9 +70,15 @@ def hf_model(hf: dict[str, Any], seed: int = 0, attn: str = "eager"):
     return model.eval()
 
 
+def model_facts(hf: dict[str, Any]) -> RunFacts:
+    """RunFacts of a plain CPU machine running the model `hf` in fp32."""
+    return RunFacts.example(hf_config=hf)
+
+
 def our_model(hf: dict[str, Any], attention: str = "eager", **kwargs: Any) -> Qwen3VL:
-    return Qwen3VL.build(ModelConfig.from_hf_dict(hf), attention=ATTENTION[attention](HW), rotary=ReferenceRotary(HW),
-                   kernels=TorchNativeKernels(HW), **kwargs).eval()
+    facts = model_facts(hf)
+    return Qwen3VL.build(ModelConfig.from_hf_dict(hf), attention=ATTENTION[attention](facts),
+                         rotary=ReferenceRotary(facts), kernels=TorchNativeKernels(facts), **kwargs).eval()
 
 
 def checkpoint_state(oracle, tied: bool) -> dict[str, torch.Tensor]:

@@ -8,17 +8,18 @@ from torch.nn.attention import SDPBackend
 
 from qvl_pipeline.errors import ConfigError
 from qvl_pipeline.hardware.profile import GpuFacts
-from qvl_pipeline.slots.base import SelfTestError
+from qvl_pipeline.options import build_options
+from qvl_pipeline.slots.base import NoOptions, SelfTestError
 from qvl_pipeline.slots.selftest import relative_error
-from qvl_plugins.attention.chunked import ChunkedAttention
+from qvl_plugins.attention.chunked import ChunkedAttention, ChunkedOptions
 from qvl_plugins.attention.cuda_sdpa import forced_sdpa
 from qvl_plugins.attention.eager import EagerAttention
 from qvl_plugins.attention.sdpa_flash import SdpaFlashAttention
 from qvl_plugins.attention.sdpa_mem_efficient import SdpaMemEfficientAttention
-from tests.conftest import AMPERE, PASCAL, PASCAL_NO_KERNELS, make_profile
+from tests.conftest import AMPERE, PASCAL, PASCAL_NO_KERNELS, make_facts
 
-HW = make_profile()
-EAGER = EagerAttention(HW)
+FACTS = make_facts()
+EAGER = EagerAttention(FACTS)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 # (batch, heads, kv_heads, q_len, kv_len, head_dim, causal)
@@ -43,7 +44,7 @@ def inputs(b, h, kvh, q_len, kv_len, d, dtype=torch.float32, device="cpu", seed=
 @pytest.mark.parametrize(("b", "h", "kvh", "q_len", "kv_len", "d", "causal"), SHAPES)
 def test_chunked_matches_eager_fp32(b, h, kvh, q_len, kv_len, d, causal, chunk):
     q, k, v = inputs(b, h, kvh, q_len, kv_len, d)
-    got = ChunkedAttention(HW, {"chunk_size": chunk}).attend(q, k, v, causal=causal, scale=d ** -0.5)
+    got = ChunkedAttention(FACTS, ChunkedOptions(chunk_size=chunk)).attend(q, k, v, causal=causal, scale=d ** -0.5)
     want = EAGER.attend(q, k, v, causal=causal, scale=d ** -0.5)
     assert got.shape == want.shape == (b, q_len, h, d)
     assert relative_error(got, want) <= 1e-6          # measured: ≤ 2e-7 (summation order only)
@@ -52,7 +53,7 @@ def test_chunked_matches_eager_fp32(b, h, kvh, q_len, kv_len, d, causal, chunk):
 @pytest.mark.parametrize(("b", "h", "kvh", "q_len", "kv_len", "d", "causal"), SHAPES)
 def test_chunked_matches_eager_bf16(b, h, kvh, q_len, kv_len, d, causal):
     q, k, v = inputs(b, h, kvh, q_len, kv_len, d, torch.bfloat16)
-    got = ChunkedAttention(HW, {"chunk_size": 2}).attend(q, k, v, causal=causal, scale=d ** -0.5)
+    got = ChunkedAttention(FACTS, ChunkedOptions(chunk_size=2)).attend(q, k, v, causal=causal, scale=d ** -0.5)
     want = EAGER.attend(q, k, v, causal=causal, scale=d ** -0.5)
     assert got.dtype == torch.bfloat16
     assert relative_error(got, want) <= 1e-2          # measured 0 here; bf16 rounding may differ by order
@@ -62,7 +63,7 @@ def test_chunked_varlen_matches_eager():
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(4, 13, 8, generator=gen) for _ in range(3))
     cu = torch.tensor([0, 5, 5, 13])                                   # includes an empty segment
-    got = ChunkedAttention(HW, {"chunk_size": 3}).attend_varlen(q, k, v, cu, scale=0.3)
+    got = ChunkedAttention(FACTS, ChunkedOptions(chunk_size=3)).attend_varlen(q, k, v, cu, scale=0.3)
     want = EAGER.attend_varlen(q, k, v, cu, scale=0.3)
     assert got.shape == (13, 4, 8)
     assert relative_error(got, want) <= 1e-6
@@ -79,8 +80,8 @@ def test_chunked_score_matrix_never_exceeds_chunk_by_kv(monkeypatch, causal):
 
     monkeypatch.setattr(torch, "softmax", recording_softmax)
     b, h, kvh, q_len, kv_len, chunk = 1, 4, 2, 10, 14, 3
-    ChunkedAttention(HW, {"chunk_size": chunk}).attend(*inputs(b, h, kvh, q_len, kv_len, 8), causal=causal,
-                                                       scale=0.35)
+    ChunkedAttention(FACTS, ChunkedOptions(chunk_size=chunk)).attend(*inputs(b, h, kvh, q_len, kv_len, 8),
+                                                                     causal=causal, scale=0.35)
     assert len(seen) == 4                                              # ceil(10 / 3) chunks
     assert all(s.numel() <= b * h * chunk * kv_len for s in seen)
     assert max(s.numel() for s in seen) < b * h * q_len * kv_len      # never the full matrix
@@ -88,14 +89,29 @@ def test_chunked_score_matrix_never_exceeds_chunk_by_kv(monkeypatch, causal):
 
 @pytest.mark.parametrize("bad", [0, -5, 2.5, "big", True])
 def test_chunked_rejects_bad_chunk_size(bad):
-    with pytest.raises(ConfigError, match="chunk_size"):
-        ChunkedAttention(HW, {"chunk_size": bad})
+    with pytest.raises(ConfigError, match=r"attention\.options\.chunked.*chunk_size"):
+        build_options(ChunkedAttention.Options, {"chunk_size": bad}, "attention.options.chunked")
+
+
+@pytest.mark.parametrize("bad", [0, -5])
+def test_chunked_options_reject_a_non_positive_chunk_when_built_directly(bad):
+    with pytest.raises(ValueError, match=f"chunk_size must be a positive row count, got {bad}"):
+        ChunkedAttention.Options(chunk_size=bad)
+
+
+def test_chunked_options_default_and_from_config():
+    assert ChunkedAttention.Options is ChunkedOptions
+    assert ChunkedAttention(FACTS).options == ChunkedOptions(chunk_size=1024)
+    built = build_options(ChunkedAttention.Options, {"chunk_size": 7}, "attention.options.chunked")
+    plugin = ChunkedAttention(FACTS, built, name="chunked")
+    assert plugin.options.chunk_size == 7 and plugin.name == "chunked" and plugin.hw is FACTS.hardware
 
 
 def test_chunked_validates_everywhere_and_self_tests():
     for gpu in (None, PASCAL, PASCAL_NO_KERNELS, AMPERE):
-        assert ChunkedAttention.validate(make_profile(gpu=gpu), {}) == []
-    ChunkedAttention(HW).self_test()
+        for dtype in ("float32", "bfloat16"):
+            assert ChunkedAttention.validate(make_facts(gpu=gpu, stored_dtype=dtype), ChunkedOptions()) == []
+    ChunkedAttention(FACTS).self_test(EAGER)
 
 
 class PerturbedChunked(ChunkedAttention):
@@ -108,7 +124,7 @@ class LastChunkDropped(ChunkedAttention):
 
     def attend(self, q, k, v, *, causal, scale):
         out = super().attend(q, k, v, causal=causal, scale=scale)
-        tail = q.shape[2] % self.chunk_size
+        tail = q.shape[2] % self.options.chunk_size
         if tail:
             out[:, -tail:] = 0
         return out
@@ -117,7 +133,7 @@ class LastChunkDropped(ChunkedAttention):
 @pytest.mark.parametrize("faulty", [PerturbedChunked, LastChunkDropped])
 def test_faulty_chunked_fails_self_test(faulty):
     with pytest.raises(SelfTestError, match="relative error"):
-        faulty(HW).self_test()
+        faulty(FACTS).self_test(EAGER)
 
 
 # --- forced SDPA: mask logic checked on CPU through the math backend -------------------------------------------
@@ -136,39 +152,56 @@ MAXWELL_OLD = GpuFacts(name="GTX 780", compute_capability=(3, 5), vram_gb=3.0, t
 
 
 def test_mem_efficient_validate():
-    assert SdpaMemEfficientAttention.validate(make_profile(), {}) == ["needs a CUDA GPU; this machine has none"]
-    no_kernels = SdpaMemEfficientAttention.validate(make_profile(gpu=PASCAL_NO_KERNELS), {})
+    opts = NoOptions()
+    assert SdpaMemEfficientAttention.validate(make_facts(), opts) == ["needs a CUDA GPU; this machine has none"]
+    no_kernels = SdpaMemEfficientAttention.validate(make_facts(gpu=PASCAL_NO_KERNELS), opts)
     assert len(no_kernels) == 1 and "sm_61" in no_kernels[0] and "has none" in no_kernels[0]
-    assert SdpaMemEfficientAttention.validate(make_profile(gpu=PASCAL), {}) == []
-    assert SdpaMemEfficientAttention.validate(make_profile(gpu=AMPERE), {"model": {"dtype": "float32"}}) == []
-    assert SdpaMemEfficientAttention.validate(make_profile(gpu=MAXWELL_OLD), {}) == [
+    assert SdpaMemEfficientAttention.validate(make_facts(gpu=PASCAL), opts) == []
+    for dtype in ("float32", "float16", "bfloat16"):          # fp32 weights are fine for this kernel
+        assert SdpaMemEfficientAttention.validate(make_facts(gpu=AMPERE, stored_dtype=dtype), opts) == []
+    assert SdpaMemEfficientAttention.validate(make_facts(gpu=MAXWELL_OLD), opts) == [
         "needs compute capability ≥ 5.0 (memory-efficient SDPA); GPU is sm_35"]
 
 
+FP32_REASON = "FlashAttention runs only in fp16/bf16; the weights are float32"
+
+
 def test_flash_validate():
-    assert SdpaFlashAttention.validate(make_profile(), {}) == ["needs a CUDA GPU; this machine has none"]
-    assert SdpaFlashAttention.validate(make_profile(gpu=PASCAL), {"model": {"dtype": "float16"}}) == [
+    opts = NoOptions()
+    assert SdpaFlashAttention.validate(make_facts(stored_dtype="bfloat16"), opts) == [
+        "needs a CUDA GPU; this machine has none"]
+    assert SdpaFlashAttention.validate(make_facts(stored_dtype="float32"), opts) == [
+        "needs a CUDA GPU; this machine has none", FP32_REASON]
+    assert SdpaFlashAttention.validate(make_facts(gpu=PASCAL, stored_dtype="float16"), opts) == [
         "needs compute capability ≥ 8.0 (FlashAttention); GPU is sm_61"]
-    both = SdpaFlashAttention.validate(make_profile(gpu=PASCAL_NO_KERNELS), {"model": {"dtype": "float32"}})
+    both = SdpaFlashAttention.validate(make_facts(gpu=PASCAL_NO_KERNELS, stored_dtype="float32"), opts)
     assert len(both) == 3 and "has none" in both[0] and "sm_61" in both[0]
-    assert both[1].startswith("needs compute capability ≥ 8.0") and "float32" in both[2]
-    for dtype in ("bfloat16", "float16", "auto"):
-        assert SdpaFlashAttention.validate(make_profile(gpu=AMPERE), {"model": {"dtype": dtype}}) == []
-    assert SdpaFlashAttention.validate(make_profile(gpu=AMPERE), {}) == []
-    assert SdpaFlashAttention.validate(make_profile(gpu=AMPERE), {"model": {"dtype": "float32"}}) == [
-        "FlashAttention runs only in fp16/bf16; model.dtype is float32"]
+    assert both[1].startswith("needs compute capability ≥ 8.0") and both[2] == FP32_REASON
+    for dtype in ("bfloat16", "float16"):
+        assert SdpaFlashAttention.validate(make_facts(gpu=AMPERE, stored_dtype=dtype), opts) == []
+    assert SdpaFlashAttention.validate(make_facts(gpu=AMPERE, stored_dtype="float32"), opts) == [FP32_REASON]
+
+
+def test_flash_validate_reads_the_stored_dtype_of_the_facts_model():
+    """The reason comes from the model that will be loaded (RunFacts), whatever hardware profile is given."""
+    from qvl_pipeline.facts import RunFacts
+    from tests.conftest import make_profile
+
+    hw = make_profile(gpu=AMPERE)
+    assert SdpaFlashAttention.validate(RunFacts.example(hw, stored_dtype="float32"), NoOptions()) == [FP32_REASON]
+    assert SdpaFlashAttention.validate(RunFacts.example(hw, stored_dtype="bfloat16"), NoOptions()) == []
 
 
 def test_flash_refuses_fp32_activations_with_a_reason():
     with pytest.raises(RuntimeError, match=r"fp16/bf16; got torch\.float32"):
-        SdpaFlashAttention(make_profile(gpu=AMPERE)).attend(*inputs(1, 2, 2, 3, 3, 8), causal=True, scale=0.3)
+        SdpaFlashAttention(make_facts(gpu=AMPERE)).attend(*inputs(1, 2, 2, 3, 3, 8), causal=True, scale=0.3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA failure path")
 @pytest.mark.parametrize("cls", [SdpaMemEfficientAttention, SdpaFlashAttention])
 def test_cuda_self_tests_fail_cleanly_without_cuda(cls):
     with pytest.raises(SelfTestError, match="cannot reach a CUDA device"):
-        cls(make_profile(gpu=AMPERE)).self_test()
+        cls(make_facts(gpu=AMPERE)).self_test(EAGER)
 
 
 # --- CUDA ----------------------------------------------------------------------------------------------------------
@@ -178,14 +211,14 @@ def test_cuda_self_tests_fail_cleanly_without_cuda(cls):
 @pytest.mark.parametrize(("b", "h", "kvh", "q_len", "kv_len", "d", "causal"), SHAPES)
 def test_mem_efficient_matches_eager_on_cuda(b, h, kvh, q_len, kv_len, d, causal, dtype):
     q, k, v = inputs(b, h, kvh, q_len, kv_len, d, dtype, "cuda")
-    got = SdpaMemEfficientAttention(HW).attend(q, k, v, causal=causal, scale=d ** -0.5)
+    got = SdpaMemEfficientAttention(FACTS).attend(q, k, v, causal=causal, scale=d ** -0.5)
     want = EAGER.attend(q.float(), k.float(), v.float(), causal=causal, scale=d ** -0.5)
     assert relative_error(got, want) <= (1e-5 if dtype == torch.float32 else 4e-3)
 
 
 @needs_cuda
 def test_mem_efficient_self_test_on_cuda():
-    SdpaMemEfficientAttention(HW).self_test()
+    SdpaMemEfficientAttention(FACTS).self_test(EAGER)
 
 
 def _sm() -> tuple[int, int]:
@@ -198,7 +231,7 @@ def _sm() -> tuple[int, int]:
 @pytest.mark.parametrize(("b", "h", "kvh", "q_len", "kv_len", "d", "causal"), SHAPES)
 def test_flash_matches_eager_on_cuda(b, h, kvh, q_len, kv_len, d, causal, dtype):
     q, k, v = inputs(b, h, kvh, q_len, kv_len, d, dtype, "cuda")
-    got = SdpaFlashAttention(HW).attend(q, k, v, causal=causal, scale=d ** -0.5)
+    got = SdpaFlashAttention(FACTS).attend(q, k, v, causal=causal, scale=d ** -0.5)
     want = EAGER.attend(q.float(), k.float(), v.float(), causal=causal, scale=d ** -0.5)
     assert relative_error(got, want) <= 4 * torch.finfo(dtype).eps
 
@@ -206,18 +239,14 @@ def test_flash_matches_eager_on_cuda(b, h, kvh, q_len, kv_len, d, causal, dtype)
 @needs_cuda
 @pytest.mark.skipif(_sm() < (8, 0), reason="needs CUDA sm_80+ (FlashAttention)")
 def test_flash_self_test_on_cuda():
-    SdpaFlashAttention(HW).self_test()
+    SdpaFlashAttention(FACTS).self_test(EAGER)
 
 
 def test_cuda_attention_plugins_compute_cpu_layers_of_a_split_placement():
     """cuda_partial keeps trailing layers on the CPU; the CUDA-only plugins must still compute them exactly."""
-    from qvl_plugins.attention.eager import EagerAttention
-    from qvl_plugins.attention.sdpa_mem_efficient import SdpaMemEfficientAttention
-    from tests.conftest import PASCAL, make_profile
-
-    hw = make_profile(gpu=PASCAL)
+    facts = make_facts(gpu=PASCAL)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, h, n, 16, generator=g) for h, n in ((4, 3), (2, 7), (2, 7)))
-    want = EagerAttention(hw).attend(q, k, v, causal=True, scale=0.25)
-    got = SdpaMemEfficientAttention(hw).attend(q, k, v, causal=True, scale=0.25)
+    want = EagerAttention(facts).attend(q, k, v, causal=True, scale=0.25)
+    got = SdpaMemEfficientAttention(facts).attend(q, k, v, causal=True, scale=0.25)
     assert torch.allclose(got, want, atol=1e-6)

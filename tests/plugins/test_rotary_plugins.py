@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qvl_pipeline.slots.base import SelfTestError
+from qvl_pipeline.slots.base import NoOptions, SelfTestError
 from qvl_plugins.rotary.cached import CachedRotary
 from qvl_plugins.rotary.reference import ReferenceRotary
-from tests.conftest import make_profile
+from tests.conftest import AMPERE, make_facts
 
-HW = make_profile()
-REF = ReferenceRotary(HW)
+FACTS = make_facts()
+REF = ReferenceRotary(FACTS)
 SECTION = (24, 20, 20)
 TEXT_INV = 1.0 / (5e6 ** (torch.arange(0, 128, 2).float() / 128))     # Qwen3-VL decoder: head_dim 128
 VISION_INV = 1.0 / (10000 ** (torch.arange(0, 32, 2).float() / 32))   # vision: head_dim 64 -> 16 per axis
@@ -21,7 +21,7 @@ VISION_INV = 1.0 / (10000 ** (torch.arange(0, 32, 2).float() / 32))   # vision: 
 def test_text_tables_bit_equal(top):
     gen = torch.Generator().manual_seed(top)
     pos = torch.randint(0, top, (3, 2, 33), generator=gen)
-    rotary = CachedRotary(HW)
+    rotary = CachedRotary(FACTS)
     got, want = rotary.text_tables(pos, TEXT_INV, SECTION), REF.text_tables(pos, TEXT_INV, SECTION)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape == (2, 33, 128) and g.dtype == torch.float32
@@ -29,7 +29,7 @@ def test_text_tables_bit_equal(top):
 
 
 def test_decode_steps_bit_equal_while_the_table_grows():
-    rotary = CachedRotary(HW)
+    rotary = CachedRotary(FACTS)
     for p in [*range(0, 300, 13), 511, 512, 1025]:
         pos = torch.full((3, 1, 1), p)
         for g, w in zip(rotary.text_tables(pos, TEXT_INV, SECTION), REF.text_tables(pos, TEXT_INV, SECTION),
@@ -39,7 +39,7 @@ def test_decode_steps_bit_equal_while_the_table_grows():
 
 def test_vision_tables_bit_equal():
     pos = torch.randint(0, 48, (300, 2), generator=torch.Generator().manual_seed(2))
-    for g, w in zip(CachedRotary(HW).vision_tables(pos, VISION_INV), REF.vision_tables(pos, VISION_INV),
+    for g, w in zip(CachedRotary(FACTS).vision_tables(pos, VISION_INV), REF.vision_tables(pos, VISION_INV),
                     strict=True):
         assert g.shape == w.shape == (300, 64)
         assert torch.equal(g, w)
@@ -51,14 +51,14 @@ def test_apply_equals_reference(dtype, upcast):
     gen = torch.Generator().manual_seed(3)
     q, k = torch.randn(1, 4, 6, 128, generator=gen).to(dtype), torch.randn(1, 2, 6, 128, generator=gen).to(dtype)
     cos, sin = REF.text_tables(torch.arange(6).expand(3, 1, 6), TEXT_INV, SECTION)
-    got = CachedRotary(HW).apply(q, k, cos[:, None], sin[:, None], upcast=upcast)
+    got = CachedRotary(FACTS).apply(q, k, cos[:, None], sin[:, None], upcast=upcast)
     want = REF.apply(q, k, cos[:, None], sin[:, None], upcast=upcast)
     for g, w in zip(got, want, strict=True):
         assert g.dtype == dtype and torch.equal(g, w)
 
 
 def test_tables_are_built_once_per_inv_freq_and_grow_by_doubling():
-    rotary = CachedRotary(HW)
+    rotary = CachedRotary(FACTS)
     rotary.text_tables(torch.zeros(3, 1, 4, dtype=torch.long), TEXT_INV, SECTION)
     (table,) = rotary._tables
     assert table.cos.shape == (256, 64)                    # MIN_POSITIONS
@@ -76,7 +76,7 @@ def test_tables_are_built_once_per_inv_freq_and_grow_by_doubling():
 
 def test_in_place_change_of_inv_freq_rebuilds_the_table():
     inv = TEXT_INV.clone()
-    rotary = CachedRotary(HW)
+    rotary = CachedRotary(FACTS)
     pos = torch.arange(5).expand(3, 1, 5)
     rotary.text_tables(pos, inv, SECTION)
     inv.mul_(0.5)
@@ -85,8 +85,10 @@ def test_in_place_change_of_inv_freq_rebuilds_the_table():
 
 
 def test_self_test_passes_and_validate_is_empty():
-    CachedRotary(HW).self_test()
-    assert CachedRotary.validate(HW, {}) == []
+    CachedRotary(FACTS).self_test(REF)
+    for facts in (FACTS, make_facts(gpu=AMPERE, stored_dtype="bfloat16")):
+        assert CachedRotary.validate(facts, NoOptions()) == []
+        assert ReferenceRotary.validate(facts, NoOptions()) == []
 
 
 class OffByOneRotary(CachedRotary):
@@ -106,4 +108,4 @@ class StaleTableRotary(CachedRotary):
 @pytest.mark.parametrize("faulty", [OffByOneRotary, StaleTableRotary])
 def test_faulty_rotary_fails_self_test(faulty):
     with pytest.raises(SelfTestError, match="relative error"):
-        faulty(HW).self_test()
+        faulty(FACTS).self_test(REF)
