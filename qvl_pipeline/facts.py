@@ -104,7 +104,7 @@ def context_budget(model: ModelFacts, hardware: HardwareProfile, *, requested: i
     positions = int(KV_RAM_SHARE * spare // per_position) // CONTEXT_STEP * CONTEXT_STEP
     positions = min(limit, max(MIN_CONTEXT, positions))
     return ContextFacts(positions, f"{KV_RAM_SHARE:.0%} of the {spare / GIB:.1f} GiB of RAM left after the weights "
-                                   f"at {per_position / 1024:.0f} KiB per position (model maximum {limit}); "
+                                   f"at {per_position / 1024:.1f} KiB per position (model maximum {limit}); "
                                    "the cache grows on demand up to it")
 
 

@@ -31,3 +31,18 @@ PASCAL = GpuFacts(name="NVIDIA GeForce MX250", compute_capability=(6, 1), vram_g
 PASCAL_NO_KERNELS = GpuFacts(name="NVIDIA GeForce MX250", compute_capability=(6, 1), vram_gb=2.0,
                              torch_has_kernels=False)
 AMPERE = GpuFacts(name="NVIDIA GeForce RTX 3060", compute_capability=(8, 6), vram_gb=12.0, torch_has_kernels=True)
+
+
+def write_tiny_checkpoint(layers: int = 2, max_position_embeddings: int = 4096, seed: int = 1, **text: object):
+    """A complete Hugging Face checkpoint folder (weights, config.json, tokenizer, processor configs) of the tiny
+    demo architecture with `layers` decoder layers; returns its path."""
+    import copy
+
+    from qvl_pipeline.config.load import load_config
+    from qvl_pipeline.model.config import ModelConfig
+    from qvl_pipeline.model.qwen3_vl import skeleton
+    from qvl_pipeline.runtime.demo import ensure_demo_checkpoint
+
+    hf = copy.deepcopy(load_config([]).model.hf_config)
+    hf["text_config"].update(num_hidden_layers=layers, max_position_embeddings=max_position_embeddings, **text)
+    return ensure_demo_checkpoint(hf, seed, lambda cfg: skeleton(ModelConfig.from_hf_dict(cfg)))

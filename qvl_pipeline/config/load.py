@@ -13,13 +13,15 @@ from qvl_pipeline.config.schema import RootConfig, register_schemas
 from qvl_pipeline.errors import ConfigError
 
 CONFIG_MODULE = "qvl_pipeline.conf"
-_PLUGIN_OPTION = re.compile(r"^(attention|rotary|kernels|memory|kv_cache)\.options\.[A-Za-z_]\w*\.[A-Za-z_]\w*=")
+_SLOT = "(attention|rotary|kernels|memory|kv_cache)"
+_OPEN_KEYS = re.compile(rf"^({_SLOT}\.options\.[A-Za-z_]\w*\.[A-Za-z_]\w*|hardware\.chains\.{_SLOT})=")
 
 
 def open_option_overrides(overrides: Sequence[str]) -> list[str]:
-    """Plugin options are an open namespace (`attention.options.chunked.chunk_size=512` for any plugin, built-in
-    or third-party): such overrides get Hydra's add-or-override prefix `++`, so nobody has to type it."""
-    return [f"++{o}" if _PLUGIN_OPTION.match(o) else o for o in overrides]
+    """Plugin options (`attention.options.chunked.chunk_size=512`, any plugin, built-in or third-party) and a
+    profile's per-slot chains (`hardware.chains.attention=[sdpa,eager]`) are open namespaces: such overrides get
+    Hydra's add-or-override prefix `++`, so nobody has to type it."""
+    return [f"++{o}" if _OPEN_KEYS.match(o) else o for o in overrides]
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:

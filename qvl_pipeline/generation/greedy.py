@@ -39,7 +39,7 @@ def greedy_generate(model: Qwen3VL, input_ids: torch.Tensor, pixel_values: torch
     eos = set(eos_token_ids)
     fused = model.prepare(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
     shape = model.cache_shape(batch=1, max_len=input_ids.shape[1] + max_new_tokens)
-    cache = cache_backend.create(shape, model.dtype, model.device)
+    cache = cache_backend.create(shape, model.dtype, model.layer_devices())
 
     logits = prefill(model, fused, cache)                                 # [1, vocab]
     tokens: list[int] = []

@@ -74,6 +74,10 @@ class Qwen3VL(nn.Module):
         """Where requests start: the token embeddings' device."""
         return self.model.language_model.embed_tokens.weight.device
 
+    def layer_devices(self) -> tuple[torch.device, ...]:
+        """The device each decoder layer computes on (where its KV cache belongs)."""
+        return tuple(layer.input_layernorm.weight.device for layer in self.model.language_model.layers)
+
     def cache_shape(self, batch: int, max_len: int) -> CacheShape:
         """The KV cache this model needs for `batch` sequences of up to `max_len` positions."""
         t = self.config.text

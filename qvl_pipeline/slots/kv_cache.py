@@ -51,6 +51,12 @@ class KVCache:
         raise NotImplementedError
 
 
+def check_devices(shape: CacheShape, devices: Sequence[torch.device | str]) -> None:
+    """One device per layer, or a ValueError naming both counts."""
+    if len(devices) != shape.layers:
+        raise ValueError(f"a KV cache of {shape.layers} layers needs one device per layer, got {len(devices)}")
+
+
 class KVCacheBackend(Plugin):
     """Creates KVCache objects for requests; layer i's buffers live on devices[i]."""
 

@@ -37,6 +37,8 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 def check_close(what: str, got: torch.Tensor, want: torch.Tensor, fidelity: Fidelity,
                 dtype: torch.dtype = torch.float32) -> float:
     """Raise SelfTestError naming `what` and the measured error when it exceeds the fidelity's tolerance."""
+    if got.shape != want.shape:
+        raise SelfTestError(f"{what}: shape {tuple(got.shape)} differs from the reference's {tuple(want.shape)}")
     err = relative_error(got, want)
     limit = tolerance(fidelity, dtype)
     if not err <= limit:      # also catches NaN

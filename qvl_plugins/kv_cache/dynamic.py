@@ -9,7 +9,7 @@ import torch
 
 from qvl_pipeline.slots import Fidelity, Plugin
 from qvl_pipeline.slots.checks import check_kv_cache
-from qvl_pipeline.slots.kv_cache import CacheShape, KVCache, KVCacheBackend
+from qvl_pipeline.slots.kv_cache import CacheShape, KVCache, KVCacheBackend, check_devices
 from qvl_plugins.kv_cache.capacity import check_capacity
 
 
@@ -18,6 +18,7 @@ class DynamicKVCache(KVCache):
 
     def __init__(self, shape: CacheShape, dtype: torch.dtype, devices: Sequence[torch.device | str],
                  initial_len: int) -> None:
+        check_devices(shape, devices)
         self.shape, self.dtype, self.devices = shape, dtype, tuple(torch.device(d) for d in devices)
         self.initial_len = initial_len
         self.keys: list[torch.Tensor | None] = [None] * shape.layers     # each [batch, kv_heads, capacity, d]

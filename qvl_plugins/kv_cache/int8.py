@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from qvl_pipeline.slots import Fidelity
-from qvl_pipeline.slots.kv_cache import CacheShape, KVCache, KVCacheBackend
+from qvl_pipeline.slots.kv_cache import CacheShape, KVCache, KVCacheBackend, check_devices
 from qvl_plugins.kv_cache.capacity import check_capacity
 from qvl_plugins.kv_cache.static import grown
 
@@ -24,6 +24,7 @@ class Int8KVCacheStore(KVCache):
     """Preallocated int8 buffers [batch, kv_heads, max_len, d] plus scales [batch, kv_heads, max_len, 1]."""
 
     def __init__(self, shape: CacheShape, dtype: torch.dtype, devices: Sequence[torch.device | str]) -> None:
+        check_devices(shape, devices)
         self.shape, self.dtype = shape, dtype
         size = (shape.batch, shape.kv_heads, shape.max_len, shape.head_dim)
         scale_size = (shape.batch, shape.kv_heads, shape.max_len, 1)

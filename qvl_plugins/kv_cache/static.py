@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 
 from qvl_pipeline.slots import Fidelity
-from qvl_pipeline.slots.kv_cache import CacheShape, KVCache, KVCacheBackend
+from qvl_pipeline.slots.kv_cache import CacheShape, KVCache, KVCacheBackend, check_devices
 from qvl_plugins.kv_cache.capacity import check_capacity
 
 
@@ -23,6 +23,7 @@ def grown(buffer: torch.Tensor, max_len: int, keep: int) -> torch.Tensor:
 
 class StaticKVCache(KVCache):
     def __init__(self, shape: CacheShape, dtype: torch.dtype, devices: Sequence[torch.device | str]) -> None:
+        check_devices(shape, devices)
         self.shape = shape
         size = (shape.batch, shape.kv_heads, shape.max_len, shape.head_dim)
         self.keys = [torch.zeros(size, dtype=dtype, device=device) for device in devices]

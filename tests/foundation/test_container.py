@@ -1,30 +1,119 @@
-"""Container wiring: config enters once, stages share the resolved plugins, tests swap parts by override."""
+"""The composition root: the container builds what runs, `.override()` changes what runs, facts come from the
+checkpoint that is loaded, and each part lives where its plan says."""
 
 from __future__ import annotations
 
-from qvl_pipeline.config.load import compose_config, to_plain
+import pytest
+import torch
+from dependency_injector import providers
+
+from qvl_pipeline.config.load import load_config
 from qvl_pipeline.container import make_container
+from qvl_pipeline.model.fusion import FeatureCache
+from qvl_pipeline.plan import render_plan
 from qvl_pipeline.registry import PluginRegistry
-from tests.conftest import make_profile
+from qvl_pipeline.runtime.assembly import KVCaches, LoadedModel
+from qvl_pipeline.slots import Placement
+from qvl_plugins.attention.eager import EagerAttention
+from qvl_plugins.kv_cache.static import StaticCache
+from tests.conftest import make_facts, write_tiny_checkpoint
 from tests.foundation.fakes import FAKES
 
-
-def test_stages_share_the_resolved_singletons():
-    container = make_container(to_plain(compose_config(["opt=minimal"])))
-    vision_attention = container.vision.attention()
-    assert vision_attention is container.decoder.attention() is container.core.attention()
-    assert vision_attention.name == "eager"
-    assert container.decoder.kv_cache().name == "static"
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+QUICK = ["progress=false", "generate.max_new_tokens=3", "opt=minimal"]
 
 
-def test_override_hardware_and_registry():
-    container = make_container(to_plain(compose_config(["opt=moderate"])))
+class CountingAttention(EagerAttention):
+    """Eager attention that counts its calls (to prove which plugin a run executed)."""
+
+    calls = 0
+
+    def attend(self, q, k, v, *, causal, scale):
+        CountingAttention.calls += 1
+        return super().attend(q, k, v, causal=causal, scale=scale)
+
+
+def test_the_stages_share_the_resolved_plugins_through_their_guards():
+    container = make_container(load_config(["opt=minimal"]))
+    assert container.core.attention().name == "eager" and container.core.kv_cache().name == "static"
+    pipe = container.pipeline()
+    layer = pipe.model.model.language_model.layers[0].self_attn
+    assert layer._attention is container.core.attention_guard()
+    assert pipe.model.model.visual.blocks[0].attn._attention is container.core.attention_guard()
+
+
+def test_overriding_a_slot_changes_what_the_run_executes():
+    container = make_container(load_config(QUICK))
+    counting = CountingAttention(container.core.facts(), name="counting")
+    container.core.attention.override(providers.Object(counting))
+    CountingAttention.calls = 0
+    pipe = container.pipeline()
+    pipe.generate("Say hello.")
+    assert CountingAttention.calls > 0
+
+
+def test_overriding_the_registry_changes_what_the_chain_picks():
+    container = make_container(load_config([*QUICK, "opt=moderate", "hardware.chains.attention=[good,eager]"]))
     registry = PluginRegistry(discover=None)
     registry.register("attention", "good", FAKES["good"])
     container.core.registry.override(registry)
-    container.core.prober.override(lambda path, measure: (make_profile(name="probed"), []))
-    container.core.hardware_report.reset()
-    hw = container.core.hardware()
-    assert hw.cpu.model == "test cpu"
-    container.config.attention.choice.from_value("good")
-    assert container.decoder.attention().name == "good"
+    pipe = container.pipeline()
+    assert pipe.plan["slots"]["attention"]["chosen"] == "good"
+
+
+def test_overriding_a_part_changes_what_the_run_executes():
+    container = make_container(load_config(QUICK))
+    cache = FeatureCache(4)
+    container.features.cache.override(providers.Object(cache))
+    pipe = container.pipeline()
+    pipe.generate("What is it?", pipe.demo_images())
+    assert pipe.model.feature_cache is cache and len(cache) == 1
+
+
+def test_facts_and_plan_come_from_the_checkpoint_not_the_preset():
+    folder = write_tiny_checkpoint(layers=2)
+    container = make_container(load_config([f"model.path={folder}", "progress=false"]))
+    facts = container.core.facts()
+    assert facts.model.config.text.num_hidden_layers == 2          # the tiny preset says 4
+    plan = container.core.plan().to_dict()
+    assert plan["model"]["parameters"]["decoder_layers"] == 2
+    assert f"checkpoint {folder}" in render_plan(plan) and "2 decoder layers" in render_plan(plan)
+
+
+def test_chat_cache_is_not_max_position_embeddings():
+    from qvl_pipeline.runtime.pipeline import Conversation
+
+    folder = write_tiny_checkpoint(layers=2, max_position_embeddings=262144)
+    pipe = make_container(load_config([f"model.path={folder}", *QUICK])).pipeline()
+    conversation = Conversation()
+    pipe.chat_turn(conversation, "Hello there.")
+    assert conversation.cache is not None and conversation.cache.shape.max_len <= 1024
+    long_turn = " ".join(["word"] * 1500)
+    pipe.chat_turn(conversation, long_turn)                            # grows on demand, keeps the prefix
+    assert 1024 < conversation.cache.shape.max_len <= pipe.facts.context.positions
+
+
+def test_context_budget_for_2b_on_a_16_gb_laptop_is_far_below_max_position_embeddings():
+    from qvl_pipeline.facts import ModelFacts, context_budget
+    from qvl_pipeline.model.config import ModelConfig
+
+    hf = load_config(["model=qwen3_vl_2b"]).model.hf_config
+    model = ModelFacts(ModelConfig.from_hf_dict(hf), hf, "bfloat16", "preset")
+    laptop = make_facts(ram_gb=16.0).hardware
+    context = context_budget(model, laptop, requested=None, profile_budget=None)
+    assert model.kv_bytes_per_position == 2 * 28 * 8 * 128 * 2
+    # 25% of (16 GiB - 3.96 GiB of weights) at 112 KiB per position: ~28k positions, not 262,144 (28 GiB)
+    assert 16384 <= context.positions <= 32768 and context.positions * model.kv_bytes_per_position < 4 * 1024**3
+    assert context_budget(model, laptop, requested=8192, profile_budget=None).positions == 8192
+    assert context_budget(model, laptop, requested=None, profile_budget=4096).positions == 4096
+
+
+def test_each_layers_kv_cache_lives_where_the_layer_computes():
+    facts = make_facts()
+    model = torch.nn.Module()
+    model.cache_shape = lambda batch, max_len: __import__("qvl_pipeline.slots", fromlist=["CacheShape"]).CacheShape(
+        layers=2, batch=batch, kv_heads=2, head_dim=4, max_len=max_len)
+    model.dtype = torch.float32
+    loaded = LoadedModel(model, None, Placement("cpu", "cpu", "cpu", ("cpu", "meta")), 0.0)
+    cache = KVCaches(StaticCache(facts), loaded).create(8)
+    assert cache.keys[0].device.type == "cpu" and cache.keys[1].device.type == "meta"

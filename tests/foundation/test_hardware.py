@@ -8,18 +8,22 @@ import re
 import pytest
 import yaml
 
-from qvl_pipeline.config.load import compose_config, to_plain
+import dataclasses
+
+from qvl_pipeline.config.load import load_config
 from qvl_pipeline.container import make_container
 from qvl_pipeline.errors import ConfigError
 from qvl_pipeline.hardware.build import build_hardware
 from qvl_pipeline.hardware.effective import emulation_env, reconcile
 from qvl_pipeline.hardware.probe import probe_machine, read_cpuinfo, torch_has_kernels_for
 from qvl_pipeline.hardware.profile import ProfileError, profile_from_dict
-from qvl_pipeline.plan import build_plan, render_plan
+from qvl_pipeline.hardware.chains import cpu_chains, derive_chains
+from qvl_pipeline.plan import render_plan
 from qvl_pipeline.tasks.probe import probe_yaml
 from tests.conftest import PASCAL, make_profile
 
-I5 = to_plain(compose_config(["hardware=i5_sm61_nvme"]))["hardware"]
+I5 = dataclasses.asdict(load_config(["hardware=i5_sm61_nvme"]).hardware)
+AUTO = dataclasses.asdict(load_config([]).hardware)
 
 
 def profile_dict():
@@ -66,7 +70,7 @@ def test_torch_kernel_detection_from_arch_list(cap, arch, ok):
 
 
 def test_probe_output_round_trips_as_a_profile():
-    report = build_hardware(to_plain(compose_config([]))["hardware"], probe_machine)
+    report = build_hardware(AUTO, probe_machine)
     text = probe_yaml(report.profile.to_dict(), I5["chains"], I5["budgets"], report.notes)
     assert text.startswith("# ")
     parsed = profile_from_dict(yaml.safe_load(text))
@@ -74,30 +78,44 @@ def test_probe_output_round_trips_as_a_profile():
     assert parsed.chains == {k: tuple(v) for k, v in I5["chains"].items()}
 
 
-def test_probe_output_is_usable_by_name(tmp_path):
-    report = build_hardware(to_plain(compose_config([]))["hardware"], probe_machine)
-    (tmp_path / "hardware").mkdir()
-    (tmp_path / "hardware" / "my_machine.yaml").write_text(
+def test_probe_output_is_usable_by_name_from_the_users_conf(tmp_path, monkeypatch):
+    report = build_hardware(AUTO, probe_machine)
+    (tmp_path / "conf" / "hardware").mkdir(parents=True)
+    (tmp_path / "conf" / "hardware" / "my_machine.yaml").write_text(
         probe_yaml(report.profile.to_dict(), I5["chains"], I5["budgets"], []))
-    plain = to_plain(compose_config([f"hydra.searchpath=[file://{tmp_path}]", "hardware=my_machine"]))
-    plan = make_container(plain).core.resolver().plan()
+    monkeypatch.chdir(tmp_path)           # conf/ in the current folder is on the search path
+    plan = make_container(load_config(["hardware=my_machine"])).core.resolver().plan()
     assert plan["memory"]["chosen"] == "cpu"
 
 
-def test_i5_profile_without_cuda_falls_back_to_cpu_and_says_so():
-    plain = to_plain(compose_config(["hardware=i5_sm61_nvme", "opt=moderate"]))
-    container = make_container(plain)
+def test_auto_chains_come_from_the_probed_facts():
+    avx2 = make_profile(isa=("sse4_2", "avx", "avx2", "fma"))
+    bf16 = make_profile(isa=("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16"))
+    assert derive_chains(avx2)["kernels"][-2:] == ("fp32_compute", "torch_native")      # bf16 slow: fp32 first
+    assert derive_chains(bf16)["kernels"][-2:] == ("torch_native", "fp32_compute")      # native bf16 first
+    for hw in (avx2, bf16):
+        assert derive_chains(hw)["kernels"].index("int8_weight_only") < derive_chains(hw)["kernels"].index(
+            "fp32_compute")
+        assert derive_chains(hw)["attention"][0] == "sdpa"
+    assert derive_chains(make_profile(gpu=PASCAL))["attention"][0] == "sdpa_mem_efficient"
+    container = make_container(load_config(["hardware=auto"]))
+    container.core.prober.override(lambda path, measure: (avx2, []))
+    assert container.core.hardware_report().profile.chains == derive_chains(avx2)
+
+
+def test_i5_profile_without_cuda_uses_the_cpu_order_and_says_so():
+    container = make_container(load_config(["hardware=i5_sm61_nvme", "opt=moderate"]))
     container.core.prober.override(lambda path, measure: (make_profile(name="probed"), []))
     report = container.core.hardware_report()
     assert report.profile.gpu is None
     assert any("no CUDA GPU" in d for d in report.differences)
-    plan = build_plan(plain, report, container.core.resolver())
+    assert report.profile.chains == cpu_chains(report.profile)
+    plan = container.core.plan().to_dict()
     assert plan["slots"]["memory"]["chosen"] == "cpu"
-    assert plan["slots"]["attention"]["chosen"] not in ("sdpa_mem_efficient",)
-    rejected = {r["plugin"]: r["reasons"][0] for r in plan["slots"]["memory"]["rejected"]}
-    assert "needs a CUDA GPU" in rejected["cuda_partial"]
+    # the profile lists [sdpa_mem_efficient, chunked, sdpa, eager] for its GPU; on the CPU sdpa is fastest
+    assert plan["slots"]["attention"]["chosen"] == "sdpa"
     text = render_plan(plan)
-    assert "no CUDA GPU usable by torch" in text and "rejected cuda_partial" in text
+    assert "no CUDA GPU usable by torch" in text and "give way to this CPU's" in text
 
 
 def test_i5_profile_on_a_pascal_box_keeps_the_gpu():

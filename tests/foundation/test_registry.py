@@ -7,39 +7,60 @@ import sys
 import pytest
 
 from qvl_pipeline.errors import PluginError
-from qvl_pipeline.registry import BUILTIN, PluginRegistry
+from qvl_pipeline.registry import BUILTIN, SLOT_NAMES, Discovered, PluginRegistry
 from qvl_pipeline.slots import SLOTS, AttentionBackend
+
+
+def test_slot_names_are_the_interfaces():
+    assert tuple(SLOTS) == SLOT_NAMES
 
 
 def test_builtin_plugins_import_lazily():
     sys.modules.pop("qvl_plugins.attention.sdpa", None)
     reg = PluginRegistry(discover=None)
     assert "qvl_plugins.attention.sdpa" not in sys.modules
-    cls = reg.load("attention", "sdpa")
+    spec = reg.load("attention", "sdpa")
     assert "qvl_plugins.attention.sdpa" in sys.modules
-    assert issubclass(cls, AttentionBackend) and cls.name == "sdpa"
+    assert issubclass(spec.cls, AttentionBackend) and spec.name == "sdpa"
 
 
-def test_every_builtin_loads_and_matches_its_slot():
+def test_every_builtin_loads_matches_its_slot_and_declares_fidelity_and_summary():
     reg = PluginRegistry(discover=None)
     for slot, names in BUILTIN.items():
         for name in names:
-            cls = reg.load(slot, name)
-            assert issubclass(cls, SLOTS[slot]) and cls.name == name and cls.summary
+            spec = reg.load(slot, name)
+            assert issubclass(spec.cls, SLOTS[slot]) and spec.name == name and spec.cls.summary
+            assert "fidelity" in {k for c in spec.cls.__mro__ for k in vars(c)}
+            assert spec.origin.endswith("(built-in)")
 
 
-def test_entry_point_plugins_are_selectable_like_builtins():
-    reg = PluginRegistry(discover=lambda: {"attention": {"third_party": "qvl_plugins.attention.eager:EagerAttention"}})
+def test_one_class_under_two_names_is_not_subclassed():
+    reg = PluginRegistry(builtin={}, discover=None)
+    from qvl_plugins.attention.eager import EagerAttention
+
+    reg.register("attention", "a", EagerAttention)
+    reg.register("attention", "b", EagerAttention)
+    assert reg.load("attention", "a").cls is reg.load("attention", "b").cls is EagerAttention
+
+
+def discovered(*items):
+    return lambda: [Discovered(*item, "thirdparty-pkg 1.2") for item in items]
+
+
+def test_entry_point_plugins_are_selectable_like_builtins_and_name_their_package():
+    reg = PluginRegistry(discover=discovered(("attention", "third_party", "qvl_plugins.attention.eager:EagerAttention")))
     assert "third_party" in reg.names("attention")
     assert reg.load("attention", "third_party").name == "third_party"
-    assert reg.origin[("attention", "third_party")].startswith("entry point")
+    assert reg.origin("attention", "third_party") == "thirdparty-pkg 1.2"
 
 
-def test_entry_point_cannot_shadow_a_builtin_or_name_a_missing_slot():
-    reg = PluginRegistry(discover=lambda: {"attention": {"eager": "x.y:Z"}, "teleport": {"a": "x:Y"}})
-    assert reg.origin[("attention", "eager")] == "built-in"
+def test_entry_point_cannot_shadow_a_builtin_name_a_missing_slot_or_be_called_auto():
+    reg = PluginRegistry(discover=discovered(("attention", "eager", "x.y:Z"), ("teleport", "a", "x:Y"),
+                                             ("rotary", "auto", "x:Y")))
+    assert reg.origin("attention", "eager").endswith("(built-in)")
     assert any("eager" in p and "taken" in p for p in reg.problems)
     assert any("teleport.a" in p and "names no slot" in p for p in reg.problems)
+    assert any("rotary.auto" in p and "'auto'" in p for p in reg.problems)
 
 
 def test_unknown_plugin_names_the_available_ones():
@@ -48,14 +69,20 @@ def test_unknown_plugin_names_the_available_ones():
     assert "reference" in str(err.value)
 
 
-def test_broken_import_and_wrong_class_are_reported():
+def test_broken_import_wrong_class_and_missing_fidelity_are_reported():
     reg = PluginRegistry(builtin={}, discover=None)
     reg.register("attention", "ghost", "qvl_plugins.attention.ghost:Ghost")
+    reg.register("attention", "raises", "tests.foundation.fake_import_error:Anything")
     reg.register("attention", "wrong", "tests.foundation.fakes:NotAPlugin")
+    reg.register("attention", "nofid", "tests.foundation.fakes:NoFidelity")
     with pytest.raises(PluginError, match="could not be imported"):
         reg.load("attention", "ghost")
+    with pytest.raises(PluginError, match="RuntimeError: libfancy.so"):
+        reg.load("attention", "raises")
     with pytest.raises(PluginError, match="not a subclass of AttentionBackend"):
         reg.load("attention", "wrong")
+    with pytest.raises(PluginError, match="declares no fidelity"):
+        reg.load("attention", "nofid")
 
 
 def test_unknown_slot_is_rejected():

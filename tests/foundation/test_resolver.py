@@ -1,13 +1,17 @@
-"""Selection semantics: explicit choices, chains, fidelity ceilings, self-tests, runtime fallback."""
+"""Selection semantics: explicit choices, chains, fidelity ceilings, self-tests, typed options, runtime fallback."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import pytest
 
-from qvl_pipeline.errors import PluginError
-from qvl_pipeline.registry import PluginRegistry
+from qvl_pipeline.config.schema import SlotConfig
+from qvl_pipeline.errors import ConfigError, PluginError
+from qvl_pipeline.registry import SLOT_NAMES, PluginRegistry
 from qvl_pipeline.resolver import Resolver
-from tests.conftest import PASCAL, make_profile
+from tests.conftest import PASCAL, make_facts
 from tests.foundation.fakes import FAKES, attention_inputs
 
 
@@ -15,21 +19,27 @@ def registry() -> PluginRegistry:
     reg = PluginRegistry(builtin={}, discover=None)
     for name, cls in FAKES.items():
         reg.register("attention", name, cls)
+    reg.register("attention", "chunked", "qvl_plugins.attention.chunked:ChunkedAttention")
     return reg
 
 
-def cfg(choice=None, fidelity="near", self_test=True):
-    return {"opt": {"level": "test", "max_fidelity": fidelity, "self_test": self_test},
-            "attention": {"choice": choice, "options": {}}}
+def opt(fidelity="near", self_test=True):
+    return SimpleNamespace(level="test", max_fidelity=fidelity, self_test=self_test)
 
 
-def resolver(chain, choice=None, gpu=None, **kw) -> Resolver:
-    hw = make_profile(gpu=gpu, chains={"attention": chain})
-    return Resolver(registry(), hw, cfg(choice, **kw))
+def slots(choice=None, options=None):
+    return {slot: SlotConfig(choice=choice if slot == "attention" else None,
+                             options=(options or {}) if slot == "attention" else {}) for slot in SLOT_NAMES}
+
+
+def resolver(chain, choice=None, gpu=None, fidelity="near", self_test=True, options=None) -> Resolver:
+    facts = make_facts(gpu=gpu, chains={"attention": chain})
+    return Resolver(registry(), facts, opt(fidelity, self_test), slots(choice, options))
 
 
 def test_chain_takes_first_usable_and_records_every_rejection():
-    r = resolver(["needs_gpu", "fails_self_test", "approximate", "broken_validate", "missing", "good", "eager"])
+    r = resolver(["needs_gpu", "fails_self_test", "approximate", "broken_validate", "missing", "no_fidelity",
+                  "wrong_layout", "wrong_values", "good", "eager"])
     plugin = r.resolve("attention")
     assert plugin.name == "good"
     rejected = {x.plugin: " ".join(x.reasons) for x in r.decisions["attention"].rejected}
@@ -38,10 +48,15 @@ def test_chain_takes_first_usable_and_records_every_rejection():
     assert "beyond opt=test" in rejected["approximate"]
     assert "validate raised KeyError" in rejected["broken_validate"]
     assert "not installed" in rejected["missing"]
-    assert list(rejected) == ["needs_gpu", "fails_self_test", "approximate", "broken_validate", "missing"]
+    assert "declares no fidelity" in rejected["no_fidelity"]
+    # The default self-test (the slot's public checker against the reference plugin) catches both.
+    assert "self-test failed" in rejected["wrong_layout"] and "shape" in rejected["wrong_layout"]
+    assert "self-test failed" in rejected["wrong_values"] and "relative error" in rejected["wrong_values"]
+    assert list(rejected) == ["needs_gpu", "fails_self_test", "approximate", "broken_validate", "missing",
+                              "no_fidelity", "wrong_layout", "wrong_values"]
 
 
-def test_chain_uses_gpu_entry_when_profile_has_gpu():
+def test_chain_uses_gpu_entry_when_facts_have_a_gpu():
     assert resolver(["needs_gpu", "eager"], gpu=PASCAL).resolve("attention").name == "needs_gpu"
 
 
@@ -63,6 +78,32 @@ def test_minimal_admits_only_reference():
     assert r.resolve("attention").name == "eager"
 
 
+def test_validate_sees_the_models_facts():
+    r = resolver(["needs_gpu", "eager"])
+    assert r.facts.model.config.text.num_hidden_layers == 2       # the tiny example model, not a preset
+
+
+def test_options_are_per_plugin_typed_and_reach_only_their_plugin():
+    r = resolver(["chunked", "eager"], options={"chunked": {"chunk_size": 3}})
+    plugin = r.resolve("attention")
+    assert plugin.name == "chunked" and plugin.options.chunk_size == 3
+    assert r.decisions["attention"].options == {"chunk_size": 3}
+    # the same options are unknown to eager: a chain that picks eager never sees them
+    assert resolver(["eager"], options={"chunked": {"chunk_size": 3}}).resolve("attention").options.__class__.__name__ \
+        == "NoOptions"
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"chunked": {"chunk_sise": 3}}, r"attention\.options\.chunked: unknown option\(s\) \['chunk_sise'\]"),
+    ({"chunked": {"chunk_size": "big"}}, r"attention\.options\.chunked\.chunk_size: expected an integer"),
+    ({"chunked": {"chunk_size": 0}}, r"attention\.options\.chunked: chunk_size must be a positive"),
+    ({"chunkd": {"chunk_size": 3}}, r"attention\.options\.chunkd: there is no attention plugin named 'chunkd'"),
+])
+def test_bad_options_are_config_errors_naming_the_key(options, message):
+    with pytest.raises(ConfigError, match=message):
+        resolver(["chunked", "eager"], options=options).resolve("attention")
+
+
 def test_explicit_invalid_fails_with_reasons():
     with pytest.raises(PluginError) as err:
         resolver(["eager"], choice="needs_gpu").resolve("attention")
@@ -72,6 +113,11 @@ def test_explicit_invalid_fails_with_reasons():
 def test_explicit_failing_self_test_fails_loudly():
     with pytest.raises(PluginError, match="failed its self-test"):
         resolver(["eager"], choice="fails_self_test").resolve("attention")
+
+
+def test_explicit_wrong_layout_fails_loudly():
+    with pytest.raises(PluginError, match="failed its self-test.*shape"):
+        resolver(["eager"], choice="wrong_layout").resolve("attention")
 
 
 def test_explicit_unknown_names_available():
@@ -118,11 +164,12 @@ def test_runtime_failure_of_explicit_choice_is_an_error():
 
 
 def test_missing_chain_is_an_error_naming_the_fix():
-    r = Resolver(registry(), make_profile(chains={}), cfg())
+    facts = make_facts()
+    r = Resolver(registry(), replace(facts, hardware=replace(facts.hardware, chains={})), opt(), slots())
     with pytest.raises(PluginError, match="declares no chain for slot 'attention'"):
         r.resolve("attention")
 
 
 def test_bad_fidelity_level_is_named():
-    with pytest.raises(PluginError, match=r"opt\.max_fidelity='bogus'"):
-        Resolver(registry(), make_profile(chains={}), cfg(fidelity="bogus"))
+    with pytest.raises(ConfigError, match=r"opt\.max_fidelity='bogus'"):
+        Resolver(registry(), make_facts(), opt("bogus"), slots())

@@ -64,7 +64,7 @@ def _huge_image(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(("make_args", "expected"), [
     (lambda t: [f"model.path={t / 'nowhere'}"], "is not a folder"),
     (lambda t: [f"model.path={_bad_checkpoint(t)}"], "not valid JSON"),
-    (lambda t: ["model=qwen3_vl_2b"], "model.path is not set"),
+    (lambda t: ["model=qwen3_vl_2b"], "set model.path to run it"),
     (lambda t: [f"image={t / 'missing.jpg'}"], "missing.jpg"),
     (lambda t: [f"image={(t / 'x.jpg').write_text('no image') and t / 'x.jpg'}"], "x.jpg"),
     (lambda t: [f"image={_huge_image(t)}", "processing.max_image_pixels=1000000"], "max_image_pixels"),

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from qvl_pipeline import Pipeline
+from qvl_pipeline.config.load import load_config
+from qvl_pipeline.container import make_container
 from qvl_pipeline.registry import PluginRegistry
 from tests.foundation.fakes import FAKES
 
@@ -78,11 +80,12 @@ def test_chat_turn_equals_a_fresh_run_of_the_whole_conversation(demo):
 
 
 def test_runtime_failure_falls_back_and_the_request_survives():
-    pipe = Pipeline.from_overrides(["progress=false", "generate.max_new_tokens=4", "opt=moderate",
-                                    "hardware.chains.attention=[crashes_at_run,eager]"])
+    container = make_container(load_config(["progress=false", "generate.max_new_tokens=4", "opt=moderate",
+                                            "hardware.chains.attention=[crashes_at_run,eager]"]))
     registry = PluginRegistry(discover=None)
     registry.register("attention", "crashes_at_run", FAKES["crashes_at_run"])
-    pipe.container.core.registry.override(registry)
+    container.core.registry.override(registry)
+    pipe = Pipeline.from_container(container)
     reference = Pipeline.from_overrides(["progress=false", "generate.max_new_tokens=4", "attention=eager"])
     result = pipe.generate("Describe.")
     assert result["runtime_fallbacks"] and "no kernel image" in result["runtime_fallbacks"][0]
