@@ -37,6 +37,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "fp32_compute": "qvl_plugins.kernels.fp32_compute:Fp32ComputeKernels",
         "fp16_store": "qvl_plugins.kernels.fp16_store:Fp16StoreFp32ComputeKernels",
         "int8_weight_only": "qvl_plugins.kernels.int8_weight_only:Int8WeightOnlyKernels",
+        "int4_weight_only": "qvl_plugins.kernels.int4_weight_only:Int4WeightOnlyKernels",
     },
     "memory": {
         "cpu": "qvl_plugins.memory.cpu:CpuMemory",

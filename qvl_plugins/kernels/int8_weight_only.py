@@ -1,97 +1,60 @@
-"""Weight-only int8: per-output-channel symmetric int8 weights, activations stay in the compute dtype."""
+"""Weight-only int8: per-output-channel symmetric int8 weights, activations stay in the compute dtype.
+
+The plugin is a thin wrapper: the layer is `Int8Linear` (int8_linear.py), quantisation is streamed
+(quantize.py), and the model-wide swap with its disk cache is `quantize_model` (quantized_model.py).
+"""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from qvl_pipeline.checkpoint.quant_cache import default_cache_dir
 from qvl_pipeline.slots import Fidelity, Plugin, RunFacts
 from qvl_pipeline.slots.checks import check_kernels
 from qvl_pipeline.slots.kernels import KernelsBackend
 from qvl_pipeline.slots.selftest import self_test_devices
+from qvl_plugins.kernels.int8_linear import Int8Linear
+from qvl_plugins.kernels.quantize import quantize_int8_rows
+from qvl_plugins.kernels.quantized_model import CacheBinding, Int8Format, find_targets, quantize_model
 
-# ATen's CPU int8 × bf16 GEMV kernel (torch ≥ 2.4): AVX2/AVX-512 vector code, scalar elsewhere. Its vector loops
-# use aligned 16-element loads and do not check shapes: only in_features % 16 == 0 is safe.
-_INT8PACK_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
-PACK_ALIGN = 16
-# On CPU the dequant path widens the int8 weight this many elements at a time (4 MB in fp32): widening it whole
-# allocates and streams a full-size copy per call, measured ~8x slower at batch 1 (41 ms vs 4.6 ms, 2048x6144).
-CPU_DEQUANT_BLOCK = 1 << 20
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+__all__ = ["Int8Linear", "Int8Options", "Int8WeightOnlyKernels", "QuantizableLinear", "quantize_per_channel"]
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [out, in] -> (int8 [out, in], fp32 scale [out]) with weight ≈ int8 · scale[:, None]."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.contiguous(), scale
+    return quantize_int8_rows(weight.detach())
 
 
 class QuantizableLinear(nn.Linear):
-    """A plain nn.Linear ({weight, bias}, so checkpoints load) that prepare() will turn into Int8Linear."""
+    """A plain nn.Linear ({weight, bias}, so checkpoints load) that prepare() turns into a quantised layer."""
 
 
-class Int8Linear(nn.Module):
-    """y = (x · w_int8ᵀ) · scale + bias. Buffers weight_int8 [out, in], weight_scale [out] fp32; bias as loaded.
-
-    Kernel, chosen when the weights are set or moved (never per call): on CPU with a SIMD int8 path and
-    in_features % 16 == 0, up to `pack_max_rows` rows go through ATen's int8 GEMV (activations rounded to bf16,
-    fp32 accumulation); everything else multiplies by the int8 weight cast to the activations' dtype, block by
-    block of output rows on CPU, whole on a GPU.
-    """
-
-    def __init__(self, source: nn.Linear, *, pack_cpu: bool, pack_max_rows: int) -> None:
-        super().__init__()
-        self.in_features, self.out_features = source.in_features, source.out_features
-        q, scale = quantize_per_channel(source.weight)
-        self.register_buffer("weight_int8", q)
-        self.register_buffer("weight_scale", scale)
-        self.bias = source.bias
-        self.pack_cpu = pack_cpu and _INT8PACK_MM is not None and self.in_features % PACK_ALIGN == 0
-        self.pack_max_rows = pack_max_rows
-        self._select_kernel()
-
-    def _select_kernel(self) -> None:
-        """Set the int8 GEMV's unit scales (the fp32 scale is applied after; None: no GEMV) and the number of
-        output rows the dequant path widens at a time."""
-        on_cpu = self.weight_int8.device.type == "cpu"
-        use_pack = self.pack_cpu and on_cpu
-        self._pack_ones: torch.Tensor | None = torch.ones(self.out_features, dtype=torch.bfloat16) if use_pack else None
-        self._dequant_rows = max(1, CPU_DEQUANT_BLOCK // self.in_features) if on_cpu else self.out_features
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Int8Linear:
-        super()._apply(fn, recurse)
-        self._select_kernel()           # a move to another device picks that device's kernel
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:            # x: [..., in] -> [..., out]
-        rows = x.numel() // self.in_features
-        if self._pack_ones is not None and rows <= self.pack_max_rows:
-            a = x.reshape(rows, self.in_features).to(torch.bfloat16, copy=True)   # fresh, hence aligned
-            y = _INT8PACK_MM(a, self.weight_int8, self._pack_ones).to(x.dtype).view(*x.shape[:-1], -1)
-        else:
-            y = x.new_empty(*x.shape[:-1], self.out_features)
-            for start in range(0, self.out_features, self._dequant_rows):
-                block = self.weight_int8[start:start + self._dequant_rows]                 # [rows, in] int8
-                y[..., start:start + block.shape[0]] = F.linear(x, block.to(x.dtype))
-        y = y * self.weight_scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        kernel = "int8pack_mm" if self._pack_ones is not None else "dequant"
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, kernel={kernel}"
+def cache_binding(facts: RunFacts, enabled: bool, cache_dir: str) -> CacheBinding | None:
+    """Where the run's checkpoint's quantised weights are cached (None: caching off, or no checkpoint folder)."""
+    folder = facts.model.folder
+    if not enabled or folder is None:
+        return None
+    try:
+        return CacheBinding.for_checkpoint(folder, cache_dir or default_cache_dir())
+    except Exception as exc:           # a checkpoint the loader accepted but the cache cannot identify: no cache
+        warnings.warn(f"quantised-weight cache unavailable for {folder}: {exc}", stacklevel=2)
+        return None
 
 
 @dataclass(frozen=True)
 class Int8Options:
-    quantize_head: bool = False     # the output head through int8 too (tied heads keep the exact embedding)
+    quantize_head: bool = True      # the output head through int8 too (a tied head gets its own int8 copy; the
+                                    # embedding lookup keeps the exact table)
     pack_max_rows: int = 32         # inputs up to this many rows use the int8 GEMV; larger ones the dequant GEMM
     compute_dtype: str = "float32"  # activations' dtype: float32 | bfloat16 | float16 | stored
+    cache: bool = True              # keep the quantised weights on disk (<cache_dir>/quantized/) for fast restarts
+    cache_dir: str = ""             # "" = $QVL_CACHE_DIR or ~/.cache/qvl_pipeline
 
     def __post_init__(self) -> None:
         if self.compute_dtype != "stored" and self.compute_dtype not in COMPUTE_DTYPES:
@@ -121,20 +84,13 @@ class Int8WeightOnlyKernels(KernelsBackend):
         return stored if self._compute is None else self._compute
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Swap every QuantizableLinear for an Int8Linear under the same name (lm_head only if quantize_head)."""
-        def quantized(module: nn.Module) -> Int8Linear:
-            return Int8Linear(module, pack_cpu=self.pack_cpu, pack_max_rows=self.pack_max_rows)
-
-        if isinstance(model, QuantizableLinear):
-            return quantized(model)
-        for name, module in list(model.named_modules()):
-            if not isinstance(module, QuantizableLinear):
-                continue
-            parent_name, _, child = name.rpartition(".")
-            if child == "lm_head" and not self.quantize_head:
-                continue
-            setattr(model.get_submodule(parent_name), child, quantized(module))
-        return model
+        """Swap every QuantizableLinear for an Int8Linear under the same name, and give the output head (also a
+        tied one) an int8 copy when quantize_head; through the disk cache when the run has a checkpoint folder."""
+        fmt = Int8Format(pack_cpu=self.pack_cpu, pack_max_rows=self.pack_max_rows)
+        targets = find_targets(model, lambda m: isinstance(m, QuantizableLinear), lambda name, m: fmt,
+                               fmt if self.quantize_head else None)
+        binding = cache_binding(self.facts, self.options.cache, self.options.cache_dir) if len(targets) > 1 else None
+        return quantize_model(model, targets, binding)
 
     def self_test(self, reference: Plugin) -> None:
         for device in self_test_devices(self.hw):      # both kernels where the GEMV is selected

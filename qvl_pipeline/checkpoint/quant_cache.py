@@ -1,0 +1,217 @@
+"""On-disk cache of derived (e.g. quantised) weights, so a second start maps them instead of recomputing them.
+
+Layout: `<cache dir>/quantized/<key>/{tensors.safetensors, manifest.json}`. The key hashes the source checkpoint's
+identity (shard names, sizes, mtimes and header bytes), the format's name and parameters, and FORMAT_VERSION. An
+entry is written into a temporary folder and renamed into place, so readers see a complete entry or none; an entry
+that fails its checks (manifest, size, header, expected names/shapes/dtypes) reads as absent and the next store
+replaces it. Tensors are stored 64-byte aligned and read memory-mapped (no copy). Only safetensors, never pickle;
+nothing is ever written into the checkpoint folder. Pure I/O: it knows nothing of plugins or formats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from qvl_pipeline.checkpoint.files import find_weight_files
+
+FORMAT_VERSION = 1                  # of this cache's layout; part of every key
+SUBDIR = "quantized"
+TENSORS_FILE = "tensors.safetensors"
+MANIFEST_FILE = "manifest.json"
+ALIGN = 64                          # byte alignment of every stored tensor (SIMD kernels load aligned vectors)
+PAD_PREFIX = "__pad__."             # filler tensors that keep the next tensor aligned (safetensors allows no holes)
+STALE_TEMP_S = 3600                 # a temporary folder older than this is a crashed writer's and is removed
+SPACE_MARGIN = 1.05                 # free space needed: the entry's size times this
+
+_DTYPES: dict[torch.dtype, str] = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64", torch.int8: "I8",
+    torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL",
+}
+
+Expected = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def default_cache_dir() -> Path:
+    """`$QVL_CACHE_DIR`, else `~/.cache/qvl_pipeline` (the project's cache root; entries go under quantized/)."""
+    return Path(os.environ.get("QVL_CACHE_DIR") or Path.home() / ".cache" / "qvl_pipeline")
+
+
+@dataclass(frozen=True)
+class SourceCheckpoint:
+    """A checkpoint folder's identity and the name -> (safetensors dtype, shape) of every stored tensor."""
+
+    folder: Path
+    fingerprint: str
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]]
+
+    @classmethod
+    def read(cls, folder: str | Path) -> SourceCheckpoint:
+        """Hash the shards' names, sizes, mtimes and header bytes (the data itself is not read)."""
+        files = find_weight_files(folder)
+        parts = []
+        for shard in sorted(files.shards, key=lambda s: s.path.name):
+            stat = shard.path.stat()
+            with shard.path.open("rb") as fh:
+                (header_len,) = struct.unpack("<Q", fh.read(8))
+                header_hash = hashlib.sha256(fh.read(header_len)).hexdigest()
+            parts.append({"name": shard.path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                          "header": header_hash})
+        fingerprint = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        tensors = {name: (info.dtype, tuple(info.shape)) for name, info in files.tensors.items()}
+        return cls(Path(folder), fingerprint, tensors)
+
+
+def cache_key(source_fingerprint: str, fmt: str, params: Mapping[str, Any]) -> str:
+    """The entry name for `fmt` with `params` (JSON-serialisable) derived from the source with that fingerprint."""
+    blob = json.dumps({"source": source_fingerprint, "format": fmt, "params": params, "version": FORMAT_VERSION},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def write_aligned_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
+                              metadata: Mapping[str, str] | None = None) -> int:
+    """Write `tensors` as one safetensors file whose every tensor starts 64-byte aligned; returns its size."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    pieces: list[torch.Tensor | int] = []
+    offset = 0
+    for name, tensor in tensors.items():
+        if name.startswith(PAD_PREFIX):
+            raise ValueError(f"tensor name {name!r} is reserved for padding")
+        if tensor.dtype not in _DTYPES:
+            raise ValueError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
+        if offset % ALIGN:
+            pad = ALIGN - offset % ALIGN
+            header[f"{PAD_PREFIX}{len(pieces)}"] = {"dtype": "U8", "shape": [pad],
+                                                    "data_offsets": [offset, offset + pad]}
+            pieces.append(pad)
+            offset += pad
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        pieces.append(tensor)
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % ALIGN)              # trailing spaces: allowed, and align the data start
+    with path.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for piece in pieces:
+            if isinstance(piece, int):
+                fh.write(bytes(piece))
+            elif piece.numel():
+                data = piece.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                fh.write(memoryview(data.numpy()))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return 8 + len(raw) + offset
+
+
+def read_mapped(path: Path) -> dict[str, torch.Tensor]:
+    """Every (non-padding) tensor of a safetensors file, memory-mapped."""
+    with safe_open(str(path), framework="pt", device="cpu") as reader:
+        return {name: reader.get_tensor(name) for name in reader.keys() if not name.startswith(PAD_PREFIX)}
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return                                          # not possible on every platform; the rename still happened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class QuantCache:
+    """Entries of derived tensors under `<root>/quantized/`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.dir = Path(root).expanduser() / SUBDIR
+
+    def entry(self, key: str) -> Path:
+        return self.dir / key
+
+    def load(self, key: str, expected: Expected | None = None) -> dict[str, torch.Tensor] | None:
+        """The entry's tensors, memory-mapped; None when it is absent, incomplete, corrupt, or (with `expected`)
+        does not hold exactly the expected names with those shapes and dtypes."""
+        folder = self.entry(key)
+        try:
+            manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+            if manifest.get("version") != FORMAT_VERSION or manifest.get("key") != key:
+                return None
+            path = folder / TENSORS_FILE
+            if path.stat().st_size != manifest.get("bytes"):
+                return None
+            tensors = read_mapped(path)
+        except (OSError, ValueError, SafetensorError, AttributeError, TypeError):
+            return None
+        if len(tensors) != manifest.get("tensors"):
+            return None
+        if expected is not None:
+            if set(tensors) != set(expected):
+                return None
+            for name, (shape, dtype) in expected.items():
+                if tuple(tensors[name].shape) != tuple(shape) or tensors[name].dtype != dtype:
+                    return None
+        return tensors
+
+    def store(self, key: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> Path:
+        """Write an entry atomically (temporary folder, then rename) and return its folder. An existing valid
+        entry is kept; an invalid one is replaced. Raises OSError when it cannot be written (e.g. disk full)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temps(key)
+        need = sum(t.numel() * t.element_size() for t in tensors.values()) * SPACE_MARGIN + 2**20
+        free = shutil.disk_usage(self.dir).free
+        if free < need:
+            raise OSError(f"{free / 2**30:.2f} GiB free in {self.dir}, the entry needs {need / 2**30:.2f} GiB")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.dir))
+        final = self.entry(key)
+        try:
+            nbytes = write_aligned_safetensors(tmp / TENSORS_FILE, tensors, {"key": key})
+            manifest = {"version": FORMAT_VERSION, "key": key, "bytes": nbytes, "tensors": len(tensors),
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "meta": dict(meta or {})}
+            with (tmp / MANIFEST_FILE).open("w", encoding="utf-8") as fh:
+                json.dump(manifest, fh, indent=1, default=str)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if final.exists():
+                if self.load(key) is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)     # another process finished first
+                    return final
+                shutil.rmtree(final, ignore_errors=True)       # a damaged entry: replace it
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if self.load(key) is None:                     # not a concurrent writer's complete entry
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+            _fsync_dir(self.dir)
+            return final
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _remove_stale_temps(self, key: str) -> None:
+        now = time.time()
+        for tmp in self.dir.glob(f".{key}.*"):
+            try:
+                if now - tmp.stat().st_mtime > STALE_TEMP_S:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            except OSError:
+                pass

@@ -1,0 +1,163 @@
+"""Int4Linear: a linear layer with group-wise asymmetric 4-bit weights; activations stay in their own dtype."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qvl_plugins.kernels.int8_linear import frozen
+from qvl_plugins.kernels.quantize import (
+    block_rows,
+    dequantize_int4,
+    pack_nibbles,
+    quantize_int4_groups,
+    unpack_nibbles,
+)
+
+# ATen's CPU int4 × bf16 GEMM (torch ≥ 2.6): vector code for AVX2/AVX-512 and bf16 activations (fp32 runs a
+# scalar loop, measured ~40x slower). Its weight layout is tiled over output rows and differs per CPU capability.
+INT4PACK_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+CONVERT_INT4PACK = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+ATEN_GROUP_SIZES = (32, 64, 128, 256)
+ATEN_OUT_MULTIPLE = 16             # the packer's check: out_features divisible by 16
+ATEN_ROW_TILE = 64                 # a multiple of every capability's row tile (64 AVX-512, 32 AVX2)
+PLAIN = "plain"                    # two codes per byte, even input columns in the low nibble
+CPU_DEQUANT_BLOCK = 1 << 20        # weight elements the dequant path widens at a time on CPU
+
+
+def aten_layout() -> str:
+    """Name of the weight layout ATen's CPU int4 kernel uses in this process (it depends on the CPU capability)."""
+    return f"aten_cpu_{torch.backends.cpu.get_cpu_capability().lower()}"
+
+
+def aten_int4_usable(in_features: int, out_features: int, group: int) -> bool:
+    """Whether ATen's CPU int4 kernel exists in this torch and takes this shape and group size."""
+    return (INT4PACK_MM is not None and CONVERT_INT4PACK is not None and group in ATEN_GROUP_SIZES
+            and in_features % group == 0 and out_features % ATEN_OUT_MULTIPLE == 0)
+
+
+def _aten_pack(codes: torch.Tensor) -> torch.Tensor:
+    return CONVERT_INT4PACK(codes.to(torch.int32).contiguous(), 2)              # [rows, in / 2] uint8
+
+
+@cache
+def _aten_permutation(rows: int, in_features: int, layout: str) -> torch.Tensor:
+    """For a block of `rows` rows: index into the row-major codes [rows, in] of each nibble of the packed block
+    (nibbles read low first). Found by packing the bits of the indices through ATen's own packer."""
+    del layout                                               # part of the cache key: the packing depends on it
+    index = torch.arange(rows * in_features, dtype=torch.int64)
+    perm = torch.zeros_like(index)
+    for shift in range(0, max(1, int(index[-1]).bit_length()), 4):
+        codes = ((index >> shift) & 0xF).view(rows, in_features)
+        perm |= unpack_nibbles(_aten_pack(codes)).reshape(-1).to(torch.int64) << shift
+    return perm
+
+
+def aten_to_plain(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """ATen CPU-packed int4 weight [out, in / 2] (this process's layout) -> the plain layout [out, in / 2]."""
+    out_features = packed.shape[0]
+    plain = torch.empty_like(packed)
+    step = block_rows(in_features, ATEN_ROW_TILE, CPU_DEQUANT_BLOCK)
+    for s in range(0, out_features, step):
+        for t in range(s, min(s + step, out_features), ATEN_ROW_TILE):
+            r = min(ATEN_ROW_TILE, out_features - t)
+            nibbles = unpack_nibbles(packed[t:t + r].cpu()).reshape(-1)
+            codes = torch.empty_like(nibbles)
+            codes[_aten_permutation(r, in_features, aten_layout())] = nibbles
+            plain[t:t + r] = pack_nibbles(codes.view(r, in_features)).to(packed.device)
+    return plain
+
+
+class Int4Linear(nn.Module):
+    """y = x · Wᵀ + bias with W[o, i] = (q[o, i] − 8) · scale[g, o] + zero[g, o], g = i // group.
+
+    Frozen parameters weight_int4 [out, in / 2] uint8 (codes, in `layout`) and weight_scale_zero
+    [in / group, out, 2] bf16; bias as given. Kernel, chosen when the weights are set or moved (never per call):
+    on CPU with the ATen layout, ATen's int4 GEMM (activations rounded to bf16, fp32 accumulation, bf16 result);
+    elsewhere the plain codes are widened to the activations' dtype a block of output rows at a time and multiplied.
+    """
+
+    def __init__(self, weight_int4: torch.Tensor, weight_scale_zero: torch.Tensor, bias: torch.Tensor | None, *,
+                 in_features: int, group: int, layout: str) -> None:
+        super().__init__()
+        self.out_features, self.in_features, self.group = weight_int4.shape[0], in_features, group
+        if weight_int4.shape != (self.out_features, in_features // 2):
+            raise ValueError(f"int4 weight {list(weight_int4.shape)} does not hold {in_features} inputs")
+        self.weight_int4 = frozen(weight_int4.contiguous())                       # [out, in / 2] uint8
+        self.weight_scale_zero = frozen(weight_scale_zero.contiguous())           # [in / group, out, 2]
+        self.bias = None if bias is None else frozen(bias)                        # [out]
+        self.layout = layout
+        self._select_kernel()
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, group: int, use_aten: bool,
+                 release_source: bool = False) -> Int4Linear:
+        """From a float weight [out, in], quantised a block of rows at a time; ATen's layout when `use_aten` and
+        the kernel takes this shape, else the plain layout."""
+        out_f, in_f = weight.shape
+        aten = use_aten and aten_int4_usable(in_f, out_f, group)
+        packed, scale_zero = quantize_int4_groups(weight.detach(), group, pack=_aten_pack if aten else pack_nibbles,
+                                                  row_multiple=ATEN_ROW_TILE if aten else 1,
+                                                  release_source=release_source)
+        return cls(packed, scale_zero, bias, in_features=in_f, group=group, layout=aten_layout() if aten else PLAIN)
+
+    def to_plain(self) -> None:
+        """Convert the codes to the plain layout (for a device or process without this ATen layout)."""
+        if self.layout != PLAIN:
+            if self.layout != aten_layout():
+                raise RuntimeError(f"int4 weights packed as {self.layout} cannot be read in a process whose ATen "
+                                   f"layout is {aten_layout()}: quantise again")
+            self.weight_int4 = frozen(aten_to_plain(self.weight_int4.data, self.in_features))
+            self.layout = PLAIN
+
+    def _select_kernel(self) -> None:
+        on_cpu = self.weight_int4.device.type == "cpu"
+        if self.layout != PLAIN and not (on_cpu and self.layout == aten_layout()):
+            self.to_plain()
+        self._aten = self.layout != PLAIN
+        self._dequant_rows = max(1, CPU_DEQUANT_BLOCK // self.in_features) if on_cpu else self.out_features
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Int4Linear:
+        if self.layout != PLAIN:
+            probe = fn(torch.empty(0, dtype=torch.uint8, device=self.weight_int4.device))
+            if probe.device != self.weight_int4.device:
+                self.to_plain()                        # the ATen layout is readable only here: convert first
+        scale_zero = self.weight_scale_zero.detach()       # the parameter's data is swapped in place
+        super()._apply(fn, recurse)
+        if self.weight_scale_zero.dtype != scale_zero.dtype:        # a dtype cast of the model: scales keep theirs
+            self.weight_scale_zero = frozen(scale_zero.to(self.weight_scale_zero.device))
+        self._select_kernel()          # a move to another device picks that device's kernel
+        return self
+
+    @property
+    def kernel(self) -> str:
+        return "int4pack_mm" if self._aten else "dequant"
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the layer multiplies by, [out, in] in `dtype` (for checks; a full-size copy)."""
+        codes = self.weight_int4.data
+        if self.layout != PLAIN:
+            codes = aten_to_plain(codes, self.in_features)
+        return dequantize_int4(unpack_nibbles(codes), self.weight_scale_zero, self.group, slice(None), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:            # x: [..., in] -> [..., out]
+        if self._aten:
+            a = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+            y = INT4PACK_MM(a, self.weight_int4, self.group, self.weight_scale_zero)
+            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        else:
+            y = x.new_empty(*x.shape[:-1], self.out_features)
+            for start in range(0, self.out_features, self._dequant_rows):
+                rows = slice(start, min(start + self._dequant_rows, self.out_features))
+                w = dequantize_int4(unpack_nibbles(self.weight_int4[rows]), self.weight_scale_zero[:, rows],
+                                    self.group, slice(None), x.dtype)                   # [rows, in]
+                y[..., rows] = F.linear(x, w)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, group={self.group}, bias={self.bias is not None}, "
+                f"kernel={self.kernel}")

@@ -1,0 +1,107 @@
+"""Weight-only int4: group-wise asymmetric 4-bit weights (ATen's CPU int4 GEMM), activations stay in their dtype.
+
+The plugin is a thin wrapper: the layer is `Int4Linear` (int4_linear.py), quantisation is streamed
+(quantize.py), and the model-wide swap with its disk cache is `quantize_model` (quantized_model.py). The output
+head (also a tied one) is int8 by default: it is the most error-sensitive layer and a tenth of the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qvl_pipeline.slots import Fidelity, Plugin, RunFacts, SelfTestError
+from qvl_pipeline.slots.checks import prepared_pair
+from qvl_pipeline.slots.kernels import KernelsBackend
+from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, relative_error, self_test_devices
+from qvl_plugins.kernels.int4_linear import ATEN_GROUP_SIZES, INT4PACK_MM, Int4Linear
+from qvl_plugins.kernels.int8_weight_only import COMPUTE_DTYPES, QuantizableLinear, cache_binding
+from qvl_plugins.kernels.quantized_model import Int4Format, Int8Format, LinearFormat, find_targets, quantize_model
+
+# 4-bit weights cannot meet APPROXIMATE's 5e-2 per layer: on Gaussian weights the relative error of a 16-level
+# quantiser per group of 32 is ~0.078 (measured; 64: 0.089, 128: 0.099). The self-test checks the quantisation
+# against this bound and the kernel against the dequantised weights at NEAR.
+INT4_WEIGHT_ERROR = 0.12
+SELF_TEST_SHAPE = (256, 48)        # in_features a multiple of every group size, out_features of 16
+
+
+@dataclass(frozen=True)
+class Int4Options:
+    group_size: Literal[32, 64, 128, 256] = 32   # inputs sharing one scale and zero (smaller: more accurate, 0.5
+                                                 # bit/weight more per halving)
+    head_bits: Literal[4, 8] = 8                 # the output head (also a tied one) in int8 or int4
+    pack_max_rows: int = 32                      # int8 head: rows up to which its GEMV is used
+    compute_dtype: str = "float32"               # activations' dtype: float32 | bfloat16 | float16 | stored
+    cache: bool = True                           # keep the quantised weights on disk for fast restarts
+    cache_dir: str = ""                          # "" = $QVL_CACHE_DIR or ~/.cache/qvl_pipeline
+
+    def __post_init__(self) -> None:
+        if self.group_size not in ATEN_GROUP_SIZES:
+            raise ValueError(f"group_size {self.group_size!r} is not one of {list(ATEN_GROUP_SIZES)}")
+        if self.head_bits not in (4, 8):
+            raise ValueError(f"head_bits {self.head_bits!r} is not 4 or 8")
+        if self.compute_dtype != "stored" and self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype {self.compute_dtype!r} is not one of {[*COMPUTE_DTYPES, 'stored']}")
+
+
+class Int4WeightOnlyKernels(KernelsBackend):
+    fidelity = Fidelity.APPROXIMATE
+    summary = ("int4 weights per group of inputs with a scale and zero each (ATen int4 GEMM on AVX2/AVX-512 CPUs, "
+               "dequantised elsewhere), int8 head: about 1/6 of fp32's bytes per token")
+
+    Options = Int4Options
+
+    def __init__(self, facts: RunFacts, options: Int4Options | None = None, *, name: str = "") -> None:
+        super().__init__(facts, options, name=name)
+        dtype = self.options.compute_dtype
+        self._compute = None if dtype == "stored" else COMPUTE_DTYPES[dtype]
+        # ATen's int4 GEMM is vectorised for AVX2 and AVX-512 only; elsewhere the dequant path is used.
+        self.use_aten = INT4PACK_MM is not None and (self.hw.has_isa("avx2") or self.hw.has_isa("avx512f"))
+        pack_cpu = self.hw.has_isa("avx2") or self.hw.has_isa("avx512f")
+        self._int4 = Int4Format(group=self.options.group_size, use_aten=self.use_aten)
+        self._int8 = Int8Format(pack_cpu=pack_cpu, pack_max_rows=self.options.pack_max_rows)
+
+    def linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        return QuantizableLinear(in_features, out_features, bias=bias)
+
+    def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
+        return stored if self._compute is None else self._compute
+
+    def _format_for(self, name: str, module: nn.Module) -> LinearFormat:
+        # A layer whose inputs do not split into whole groups stays int8.
+        return self._int4 if module.in_features % self.options.group_size == 0 else self._int8
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Swap every QuantizableLinear for an Int4Linear under the same name (int8 where in_features is not a
+        multiple of the group size), and give the output head (also a tied one) a head_bits copy; through the disk
+        cache when the run has a checkpoint folder."""
+        head = self._int8 if self.options.head_bits == 8 else self._int4
+        targets = find_targets(model, lambda m: isinstance(m, QuantizableLinear), self._format_for, head)
+        binding = cache_binding(self.facts, self.options.cache, self.options.cache_dir) if len(targets) > 1 else None
+        return quantize_model(model, targets, binding)
+
+    def self_test(self, reference: Plugin) -> None:
+        """The kernel against the reference on the dequantised weights (NEAR: only activation rounding may
+        differ), and the quantisation against the reference's exact weights (INT4_WEIGHT_ERROR)."""
+        in_f, out_f = SELF_TEST_SHAPE
+        for device in self_test_devices(self.hw):
+            gen = torch.Generator().manual_seed(0)
+            with failures_as_selftest_error(f"{type(self).__name__} self-test on {device}"):
+                want_linear, mine = prepared_pair(self, reference, in_f, out_f, gen, device)
+                if not isinstance(mine, Int4Linear):
+                    raise SelfTestError(f"prepare made a {type(mine).__name__}, not an Int4Linear")
+                weight = mine.dequantize().cpu()                                         # [out, in] fp32
+                err = relative_error(weight, want_linear.weight)
+                if not err <= INT4_WEIGHT_ERROR:
+                    raise SelfTestError(f"int4 weights: relative error {err:.3g} vs the reference's exceeds "
+                                        f"{INT4_WEIGHT_ERROR} (4-bit quantisation of Gaussian weights: ~0.08)")
+                for rows in (1, 5, 40):
+                    x = torch.randn(rows, in_f, generator=gen)
+                    got = mine(x.to(device, self.compute_dtype(torch.float32)))
+                    exact = F.linear(x, weight, want_linear.bias)
+                    check_close(f"linear on {device}, {rows} row(s), vs its dequantised weights", got.float(),
+                                exact, Fidelity.NEAR)
