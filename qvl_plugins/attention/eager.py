@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from qvl_pipeline.slots.attention import AttentionBackend, causal_mask, repeat_kv_heads
 from qvl_pipeline.slots import Fidelity
+from qvl_pipeline.slots.attention import AttentionBackend, causal_mask, repeat_kv_heads
 
 
 class EagerAttention(AttentionBackend):

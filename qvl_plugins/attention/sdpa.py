@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qvl_pipeline.slots.attention import AttentionBackend, causal_mask, repeat_kv_heads
 from qvl_pipeline.slots import Fidelity
+from qvl_pipeline.slots.attention import AttentionBackend, causal_mask, repeat_kv_heads
 
 
 class SdpaAttention(AttentionBackend):

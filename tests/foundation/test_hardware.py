@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 
 import pytest
 import yaml
 
-import dataclasses
-
 from qvl_pipeline.config.load import load_config
 from qvl_pipeline.container import make_container
 from qvl_pipeline.errors import ConfigError
 from qvl_pipeline.hardware.build import build_hardware
+from qvl_pipeline.hardware.chains import cpu_chains, derive_chains
 from qvl_pipeline.hardware.effective import emulation_env, reconcile
 from qvl_pipeline.hardware.probe import probe_machine, read_cpuinfo, torch_has_kernels_for
 from qvl_pipeline.hardware.profile import ProfileError, profile_from_dict
-from qvl_pipeline.hardware.chains import cpu_chains, derive_chains
 from qvl_pipeline.plan import render_plan
 from qvl_pipeline.tasks.probe import probe_yaml
 from tests.conftest import PASCAL, make_profile

@@ -116,7 +116,7 @@ def test_explicit_failing_self_test_fails_loudly():
 
 
 def test_explicit_wrong_layout_fails_loudly():
-    with pytest.raises(PluginError, match="failed its self-test.*shape"):
+    with pytest.raises(PluginError, match=r"failed its self-test.*shape"):
         resolver(["eager"], choice="wrong_layout").resolve("attention")
 
 
