@@ -95,3 +95,10 @@ def test_schema_catches_typos_and_wrong_types():
         compose_config(["generate.max_new_tokens=lots"])
     with pytest.raises(ConfigError, match="promt"):
         compose_config(["promt=hello"])
+
+
+def test_the_checkouts_conf_folder_holds_user_profiles_and_experiments(monkeypatch):
+    monkeypatch.chdir(Path(qvl_pipeline.__file__).parents[1])
+    config = load_config(["hardware=example_i7_avx2", "+experiment=long_context_chat"])
+    assert config.hardware.name == "example_i7_avx2"
+    assert config.kv_cache.choice == "int8" and config.attention.options["chunked"]["chunk_size"] == 512
