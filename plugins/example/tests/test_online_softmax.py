@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from qvl_example_plugin.online_softmax import OnlineSoftmaxAttention, OnlineSoftmaxOptions
+
 from qvl_pipeline.slots import RunFacts
 from qvl_pipeline.slots.checks import check_attention
 from qvl_plugins.attention.eager import EagerAttention
