@@ -51,8 +51,10 @@ class RequestProcessor:
                    stop_token_ids(read_generation_config(folder), tokenizer))
 
     def __call__(self, text: str, images: Sequence[ImageSource] = (),
-                 videos: Sequence[VideoClip | Sequence[ImageSource]] = ()) -> ProcessedRequest:
-        """One user turn: the images, then the videos, then the text."""
+                 videos: Sequence[VideoClip | Sequence[ImageSource]] = (), *,
+                 allow_special_tokens: bool = False) -> ProcessedRequest:
+        """One user turn: the images, then the videos, then the text (special tokens typed in it stay text
+        unless `allow_special_tokens`; see `build_prompt`)."""
         vision = self.image_processor(images) if images else None
         clips = None
         if videos:
@@ -61,7 +63,8 @@ class RequestProcessor:
             clips = self.video_processor(videos)
         video_specs = clips.prompt_specs() if clips is not None else []
         prompt = build_prompt(self.tokenizer, self.template, text,
-                              image_tokens=vision.token_counts() if vision else (), videos=video_specs)
+                              image_tokens=vision.token_counts() if vision else (), videos=video_specs,
+                              allow_special_tokens=allow_special_tokens)
         ids = torch.tensor([prompt.input_ids], dtype=torch.long)
         types = torch.zeros_like(ids)
         types[ids == self.image_token_id] = IMAGE
