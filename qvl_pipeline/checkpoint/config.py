@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,11 @@ from typing import Any
 import torch
 
 from qvl_pipeline.checkpoint.files import CONFIG_FILE, check_folder
+from qvl_pipeline.checkpoint.jsonfile import read_json
 from qvl_pipeline.errors import CheckpointError, ConfigError
+from qvl_pipeline.model.config import ModelConfig
+
+_RESTORE = "restore config.json from the model's original repository"
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -25,15 +28,26 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint folder {path.parent} has no {CONFIG_FILE}",
                               "copy config.json from the model's original repository into the folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})",
-                              "restore config.json from the model's original repository") from exc
+    config = read_json(path, _RESTORE)
     if not isinstance(config, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object",
-                              "restore config.json from the model's original repository")
+        raise CheckpointError(f"{path} does not hold a JSON object", _RESTORE)
+    text = config.get("text_config")
+    if text is not None and not isinstance(text, dict):
+        raise CheckpointError(f"{path}: text_config must be a JSON object, got {type(text).__name__}", _RESTORE)
     return config
+
+
+def read_model_config(folder: str | Path) -> ModelConfig:
+    """The model's shape from a checkpoint folder's `config.json`; any wrong or inconsistent value raises one
+    CheckpointError naming the file, the field and the fix."""
+    path = check_folder(folder) / CONFIG_FILE
+    data = read_config(folder)
+    try:
+        return ModelConfig.from_hf_dict(data)
+    except ConfigError as exc:
+        detail = exc.message.removeprefix("model config: ")
+        raise CheckpointError(f"{path} does not describe a model this pipeline can build: {detail}",
+                              exc.hint or _RESTORE) from exc
 
 
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:
@@ -46,9 +60,16 @@ def parse_dtype(value: str | torch.dtype) -> torch.dtype:
     return DTYPES[key]
 
 
+def _text(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    text = config.get("text_config") or {}
+    if not isinstance(text, Mapping):
+        raise CheckpointError(f"config.json: text_config must be a JSON object, got {type(text).__name__}", _RESTORE)
+    return text
+
+
 def config_dtype(config: Mapping[str, Any]) -> torch.dtype | None:
     """The dtype `config.json` declares (`dtype` or the older `torch_dtype`, top level or text_config)."""
-    text = config.get("text_config") or {}
+    text = _text(config)
     for source in (config, text):
         for key in ("dtype", "torch_dtype"):
             value = source.get(key)
@@ -70,5 +91,9 @@ def resolve_dtype(config: Mapping[str, Any], override: str | torch.dtype | None 
 
 def ties_word_embeddings(config: Mapping[str, Any]) -> bool:
     """True when the output head shares the input embedding's weight (and the checkpoint may omit it)."""
-    text = config.get("text_config") or {}
-    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    value = config.get("tie_word_embeddings", _text(config).get("tie_word_embeddings", False))
+    if not isinstance(value, bool):
+        raise CheckpointError(f"config.json: tie_word_embeddings must be true or false, got {value!r}",
+                              "write it without quotes (true or false), or restore config.json from the model's "
+                              "repository")
+    return value

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from qvl_pipeline.checkpoint.header import ShardHeader, TensorInfo, read_header
+from qvl_pipeline.checkpoint.jsonfile import read_json
 from qvl_pipeline.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
@@ -35,6 +38,13 @@ class WeightFiles:
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
 
+    def dtype_problems(self, expected: Mapping[str, torch.Tensor]) -> list[str]:
+        """One line per stored tensor whose dtype cannot fill the model's tensor of that name (integers for a
+        floating weight, another dtype for an integer buffer); read from the headers, before any data."""
+        problems = (self.tensors[name].dtype_problem(expected[name].dtype)
+                    for name in sorted(self.location) if name in expected)
+        return [p for p in problems if p is not None]
+
 
 def check_folder(folder: str | Path) -> Path:
     """The checkpoint folder as a Path; raises CheckpointError if it is missing or not a folder."""
@@ -60,21 +70,21 @@ def _refuse_pickles(folder: Path) -> None:
 
 def _read_index(folder: Path) -> dict[str, Path]:
     index_path = folder / INDEX_FILE
+    fix = f"download {INDEX_FILE} again from the model's repository"
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map is not a mapping of tensor name to file name")
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path} is corrupt ({exc!r})",
-                              f"download {INDEX_FILE} again from the model's repository") from exc
+        index = read_json(index_path, fix)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{index_path} is corrupt: {exc.message}", fix) from exc
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path} is corrupt (its weight_map is not a mapping of tensor name to file "
+                              "name)", fix)
     location: dict[str, Path] = {}
     for name, file_name in weight_map.items():
-        shard = folder / file_name
-        if Path(file_name).name != file_name:
+        if "\0" in file_name or file_name in ("", ".", "..") or Path(file_name).name != file_name:
             raise CheckpointError(f"{index_path} names a shard outside the folder: {file_name!r}",
                                   f"download {INDEX_FILE} again from the model's repository")
-        location[name] = shard
+        location[name] = folder / file_name
     missing = sorted({p.name for p in location.values() if not p.is_file()})
     if missing:
         raise CheckpointError(

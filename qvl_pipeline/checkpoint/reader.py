@@ -63,11 +63,12 @@ def _embedding_name(expected: Mapping[str, torch.Tensor], module: nn.Module) -> 
 
 
 def _check_names(files: WeightFiles, expected: Mapping[str, torch.Tensor], skip: set[str]) -> None:
-    """Raise one CheckpointError naming every missing, unexpected or mis-shaped tensor."""
+    """Raise one CheckpointError naming every missing, unexpected, mis-shaped or mis-typed tensor."""
     missing = sorted(n for n in expected if n not in files.location and n not in skip)
     unexpected = sorted(n for n in files.location if n not in expected)
     mis_shaped = sorted(n for n in files.location
                         if n in expected and files.tensors[n].shape != tuple(expected[n].shape))
+    mis_typed = files.dtype_problems(expected)
     problems, hints = [], []
     if missing:
         problems.append(f"{len(missing)} tensor(s) missing from the checkpoint: {_listing(missing)}")
@@ -85,6 +86,12 @@ def _check_names(files: WeightFiles, expected: Mapping[str, torch.Tensor], skip:
     if mis_shaped:
         hints.append("config.json and the weights disagree on the model's sizes: use the config.json that came "
                      "with these weights")
+    problems.extend(mis_typed[:_SHOWN])
+    if len(mis_typed) > _SHOWN:
+        problems.append(f"... {len(mis_typed) - _SHOWN} more dtype mismatches")
+    if mis_typed:
+        hints.append("the weights are stored in a format this loader does not convert (quantized or damaged): use "
+                     "the model's original bfloat16/float16/float32 safetensors files")
     if problems:
         raise CheckpointError(f"checkpoint {files.folder} does not fit the model: " + "; ".join(problems),
                               "; ".join(hints))

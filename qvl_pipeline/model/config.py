@@ -105,14 +105,16 @@ class ModelConfig:
     def from_hf_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
         """Read a Hugging Face Qwen3-VL config dict (old `rope_scaling` or new `rope_parameters` spelling)."""
         if not isinstance(data, Mapping):
-            raise ConfigError(f"model config: expected a mapping, got {type(data).__name__}")
+            raise ConfigError(f"model config: expected a mapping, got {type(data).__name__}", _RESTORE)
         text_raw = _sub(data, "text_config")
         vision_raw = _sub(data, "vision_config")
         text = _read_text(text_raw)
         vision = _read_vision(vision_raw)
         tie = data.get("tie_word_embeddings")
         if tie is None:
-            tie = text_raw.get("tie_word_embeddings", False)
+            tie = _bool(text_raw, "tie_word_embeddings", False, "text_config")
+        else:
+            tie = _bool(data, "tie_word_embeddings", False, "config")
         return cls(
             text=text, vision=vision,
             image_token_id=_int(data, "image_token_id", 151655, "config"),
@@ -131,8 +133,9 @@ class ModelConfig:
         except FileNotFoundError:
             raise ConfigError(f"model config {path} does not exist",
                               "point model.path at a Qwen3-VL checkpoint folder") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"model config {path} is not valid JSON: {exc}") from None
+        except (OSError, ValueError, RecursionError) as exc:   # unreadable, not UTF-8, not JSON, nested too deeply
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise ConfigError(f"model config {path} cannot be read: {reason}", _RESTORE) from None
         return cls.from_hf_dict(data)
 
     # ---- writing ---------------------------------------------------------------------------------------
@@ -163,12 +166,23 @@ class ModelConfig:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
-def _sub(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+_RESTORE = "restore config.json from the model's repository"
+
+
+def _wrong(where: str, key: str, expected: str, value: Any) -> ConfigError:
+    """A field of the wrong type: the message names it, the hint says what to write."""
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    name = key if where == "config" else f"{where}.{key}"
+    return ConfigError(f"model config: {name} must be {expected}, got {shown}",
+                       f"write {name} as {expected} (no quotes around numbers), or {_RESTORE}")
+
+
+def _sub(data: Mapping[str, Any], key: str, where: str = "config") -> Mapping[str, Any]:
     raw = data.get(key)
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"model config: {key} must be a mapping, got {type(raw).__name__}")
+        raise _wrong(where, key, "a mapping", raw)
     return raw
 
 
@@ -177,7 +191,7 @@ def _int(data: Mapping[str, Any], key: str, default: int, where: str) -> int:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"model config: {where}.{key} must be an integer, got {value!r}")
+        raise _wrong(where, key, "an integer", value)
     return value
 
 
@@ -186,8 +200,26 @@ def _float(data: Mapping[str, Any], key: str, default: float, where: str) -> flo
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"model config: {where}.{key} must be a number, got {value!r}")
+        raise _wrong(where, key, "a number", value)
     return float(value)
+
+
+def _bool(data: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
+    value = data.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _wrong(where, key, "true or false", value)   # "false" as a string would read as True
+    return value
+
+
+def _str(data: Mapping[str, Any], key: str, default: str, where: str) -> str:
+    value = data.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise _wrong(where, key, "a string", value)
+    return value
 
 
 def _scalar_size(data: Mapping[str, Any], key: str, default: int) -> int:
@@ -196,7 +228,7 @@ def _scalar_size(data: Mapping[str, Any], key: str, default: int) -> int:
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
             raise ConfigError(f"model config: vision_config.{key}={list(value)} is not square; "
-                              f"only equal sizes are supported")
+                              f"only equal sizes are supported", f"write vision_config.{key} as one integer")
         value = value[0]
     return _int({key: value}, key, default, "vision_config")
 
@@ -207,7 +239,7 @@ def _read_rope(t: Mapping[str, Any]) -> dict[str, Any]:
     scaling = t.get("rope_scaling") or {}
     for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"model config: text_config.{name} must be a mapping, got {value!r}")
+            raise _wrong("text_config", name, "a mapping", value)
     merged: dict[str, Any] = {}
     for source in (scaling, params):       # the new spelling wins where both are present
         for key, value in source.items():
@@ -224,7 +256,7 @@ def _read_text(t: Mapping[str, Any]) -> TextConfig:
     section = rope.get("mrope_section", _DEFAULT_MROPE_SECTION)
     if not (isinstance(section, (list, tuple)) and len(section) == 3
             and all(isinstance(s, int) and not isinstance(s, bool) for s in section)):
-        raise ConfigError(f"model config: {w}.rope mrope_section must be three integers, got {section!r}")
+        raise _wrong(w, "rope_parameters.mrope_section", "a list of three integers", section)
     return TextConfig(
         vocab_size=_int(t, "vocab_size", 151936, w),
         hidden_size=_int(t, "hidden_size", 4096, w),
@@ -233,28 +265,28 @@ def _read_text(t: Mapping[str, Any]) -> TextConfig:
         num_attention_heads=heads,
         num_key_value_heads=_int(t, "num_key_value_heads", heads, w),
         head_dim=_int(t, "head_dim", 128, w),
-        hidden_act=str(t.get("hidden_act", "silu")),
+        hidden_act=_str(t, "hidden_act", "silu", w),
         max_position_embeddings=_int(t, "max_position_embeddings", 128000, w),
         rms_norm_eps=_float(t, "rms_norm_eps", 1e-6, w),
-        attention_bias=bool(t.get("attention_bias", False)),
-        rope_type=str(rope.get("rope_type", "default")),
+        attention_bias=_bool(t, "attention_bias", False, w),
+        rope_type=_str(rope, "rope_type", "default", w),
         rope_theta=_float(rope, "rope_theta", _TEXT_DEFAULT_THETA, w),
         mrope_section=(section[0], section[1], section[2]),
-        mrope_interleaved=bool(rope.get("mrope_interleaved", True)),
+        mrope_interleaved=_bool(rope, "mrope_interleaved", True, w),
         initializer_range=_float(t, "initializer_range", 0.02, w),
     )
 
 
 def _read_vision(v: Mapping[str, Any]) -> VisionConfig:
     w = "vision_config"
-    rope = v.get("rope_parameters") or {}
+    rope = _sub(v, "rope_parameters", w)
     taps = v.get("deepstack_visual_indexes", (8, 16, 24))
     if not (isinstance(taps, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in taps)):
-        raise ConfigError(f"model config: {w}.deepstack_visual_indexes must be a list of integers, got {taps!r}")
+        raise _wrong(w, "deepstack_visual_indexes", "a list of integers", taps)
     return VisionConfig(
         depth=_int(v, "depth", 27, w),
         hidden_size=_int(v, "hidden_size", 1152, w),
-        hidden_act=str(v.get("hidden_act", "gelu_pytorch_tanh")),
+        hidden_act=_str(v, "hidden_act", "gelu_pytorch_tanh", w),
         intermediate_size=_int(v, "intermediate_size", 4304, w),
         num_heads=_int(v, "num_heads", 16, w),
         in_channels=_int(v, "in_channels", 3, w),
@@ -304,6 +336,10 @@ def _validate(cfg: ModelConfig) -> None:
     if sum(t.mrope_section) * 2 != t.head_dim or min(t.mrope_section) < 0:
         problems.append(f"text mrope_section {list(t.mrope_section)} sums to {sum(t.mrope_section)} but must "
                         f"sum to head_dim/2={t.head_dim // 2}")
+    for name, value in (("text_config.rope_theta", t.rope_theta), ("vision_config.rope_theta", v.rope_theta),
+                        ("text_config.rms_norm_eps", t.rms_norm_eps)):
+        if not (math.isfinite(value) and value > 0):
+            problems.append(f"{name}={value} must be a positive finite number")
     if t.rope_type != "default":
         problems.append(f"text rope_type={t.rope_type!r} is not supported (Qwen3-VL uses 'default' MRoPE)")
     for where, act in (("text_config", t.hidden_act), ("vision_config", v.hidden_act)):
