@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from qvl_pipeline.checkpoint import save_checkpoint
+from qvl_pipeline.errors import CheckpointError
 from qvl_pipeline.processing.demo_assets import write_demo_processor_configs, write_demo_tokenizer
 
 DEMO_VERSION = 1
@@ -64,12 +66,60 @@ def init_demo_weights(module: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, list[Any]]:
+    """Name -> [size, sha256] of every file the demo folder was written with."""
+    return {p.name: [p.stat().st_size, _digest(p)] for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != COMPLETE_MARK}
+
+
+def demo_damage(folder: Path) -> str | None:
+    """Why a cached demo folder cannot be used (a file missing, resized or changed since it was written, no or an
+    unreadable completion mark), or None when it is intact."""
+    try:
+        recorded = json.loads((folder / COMPLETE_MARK).read_text(encoding="utf-8"))["files"]
+        entries = [(str(name), int(size), str(digest)) for name, (size, digest) in recorded.items()]
+    except FileNotFoundError:
+        return "it has no completion mark"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "its completion mark is unreadable or from an older version"
+    for name, size, digest in entries:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size or _digest(path) != digest:
+            return f"{name} was changed or damaged"
+    return None
+
+
+def _set_aside(folder: Path, why: str) -> None:
+    """Move a damaged demo folder out of the way (then delete it), so it can be rebuilt."""
+    aside = folder.with_name(f"{folder.name}.damaged{os.getpid()}")
+    try:
+        folder.rename(aside)
+    except FileNotFoundError:
+        return                          # another process already moved it
+    except OSError as exc:
+        raise CheckpointError(f"the cached demo checkpoint {folder} is damaged ({why}) and cannot be replaced: "
+                              f"{exc.strerror or exc}", f"delete {folder} to rebuild the demo") from exc
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def ensure_demo_checkpoint(hf_config: Mapping[str, Any], seed: int,
                            build_module: Callable[[dict[str, Any]], nn.Module]) -> Path:
-    """The demo folder for this config and seed, written (atomically) on first use."""
+    """The demo folder for this config and seed, written (atomically) on first use, and written again when the
+    cached copy turns out damaged (a file missing or changed since it was written)."""
     folder = cache_root() / "demo" / demo_key(hf_config, seed)
-    if (folder / COMPLETE_MARK).exists():
-        return folder
+    if folder.exists():
+        why = demo_damage(folder)
+        if why is None:
+            return folder
+        print(f"qvl-pipeline: the cached demo checkpoint {folder} is damaged ({why}); rebuilding it",
+              file=sys.stderr)
+        _set_aside(folder, why)
     staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     ids = write_demo_tokenizer(staging)
@@ -84,10 +134,15 @@ def ensure_demo_checkpoint(hf_config: Mapping[str, Any], seed: int,
     module = build_module(config)
     save_checkpoint(staging, init_demo_weights(module, seed), config, max_shard_size="256KB")
     draw_demo_image(staging / DEMO_IMAGE)
-    (staging / COMPLETE_MARK).write_text("ok\n")
+    (staging / COMPLETE_MARK).write_text(json.dumps({"version": DEMO_VERSION, "files": _manifest(staging)}) + "\n",
+                                         encoding="utf-8")
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:
         staging.rename(folder)
     except OSError:          # another process finished first
         shutil.rmtree(staging, ignore_errors=True)
+        why = demo_damage(folder)
+        if why is not None:
+            raise CheckpointError(f"the cached demo checkpoint {folder} is damaged ({why})",
+                                  f"delete {folder} to rebuild the demo") from None
     return folder
