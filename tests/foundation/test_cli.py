@@ -76,3 +76,14 @@ def test_emulation_restarts_with_the_profile_isa():
     facts = plan["hardware"]["facts"]
     assert "avx512f" not in facts["cpu"]["isa"] and facts["cpu"]["physical_cores"] <= 4
     assert plan["hardware"]["emulate"] is True
+
+
+def test_plan_for_a_checkpoint_folder_states_that_checkpoints_layers(tmp_path):
+    from tests.conftest import write_tiny_checkpoint
+
+    env = {"QVL_CACHE_DIR": str(tmp_path / "cache")}
+    os.environ["QVL_CACHE_DIR"] = env["QVL_CACHE_DIR"]
+    folder = write_tiny_checkpoint(layers=3)
+    run = cli("task=plan", f"model.path={folder}", env=env)          # the README's form: no model=
+    assert run.returncode == 0, run.stderr
+    assert f"model: checkpoint {folder}" in run.stdout and "3 decoder layers" in run.stdout

@@ -3,6 +3,9 @@ checkpoint that is loaded, and each part lives where its plan says."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from dependency_injector import providers
@@ -117,3 +120,19 @@ def test_each_layers_kv_cache_lives_where_the_layer_computes():
     loaded = LoadedModel(model, None, Placement("cpu", "cpu", "cpu", ("cpu", "meta")), 0.0)
     cache = KVCaches(StaticCache(facts), loaded).create(8)
     assert cache.keys[0].device.type == "cpu" and cache.keys[1].device.type == "meta"
+
+
+def test_the_default_path_on_a_bf16_checkpoint_does_not_upcast(tmp_path):
+    """hardware=auto opt=moderate (the defaults) on a bf16 checkpoint: int8 weights, never an fp32 copy."""
+    folder = write_tiny_checkpoint(layers=2, seed=3)
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(folder, bf16)
+    (bf16 / "config.json").write_text(json.dumps(config))
+    pipe = make_container(load_config([f"model.path={bf16}", "progress=false"])).pipeline()
+    assert pipe.plan["slots"]["kernels"]["chosen"] == "int8_weight_only"
+    upcast = [name for name, t in [*pipe.model.named_parameters(), *pipe.model.named_buffers()]
+              if t.dtype == torch.float32 and t.dim() > 1]
+    assert upcast == []                   # no fp32 matrix: bf16 embeddings, int8 linears (fp32 per-row scales only)
+    assert len(pipe.generate("Hello.", max_new_tokens=2)["token_ids"]) >= 1
