@@ -37,17 +37,20 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
-def read_model_config(folder: str | Path) -> ModelConfig:
-    """The model's shape from a checkpoint folder's `config.json`; any wrong or inconsistent value raises one
+def model_config_from_dict(data: Mapping[str, Any], source: str | Path) -> ModelConfig:
+    """The model's shape from the parsed `config.json` at `source`; any wrong or inconsistent value raises one
     CheckpointError naming the file, the field and the fix."""
-    path = check_folder(folder) / CONFIG_FILE
-    data = read_config(folder)
     try:
         return ModelConfig.from_hf_dict(data)
     except ConfigError as exc:
         detail = exc.message.removeprefix("model config: ")
-        raise CheckpointError(f"{path} does not describe a model this pipeline can build: {detail}",
+        raise CheckpointError(f"{source} does not describe a model this pipeline can build: {detail}",
                               exc.hint or _RESTORE) from exc
+
+
+def read_model_config(folder: str | Path) -> ModelConfig:
+    """The model's shape from a checkpoint folder's `config.json` (see `model_config_from_dict`)."""
+    return model_config_from_dict(read_config(folder), check_folder(folder) / CONFIG_FILE)
 
 
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:

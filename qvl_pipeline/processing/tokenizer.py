@@ -122,7 +122,7 @@ class Tokenizer:
 
     def special_token_strings(self) -> list[str]:
         """The texts of every token marked special (control tokens such as <|im_end|>), longest first."""
-        tokens = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
+        tokens = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special and t.content}
         return sorted(tokens, key=lambda t: (-len(t), t))
 
     def special_token_pattern(self) -> re.Pattern[str]:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from qvl_pipeline.errors import CheckpointError
+from qvl_pipeline.checkpoint.jsonfile import read_json
+from qvl_pipeline.errors import CheckpointError, ConfigError
 
 IMAGE_CONFIG_FILE = "preprocessor_config.json"
 VIDEO_CONFIG_FILE = "video_preprocessor_config.json"
 BICUBIC = 3   # Pillow's resample code, the reference processor's default
+# The most pixels a preprocessor config may ask an image (or a clip) to be resized to: 16× what the released
+# Qwen3-VL configs allow (2**24). Larger values cannot be meant and would allocate tens of GB.
+MAX_CONFIG_PIXELS = 2**28
 
 # Defaults of the reference processor classes when a key is absent (the image one is Qwen2-VL's: patch 14,
 # CLIP mean/std). A Qwen3-VL checkpoint's file sets patch 16 and mean = std = 0.5 explicitly.
@@ -51,9 +55,16 @@ class VisionPreprocessConfig:
         return self.patch_size * self.merge_size
 
     def with_pixels(self, min_pixels: int | None = None, max_pixels: int | None = None) -> VisionPreprocessConfig:
-        """A copy with the pixel budget overridden where a value is given."""
-        return replace(self, min_pixels=self.min_pixels if min_pixels is None else int(min_pixels),
-                       max_pixels=self.max_pixels if max_pixels is None else int(max_pixels))
+        """A copy with the pixel budget overridden where a value is given. A cap below the config's own minimum
+        lowers the minimum too (the cap is a memory guard); an explicit minimum over the maximum is an error."""
+        low = self.min_pixels if min_pixels is None else int(min_pixels)
+        high = self.max_pixels if max_pixels is None else int(max_pixels)
+        if low > high:
+            if min_pixels is not None:
+                raise ConfigError(f"min_pixels={low} is larger than max_pixels={high}",
+                                  "lower processing.min_pixels (or raise processing.max_pixels)")
+            low = high
+        return replace(self, min_pixels=low, max_pixels=high)
 
     def check_against(self, vision_config: Mapping[str, Any]) -> None:
         """Raise CheckpointError if the patch geometry differs from the model's `vision_config`."""
@@ -103,8 +114,11 @@ def parse_vision_config(raw: Mapping[str, Any], *, video: bool = False) -> Visio
     except (TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"preprocessor config has a malformed value ({exc})",
                               f"restore the model's own {IMAGE_CONFIG_FILE}") from exc
+    numbers = (*config.image_mean, *config.image_std, config.rescale_factor)
     if min(config.patch_size, config.temporal_patch_size, config.merge_size, config.min_pixels) < 1 \
-            or config.max_pixels < config.factor ** 2 or 0.0 in config.image_std:
+            or config.max_pixels < config.factor ** 2 or 0.0 in config.image_std \
+            or config.min_pixels > config.max_pixels or config.max_pixels > MAX_CONFIG_PIXELS \
+            or not all(math.isfinite(n) for n in numbers):
         raise CheckpointError(f"preprocessor config has impossible values: {config}",
                               f"restore the model's own {IMAGE_CONFIG_FILE}")
     return config
@@ -120,11 +134,10 @@ def read_vision_config(folder: str | Path, *, video: bool = False) -> VisionPrep
     for name in names:
         path = base / name
         if path.is_file():
-            try:
-                raw = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, ValueError) as exc:
-                raise CheckpointError(f"{path} is not valid JSON ({exc})",
-                                      f"restore {name} from the model's repository") from exc
+            raw = read_json(path, f"restore {name} from the model's repository")
+            if not isinstance(raw, dict):
+                raise CheckpointError(f"{path} does not hold a JSON object", f"restore {name} from the model's "
+                                      "repository")
             return parse_vision_config(raw, video=video)
     raise CheckpointError(f"checkpoint folder {base} has no {IMAGE_CONFIG_FILE}",
                           f"copy {IMAGE_CONFIG_FILE} from the model's repository into the folder")

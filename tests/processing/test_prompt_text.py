@@ -67,8 +67,9 @@ def test_opt_in_restores_typed_control_tokens(parts):
 @pytest.mark.parametrize("token", [IMAGE_TOKEN, VIDEO_TOKEN])
 def test_placeholder_tokens_in_text_are_refused(parts, allow, token):
     tokenizer, template = parts
+    opt_in = {"allow_special_tokens": True} if allow else {}
     with pytest.raises(InputError) as info:
-        build_prompt(tokenizer, template, f"look {token} here", allow_special_tokens=allow)
+        build_prompt(tokenizer, template, f"look {token} here", **opt_in)
     assert token in info.value.message and "placeholder" in info.value.message and info.value.hint
 
 
