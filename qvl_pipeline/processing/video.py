@@ -95,25 +95,33 @@ class VideoProcessor:
         """Patch rows, (t, h, w) grid and temporal-patch timestamps of one clip."""
         if not isinstance(clip, VideoClip):
             clip = VideoClip(frames=clip)
-        frames = [load_image(f, self.max_image_pixels) for f in clip.frames]
-        if not frames:
+        sources = list(clip.frames)
+        if not sources:
             raise InputError("a video needs at least one frame", "pass a non-empty list of frames")
-        sizes = {f.size for f in frames}
-        if len(sizes) > 1:
-            raise InputError(f"the frames of a video differ in size: {sorted(sizes)}",
-                             "resize the frames to one size before passing them")
-        indices = list(clip.frame_indices) if clip.frame_indices is not None else list(range(len(frames)))
-        if len(indices) != len(frames):
-            raise InputError(f"{len(frames)} frames but {len(indices)} frame indices",
+        indices = list(clip.frame_indices) if clip.frame_indices is not None else list(range(len(sources)))
+        if len(indices) != len(sources):
+            raise InputError(f"{len(sources)} frames but {len(indices)} frame indices",
                              "pass one index per frame, or none")
         fps = float(clip.fps) if clip.fps else DEFAULT_FPS
-        height, width = frames[0].height, frames[0].width
+        # Frames are decoded and resized one at a time: memory holds one full-size frame, not the whole clip.
+        first = load_image(sources[0], self.max_image_pixels)
+        height, width = first.height, first.width
         if self.config.do_resize:
-            height, width = self.target_size(len(frames), height, width)
+            height, width = self.target_size(len(sources), height, width)
         elif height % self.config.factor or width % self.config.factor:
             raise InputError(f"frames of {width}×{height} pixels are not a multiple of {self.config.factor} and "
                              "the preprocessor config disables resizing", "resize the frames, or set do_resize to true")
-        pixels = prepare_frames(frames, height, width, self.config, self.backend)  # [T, C, H, W]
+        size = first.size
+        resized = [prepare_frames([first], height, width, self.config, self.backend)]     # [1, C, H, W] each
+        del first
+        for number, source in enumerate(sources[1:], start=2):
+            frame = load_image(source, self.max_image_pixels)
+            if frame.size != size:
+                raise InputError(f"the frames of a video differ in size: frame 1 is {size[0]}×{size[1]}, "
+                                 f"frame {number} is {frame.width}×{frame.height}",
+                                 "resize the frames to one size before passing them")
+            resized.append(prepare_frames([frame], height, width, self.config, self.backend))
+        pixels = torch.cat(resized)                                                            # [T, C, H, W]
         rows, grid = patchify(pixels, self.config.patch_size, self.config.merge_size,
                               self.config.temporal_patch_size)
         return rows, grid, frame_timestamps(indices, fps, self.config.temporal_patch_size)

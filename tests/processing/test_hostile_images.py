@@ -167,3 +167,24 @@ def test_file_named_like_a_url_is_read(tmp_path, monkeypatch, make_image):
 
 def test_path_with_nul_character():
     assert "NUL" in _error("photo\0.jpg").message
+
+
+def test_video_frames_are_decoded_one_at_a_time(monkeypatch, make_image):
+    """A long clip of large frames must not hold every full-size frame in memory at once."""
+    import weakref
+
+    import qvl_pipeline.processing.video as video
+
+    alive: list[weakref.ref] = []
+    most = 0
+
+    def tracked(source, limit):
+        nonlocal most
+        most = max(most, sum(ref() is not None for ref in alive))
+        image = load_image(source, limit)
+        alive.append(weakref.ref(image))
+        return image
+    monkeypatch.setattr(video, "load_image", tracked)
+    frames = [make_image(96, 128, seed=i) for i in range(8)]
+    out = VideoProcessor({"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2})([frames])
+    assert out.grid_thw.shape == (1, 3) and most <= 1
