@@ -39,10 +39,11 @@ def _render(template: ChatTemplate, messages=None) -> str:
 def _stopped(source: str, tmp_path, **limits) -> CheckpointError:
     (tmp_path / "chat_template.jinja").write_text(source)
     template = ChatTemplate.from_folder(tmp_path, limits=TemplateLimits(**limits) if limits else None)
-    started = time.monotonic()
+    threads, started = threading.active_count(), time.monotonic()
     with pytest.raises(CheckpointError) as info:
         _render(template)
     assert time.monotonic() - started < 15, "stopped, but far too late"
+    assert threading.active_count() == threads, "no thread is left running"
     err = info.value
     assert str(tmp_path / "chat_template.jinja") in err.message, "the error names the template file"
     assert err.hint
