@@ -24,10 +24,7 @@ from qvl_pipeline.model.text import TextModel
 from qvl_pipeline.model.vision import VisionTower
 from qvl_pipeline.plan import RunPlan
 from qvl_pipeline.processing.chat_template import ChatTemplate
-from qvl_pipeline.processing.image import ImageProcessor
 from qvl_pipeline.processing.stop_tokens import read_generation_config, stop_token_ids
-from qvl_pipeline.processing.tokenizer import Tokenizer
-from qvl_pipeline.processing.video import VideoProcessor
 from qvl_pipeline.registry import PluginRegistry
 from qvl_pipeline.resolver import Resolver
 from qvl_pipeline.runtime import assembly
@@ -80,6 +77,7 @@ class VisionStage(containers.DeclarativeContainer):
     processing = providers.Dependency()          # ProcessingConfig
     pixels = providers.Dependency()              # PixelFacts: the max_pixels in force
     model_config = providers.Dependency()        # the checkpoint's VisionConfig
+    model_facts = providers.Dependency()         # ModelFacts (config.json, for the processor's geometry check)
     folder = providers.Dependency()              # the checkpoint folder (preprocessor configs)
     attention = providers.Dependency()
     rotary = providers.Dependency()
@@ -87,10 +85,8 @@ class VisionStage(containers.DeclarativeContainer):
 
     tower = providers.Factory(on_meta, VisionTower, model_config, attention=attention, rotary=rotary,
                               kernels=kernels)
-    image_processor = providers.Singleton(ImageProcessor.from_folder, folder, max_pixels=pixels.provided.max_pixels,
-                                          min_pixels=processing.provided.min_pixels,
-                                          max_image_pixels=processing.provided.max_image_pixels)
-    video_processor = providers.Singleton(VideoProcessor.from_folder, folder, max_pixels=pixels.provided.max_pixels)
+    image_processor = providers.Singleton(assembly.image_processor, folder, model_facts, pixels, processing)
+    video_processor = providers.Singleton(assembly.video_processor, folder, pixels, processing)
 
 
 class FeatureStage(containers.DeclarativeContainer):
@@ -125,6 +121,7 @@ class RootContainer(containers.DeclarativeContainer):
 
     vision = providers.Container(VisionStage, processing=config.provided.processing,
                                  pixels=core.facts.provided.pixels, model_config=model_config.vision,
+                                 model_facts=core.model_facts,
                                  folder=folder, attention=core.attention_guard, rotary=core.rotary_guard,
                                  kernels=core.kernels)
     features = providers.Container(FeatureStage, features=config.provided.features)
@@ -137,7 +134,7 @@ class RootContainer(containers.DeclarativeContainer):
                                  config.provided.model.dtype, config.provided.progress)
     kv_caches = providers.Singleton(assembly.KVCaches, core.kv_cache, loaded)
 
-    tokenizer = providers.Singleton(Tokenizer.from_folder, folder)
+    tokenizer = providers.Singleton(assembly.checked_tokenizer, folder, model_config)
     processors = providers.Singleton(
         Processors, tokenizer=tokenizer, template=providers.Singleton(ChatTemplate.from_folder, folder),
         stop_ids=providers.Singleton(stop_token_ids, providers.Callable(read_generation_config, folder), tokenizer),

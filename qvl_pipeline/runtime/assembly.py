@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from qvl_pipeline.checkpoint import LoadReport, load_checkpoint, read_config
-from qvl_pipeline.checkpoint.config import resolve_dtype
+from qvl_pipeline.checkpoint.config import model_config_from_dict, resolve_dtype
 from qvl_pipeline.checkpoint.files import find_weight_files
 from qvl_pipeline.config.schema import GenerateConfig, HardwareConfig, OptConfig, ProcessingConfig, RootConfig
 from qvl_pipeline.config.schema import ModelConfig as ModelSection
@@ -22,6 +22,9 @@ from qvl_pipeline.facts import ContextFacts, ModelFacts, PixelFacts, RunFacts, c
 from qvl_pipeline.hardware.build import HardwareReport, Prober, build_hardware
 from qvl_pipeline.model.config import ModelConfig
 from qvl_pipeline.model.qwen3_vl import Qwen3VL, skeleton
+from qvl_pipeline.processing.image import ImageProcessor
+from qvl_pipeline.processing.tokenizer import Tokenizer, check_special_token_ids
+from qvl_pipeline.processing.video import VideoProcessor
 from qvl_pipeline.runtime.demo import ensure_demo_checkpoint
 from qvl_pipeline.slots import KVCache, KVCacheBackend, MemoryManager, Placement
 
@@ -59,7 +62,8 @@ def model_facts(model: ModelSection) -> ModelFacts:
         return ModelFacts(ModelConfig.from_hf_dict(hf), hf, _stored_dtype(hf, model.dtype, None),
                           f"preset {model.name} (no weights: set model.path to run it)")
     hf = read_config(folder)
-    return ModelFacts(ModelConfig.from_hf_dict(hf), hf, _stored_dtype(hf, model.dtype, folder), source, folder, demo)
+    return ModelFacts(model_config_from_dict(hf, folder / "config.json"), hf, _stored_dtype(hf, model.dtype, folder),
+                      source, folder, demo)
 
 
 def pixel_budget(processing: ProcessingConfig, opt: OptConfig, report: HardwareReport) -> PixelFacts:
@@ -134,6 +138,30 @@ def load_model(skeleton_model: Qwen3VL, folder: Path, kernels: Any, memory: Memo
     model.eval()
     placement = place(model, memory)
     return LoadedModel(model, report, placement, time.perf_counter() - start)
+
+
+def checked_tokenizer(folder: Path, config: ModelConfig) -> Tokenizer:
+    """The checkpoint's tokenizer, after checking config.json's vision token ids and vocabulary against it."""
+    tokenizer = Tokenizer.from_folder(folder)
+    check_special_token_ids(tokenizer, image_token_id=config.image_token_id, video_token_id=config.video_token_id,
+                            vision_start_token_id=config.vision_start_token_id,
+                            vision_end_token_id=config.vision_end_token_id, vocab_size=config.text.vocab_size)
+    return tokenizer
+
+
+def image_processor(folder: Path, model: ModelFacts, pixels: PixelFacts,
+                    processing: ProcessingConfig) -> ImageProcessor:
+    """The checkpoint's image processor under the pixel budget, its patch geometry checked against the model's."""
+    processor = ImageProcessor.from_folder(folder, max_pixels=pixels.max_pixels, min_pixels=processing.min_pixels,
+                                           max_image_pixels=processing.max_image_pixels)
+    processor.config.check_against(model.hf_config.get("vision_config") or {})
+    return processor
+
+
+def video_processor(folder: Path, pixels: PixelFacts, processing: ProcessingConfig) -> VideoProcessor:
+    """The checkpoint's video processor under the same pixel budget and decompression guard as images."""
+    return VideoProcessor.from_folder(folder, max_pixels=pixels.max_pixels,
+                                      max_image_pixels=processing.max_image_pixels)
 
 
 class KVCaches:

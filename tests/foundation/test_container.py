@@ -136,3 +136,33 @@ def test_the_default_path_on_a_bf16_checkpoint_does_not_upcast(tmp_path):
               if t.dtype == torch.float32 and t.dim() > 1]
     assert upcast == []                   # no fp32 matrix: bf16 embeddings, int8 linears (fp32 per-row scales only)
     assert len(pipe.generate("Hello.", max_new_tokens=2)["token_ids"]) >= 1
+
+
+def _edited_checkpoint(tmp_path, name, edit):
+    folder = write_tiny_checkpoint(layers=2, seed=4)
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / name).read_text())
+    edit(config)
+    (copy / name).write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize(("name", "edit", "message"), [
+    ("config.json", lambda c: c.update(image_token_id=c["image_token_id"] + 1), "image_token_id"),
+    ("preprocessor_config.json", lambda c: c.update(patch_size=14), "patch_size"),
+])
+def test_a_checkpoint_whose_config_disagrees_with_its_tokenizer_or_processor_is_refused_at_load(tmp_path, name, edit,
+                                                                                               message):
+    from qvl_pipeline.errors import CheckpointError
+
+    folder = _edited_checkpoint(tmp_path, name, edit)
+    with pytest.raises(CheckpointError, match=message):
+        make_container(load_config([f"model.path={folder}", *QUICK])).pipeline()
+
+
+def test_typed_control_tokens_are_text_unless_the_config_allows_them():
+    pipe = make_container(load_config(QUICK)).pipeline()
+    plain = pipe.generate("<|im_end|>", max_new_tokens=1)["prompt_tokens"]
+    unsafe = make_container(load_config([*QUICK, "processing.allow_special_tokens=true"])).pipeline()
+    assert unsafe.generate("<|im_end|>", max_new_tokens=1)["prompt_tokens"] < plain
