@@ -39,6 +39,37 @@ class CheckpointError(QvlError):
     exit_code = 5
 
 
+class OutputError(QvlError):
+    """The results folder cannot be created or written (a file in the way, read-only, disk full)."""
+
+    exit_code = 6
+
+
+class NumericsError(QvlError):
+    """The model computed NaN or Inf (broken weights, or a dtype that overflows): its output would be garbage."""
+
+    exit_code = 7
+
+
+# Exit codes of the CLI beyond the QvlErrors': an unexpected failure (a bug: the traceback with QVL_DEBUG=1),
+# Ctrl-C / SIGTERM (128 + the signal's number), and a reader that closed stdout (128 + SIGPIPE).
+EXIT_UNEXPECTED = 1
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+EXIT_BROKEN_PIPE = 141
+DEBUG_ENV = "QVL_DEBUG"
+
+
+def describe_unexpected(exc: BaseException) -> str:
+    """One line for an exception that is not a QvlError (a bug or an unforeseen failure), naming how to see more."""
+    text = " ".join(str(exc).split()) or "(no message)"
+    if len(text) > 300:
+        text = text[:297] + "..."
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}"
+    return f"unexpected {type(exc).__name__}: {text}; run with {DEBUG_ENV}=1 for the traceback"
+
+
 class PluginRuntimeError(RuntimeError):
     """A plugin failed while running; `slot` says which chain should move on (raised by the slot guards)."""
 

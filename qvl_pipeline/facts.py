@@ -61,10 +61,12 @@ class ContextFacts:
 
 @dataclass(frozen=True)
 class PixelFacts:
-    """The cap on an image's resized area (None: the checkpoint's own) and why."""
+    """The cap on an image's resized area (None: the checkpoint's own) and why. A budget only lowers the
+    checkpoint's own maximum; an explicit `processing.max_pixels` replaces it."""
 
     max_pixels: int | None
     reason: str
+    explicit: bool = False
 
 
 @dataclass(frozen=True)

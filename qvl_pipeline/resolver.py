@@ -145,7 +145,8 @@ class Resolver:
         raw = (self.slots[spec.slot].options or {}).get(spec.name) or {}
         return build_options(spec.cls.Options, raw, f"{spec.slot}.options.{spec.name}")
 
-    def _reference(self, slot: str) -> Plugin:
+    def reference(self, slot: str) -> Plugin:
+        """An instance of the slot's reference plugin (what self-tests compare against)."""
         if slot not in self._references:
             name = SLOTS[slot].reference
             spec = self.registry.load(slot, name)
@@ -214,7 +215,7 @@ class Resolver:
         try:
             plugin = spec.cls(self.facts, options, name=spec.name)
             if self.opt.self_test:
-                plugin.self_test(self._reference(spec.slot))
+                plugin.self_test(self.reference(spec.slot))
         except QvlError:
             raise
         except Exception as exc:

@@ -96,7 +96,8 @@ class RootConfig:
     processing: ProcessingConfig = field(default_factory=ProcessingConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
-    prompt: str = "Describe this image."
+    prompt: str = "Describe this image."     # taken literally from the command line (never interpolated)
+    prompt_file: str | None = None   # the prompt is this UTF-8 file's text (`-`: standard input); wins over prompt
     image: str | None = None
     images: list[str] = field(default_factory=list)
     video: list[str] = field(default_factory=list)   # a video given as frame image paths

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import torch
 
-from qvl_pipeline.errors import PluginError, PluginRuntimeError
+from qvl_pipeline.errors import NumericsError, PluginError, PluginRuntimeError
 from qvl_pipeline.generation.sampling import Sampler
 from qvl_pipeline.model.fusion import Fused
 from qvl_pipeline.model.qwen3_vl import Qwen3VL
@@ -63,6 +63,46 @@ def with_recovery(step: Callable[[], T], recover: Recover, log: list[str],
                       "choose plugins explicitly (see task=plan) or report the failing plugin")
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all()) if t.is_floating_point() else True
+
+
+def first_nonfinite_part(model: Qwen3VL, rerun: Callable[[], torch.Tensor],
+                         inputs: Callable[[], torch.Tensor] | None = None) -> str:
+    """Where a step first goes non-finite: reruns it with a hook on every decoder layer (diagnosis after a failure,
+    never on the hot path). `inputs`: the step's input embeddings, when known. Returns a phrase for the message."""
+    try:
+        embeds = inputs() if inputs is not None else None
+    except Exception:
+        embeds = None
+    if embeds is not None and not _all_finite(embeds):
+        return "its input embeddings (token embeddings or vision features) already hold NaN/Inf"
+    try:
+        layers = list(model.model.language_model.layers)
+    except AttributeError:
+        return ""
+    bad: list[int] = []
+
+    def hook(index: int) -> Callable[..., None]:
+        def check(module: torch.nn.Module, args: object, output: object) -> None:
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if not bad and isinstance(out, torch.Tensor) and not _all_finite(out):
+                bad.append(index)
+        return check
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        rerun()
+    except Exception:                  # the diagnosis is best effort: the error it annotates is the news
+        return ""
+    finally:
+        for handle in handles:
+            handle.remove()
+    if bad:
+        return f"the first non-finite output is decoder layer {bad[0]} (of {len(layers)})"
+    return f"every decoder layer's output is finite (all {len(layers)}): the final norm or the output head is not"
+
+
 class Engine:
     """Runs one generation for a prepared prompt."""
 
@@ -70,9 +110,22 @@ class Engine:
         self.model = model
         self.recover = recover
 
-    def _retrying(self, cache: KVCache, step: Callable[[], torch.Tensor], outcome: Outcome) -> torch.Tensor:
+    def _retrying(self, cache: KVCache, step: Callable[[], torch.Tensor], outcome: Outcome, where: str,
+                  inputs: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """The step's logits, retried from preserved state after a plugin failure; NumericsError when they are not
+        all finite (NaN/Inf weights or an overflowing dtype would otherwise emit token 0 forever, or crash the
+        sampler): the step is rerun once from the same state to name the first decoder layer that goes wrong."""
         length = cache.length                    # preserved state: what the cache held before the step
-        return with_recovery(step, self.recover, outcome.recoveries, lambda: cache.truncate(length))
+        logits = with_recovery(step, self.recover, outcome.recoveries, lambda: cache.truncate(length))
+        if _all_finite(logits):
+            return logits
+        cache.truncate(length)
+        part = first_nonfinite_part(self.model, step, inputs)
+        cache.truncate(length)
+        raise NumericsError(
+            f"the model computed non-finite logits (NaN/Inf) at {where}" + (f"; {part}" if part else ""),
+            "the weights hold NaN/Inf or the compute dtype overflows: check the checkpoint, try model.dtype=float32 "
+            "or opt=minimal")
 
     def run(self, fused: Fused, cache: KVCache, *, context_ids: Sequence[int], start: int, sampler: Sampler,
             max_new_tokens: int, stop_ids: Sequence[int], on_token: Callable[[int], None] | None = None,
@@ -82,7 +135,9 @@ class Engine:
         stops = set(stop_ids)
         seen = list(context_ids)
         t0 = time.perf_counter()
-        logits = self._retrying(cache, lambda: feed(self.model, fused, start, cache), outcome)
+        logits = self._retrying(cache, lambda: feed(self.model, fused, start, cache), outcome,
+                                f"the prefill of prompt positions {start}..{len(context_ids) - 1}",
+                                lambda: fused.inputs_embeds[:, start:])
         outcome.prefill_s = time.perf_counter() - t0
         capacity = getattr(getattr(cache, "shape", None), "max_len", None)
         t1 = time.perf_counter()
@@ -103,6 +158,7 @@ class Engine:
                 break
             ids = torch.tensor([[token]], device=self.model.device)
             logits = self._retrying(
-                cache, lambda ids=ids: self.model.decode_step(ids, cache, fused.rope_delta)[0, -1], outcome)
+                cache, lambda ids=ids: self.model.decode_step(ids, cache, fused.rope_delta)[0, -1], outcome,
+                f"decode step {len(outcome.tokens)} (after token {token})", lambda ids=ids: self.model.embed(ids))
         outcome.decode_s = time.perf_counter() - t1
         return outcome

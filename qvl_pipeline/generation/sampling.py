@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from qvl_pipeline.errors import ConfigError
+
+SEED_LIMIT = 2**63          # torch generators take seeds below 2**63 (as signed 64-bit integers)
 
 
 @dataclass(frozen=True)
@@ -20,12 +23,19 @@ class SamplingParams:
     seed: int = 0
 
     def check(self) -> SamplingParams:
-        """Raise ConfigError naming the first out-of-range value."""
-        rules = ((self.temperature >= 0, "generate.temperature must be ≥ 0", self.temperature),
-                 (self.top_k >= 0, "generate.top_k must be ≥ 0", self.top_k),
-                 (0 < self.top_p <= 1, "generate.top_p must be in (0, 1]", self.top_p),
-                 (0 <= self.min_p < 1, "generate.min_p must be in [0, 1)", self.min_p),
-                 (self.repetition_penalty > 0, "generate.repetition_penalty must be > 0", self.repetition_penalty))
+        """Raise ConfigError naming the first out-of-range value (the one place these ranges live: the CLI's
+        config validation and per-request overrides both come here)."""
+        finite = all(math.isfinite(v) for v in (self.temperature, self.top_p, self.min_p, self.repetition_penalty))
+        rules = ((finite, "generate.temperature, top_p, min_p and repetition_penalty must be finite numbers",
+                  (self.temperature, self.top_p, self.min_p, self.repetition_penalty)),
+                 (self.temperature >= 0, "generate.temperature must be ≥ 0 (0 = greedy)", self.temperature),
+                 (self.top_k >= 0, "generate.top_k must be ≥ 0 (0 = off)", self.top_k),
+                 (0 < self.top_p <= 1, "generate.top_p must be in (0, 1] (1 = off)", self.top_p),
+                 (0 <= self.min_p < 1, "generate.min_p must be in [0, 1) (0 = off)", self.min_p),
+                 (self.repetition_penalty > 0, "generate.repetition_penalty must be > 0 (1 = off)",
+                  self.repetition_penalty),
+                 (0 <= self.seed < SEED_LIMIT, f"generate.seed must be in [0, 2**63 - 1 = {SEED_LIMIT - 1}]",
+                  self.seed))
         for ok, message, value in rules:
             if not ok:
                 raise ConfigError(f"{message}, got {value}", "fix the value on the command line")
@@ -77,6 +87,8 @@ class Sampler:
         scores = apply_repetition_penalty(logits.float().cpu(), seen, p.repetition_penalty)
         if p.temperature == 0:
             return int(torch.argmax(scores))
-        scores = filter_logits(scores / p.temperature, p.top_k, p.top_p, p.min_p)
+        # Shifted so the best score is 0 before dividing: a tiny temperature then gives 0 and -inf (greedy in the
+        # limit) instead of inf - inf = NaN; the softmax is unchanged by the shift.
+        scores = filter_logits((scores - scores.max()) / p.temperature, p.top_k, p.top_p, p.min_p)
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))

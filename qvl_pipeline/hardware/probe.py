@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,8 +19,6 @@ from qvl_pipeline.hardware.profile import (
     HardwareProfile,
     StorageFacts,
 )
-
-CACHE_DIR = Path(os.environ.get("QVL_CACHE_DIR", Path.home() / ".cache" / "qvl_pipeline"))
 
 
 def read_cpuinfo(text: str) -> tuple[str, tuple[str, ...]]:
@@ -147,23 +146,66 @@ def measure_memory_gb_s(size_mb: int = 256) -> float:
     return round(2 * src.numel() * 4 / best / 1e9, 1)
 
 
+SCRATCH_BYTES = 64 * 1024**2     # the temp file measured when there are no model shards to read
+
+
+def cache_dir() -> Path:
+    """QVL_CACHE_DIR (read when called, so a changed environment counts) or ~/.cache/qvl_pipeline."""
+    return Path(os.environ.get("QVL_CACHE_DIR", Path.home() / ".cache" / "qvl_pipeline"))
+
+
+def _scratch_read_mb_s(folder: Path, size: int | None = None) -> float:
+    """Read speed of a temp file of `size` bytes written (and synced, and dropped from the page cache) in `folder`;
+    0.0 when it cannot be written. The file is always removed."""
+    import tempfile
+
+    size = size or SCRATCH_BYTES
+    try:
+        fd, name = tempfile.mkstemp(prefix=".qvl-disk-speed-", suffix=".tmp", dir=folder)
+    except OSError:
+        return 0.0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            block = os.urandom(1024**2)
+            for _ in range(size // len(block)):
+                fh.write(block)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return measure_read_mb_s([Path(name)], limit_bytes=size)
+    except OSError:
+        return 0.0
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
 def disk_speed(path: Path) -> float:
-    """Cached per device: read speed of the files under `path` (or of `path`)."""
-    dev = os.stat(path).st_dev
-    cache = CACHE_DIR / "disk_speed.json"
+    """Cached per device: sequential read speed of the disk holding `path`. A checkpoint folder's `*.safetensors`
+    shards (a file: itself) are read; a folder without shards gets a bounded temp file written in it. Never walks
+    a folder tree. 0.0 = could not be measured."""
+    try:
+        dev = os.stat(path).st_dev
+    except OSError:
+        return 0.0
+    cache = cache_dir() / "disk_speed.json"
     try:
         known = json.loads(cache.read_text())
+        known = known if isinstance(known, dict) else {}
     except (OSError, ValueError):
         known = {}
     key = f"{os.major(dev)}:{os.minor(dev)}"
-    if key not in known:
-        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-        files = files or [p for p in path.rglob("*") if p.is_file()][:8]
-        if not files:
+    if not isinstance(known.get(key), (int, float)):
+        if path.is_dir():
+            files = sorted(path.glob("*.safetensors"))[:8]
+            speed = measure_read_mb_s(files) if files else _scratch_read_mb_s(path)
+        else:
+            speed = measure_read_mb_s([path])
+        if not speed:
             return 0.0
-        known[key] = measure_read_mb_s(files)
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(known))
+        known[key] = speed
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(known))
     return float(known[key])
 
 
@@ -171,7 +213,13 @@ def probe_machine(model_path: str | None = None, measure: bool = False) -> tuple
     """This machine as a HardwareProfile (without chains) and notes worth telling the user."""
     cpu = probe_cpu()
     gpu, note = probe_gpu()
-    disk = Path(model_path) if model_path and Path(model_path).exists() else Path.cwd()
+    # The model's disk; without a model.path, the cache folder that holds the demo checkpoint (never the current
+    # folder: measuring reads shards or one bounded temp file, and walks no tree).
+    model = Path(model_path).expanduser() if model_path else None
+    disk = model if model is not None and model.exists() else cache_dir()
+    if disk == cache_dir() and measure:
+        with contextlib.suppress(OSError):
+            disk.mkdir(parents=True, exist_ok=True)
     storage = StorageFacts(kind=storage_kind(disk), read_mb_s=disk_speed(disk) if measure else 0.0)
     if measure:
         cpu = replace(cpu, memory_bandwidth_gb_s=measure_memory_gb_s())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -16,6 +17,52 @@ RUN_SWITCHES = frozenset({"probe", "emulate", "measure"})
 
 class ProfileError(ValueError):
     """A hardware profile is malformed; the message names the field."""
+
+
+# The budgets a profile may set, each an integer ≥ 1 (a run's request limits).
+BUDGET_KEYS = ("max_pixels", "max_context")
+STORAGE_KINDS = ("nvme", "ssd", "hdd", "unknown")
+# Ranges of the numeric facts, (low, high, low_inclusive): a machine has at least one core and some memory; sizes
+# and bandwidths are never negative (0 = unknown where the field says so).
+_RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "CpuFacts.physical_cores": (1, None, True), "CpuFacts.threads": (1, None, True),
+    "CpuFacts.l2_kb": (0, None, True), "CpuFacts.l3_kb": (0, None, True),
+    "CpuFacts.memory_bandwidth_gb_s": (0, None, True),
+    "GpuFacts.vram_gb": (0, None, False), "GpuFacts.memory_bandwidth_gb_s": (0, None, True),
+    "GpuFacts.pcie_gb_s": (0, None, True), "StorageFacts.read_mb_s": (0, None, True),
+    "HardwareProfile.ram_gb": (0, None, False),
+}
+
+
+def _check_range(owner: str, name: str, value: Any, where: str) -> None:
+    """Raise ProfileError when a numeric fact is NaN/inf or outside its range (see _RANGES)."""
+    rule = _RANGES.get(f"{owner}.{name}")
+    if rule is None or not isinstance(value, (int, float)):
+        return
+    low, high, inclusive = rule
+    ok = math.isfinite(value) and (value >= low if inclusive else value > low) and (high is None or value <= high)
+    if not ok:
+        bound = f"{'≥' if inclusive else '>'} {low:g}"
+        raise ProfileError(f"{where}: must be a number {bound}, got {value!r}")
+
+
+def check_budgets(budgets: Any, where: str = "hardware.budgets") -> dict[str, int]:
+    """The budgets mapping validated: known keys only, each an integer ≥ 1 (null entries dropped)."""
+    if budgets is None:
+        return {}
+    if not isinstance(budgets, dict):
+        raise ProfileError(f"{where}: expected a mapping such as {{max_pixels: 1003520}}")
+    checked = {}
+    for key, value in budgets.items():
+        if key not in BUDGET_KEYS:
+            raise ProfileError(f"{where}.{key}: unknown budget; known budgets are {list(BUDGET_KEYS)}")
+        if value is None:
+            continue
+        value = _coerce(value, "int", f"{where}.{key}")
+        if value < 1:
+            raise ProfileError(f"{where}.{key}: must be an integer ≥ 1, got {value}")
+        checked[key] = value
+    return checked
 
 
 @dataclass(frozen=True)
@@ -107,6 +154,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, known[name].type, f"{where}.{name}")
+        _check_range(cls.__name__, name, kwargs[name], f"{where}.{name}")
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is absent
@@ -162,19 +210,27 @@ def profile_from_dict(data: dict[str, Any]) -> HardwareProfile:
         if not (isinstance(chain, (list, tuple)) and chain and all(isinstance(c, str) for c in chain)):
             raise ProfileError(f"hardware.chains.{slot}: expected a non-empty list of plugin names, got {chain!r}")
         chains[slot] = tuple(chain)
-    budgets_raw = data.get("budgets") or {}
-    if not isinstance(budgets_raw, dict):
-        raise ProfileError("hardware.budgets: expected a mapping such as {max_pixels: 1003520}")
-    budgets = {key: _coerce(value, "int", f"hardware.budgets.{key}") for key, value in budgets_raw.items()
-               if value is not None}
+    budgets = check_budgets(data.get("budgets") or {})
     ram = _coerce(data["ram_gb"], "float", "hardware.ram_gb")
+    _check_range("HardwareProfile", "ram_gb", ram, "hardware.ram_gb")
     gpu_raw = data.get("gpu")
+    cpu = _build(CpuFacts, data["cpu"], "hardware.cpu")
+    if cpu.threads < cpu.physical_cores:
+        raise ProfileError(f"hardware.cpu.threads: a CPU has at least one thread per core, got {cpu.threads} threads "
+                           f"for {cpu.physical_cores} cores")
+    storage = _build(StorageFacts, data["storage"], "hardware.storage")
+    if storage.kind not in STORAGE_KINDS:
+        raise ProfileError(f"hardware.storage.kind: expected one of {list(STORAGE_KINDS)}, got {storage.kind!r}")
+    gpu = None if gpu_raw is None else _build(GpuFacts, gpu_raw, "hardware.gpu")
+    if gpu is not None and (gpu.compute_capability[0] < 1 or gpu.compute_capability[1] < 0):
+        raise ProfileError(f"hardware.gpu.compute_capability: expected [major ≥ 1, minor ≥ 0], got "
+                           f"{list(gpu.compute_capability)}")
     return HardwareProfile(
         name=_coerce(data["name"], "str", "hardware.name"),
-        cpu=_build(CpuFacts, data["cpu"], "hardware.cpu"),
+        cpu=cpu,
         ram_gb=ram,
-        storage=_build(StorageFacts, data["storage"], "hardware.storage"),
-        gpu=None if gpu_raw is None else _build(GpuFacts, gpu_raw, "hardware.gpu"),
+        storage=storage,
+        gpu=gpu,
         chains=chains,
         budgets=budgets,
         description=_coerce(data.get("description", ""), "str", "hardware.description"),

@@ -25,6 +25,7 @@ from qvl_pipeline.model.qwen3_vl import Qwen3VL, skeleton
 from qvl_pipeline.processing.image import ImageProcessor
 from qvl_pipeline.processing.tokenizer import Tokenizer, check_special_token_ids
 from qvl_pipeline.processing.video import VideoProcessor
+from qvl_pipeline.processing.vision_config import read_vision_config
 from qvl_pipeline.runtime.demo import ensure_demo_checkpoint
 from qvl_pipeline.slots import KVCache, KVCacheBackend, MemoryManager, Placement
 
@@ -69,7 +70,7 @@ def model_facts(model: ModelSection) -> ModelFacts:
 def pixel_budget(processing: ProcessingConfig, opt: OptConfig, report: HardwareReport) -> PixelFacts:
     """The max_pixels cap in force and where it comes from (pure)."""
     if processing.max_pixels:
-        return PixelFacts(int(processing.max_pixels), "processing.max_pixels override")
+        return PixelFacts(int(processing.max_pixels), "processing.max_pixels override", explicit=True)
     budget = report.profile.budgets.get("max_pixels")
     if budget and opt.use_budgets:
         return PixelFacts(int(budget), f"hardware profile {report.target} budget")
@@ -140,6 +141,13 @@ def load_model(skeleton_model: Qwen3VL, folder: Path, kernels: Any, memory: Memo
     return LoadedModel(model, report, placement, time.perf_counter() - start)
 
 
+def pixel_cap(folder: Path, pixels: PixelFacts, video: bool = False) -> int | None:
+    """The max_pixels to process with: an explicit override as given; a budget never above the checkpoint's own."""
+    if pixels.max_pixels is None or pixels.explicit:
+        return pixels.max_pixels
+    return min(pixels.max_pixels, read_vision_config(folder, video=video).max_pixels)
+
+
 def checked_tokenizer(folder: Path, config: ModelConfig) -> Tokenizer:
     """The checkpoint's tokenizer, after checking config.json's vision token ids and vocabulary against it."""
     tokenizer = Tokenizer.from_folder(folder)
@@ -152,7 +160,8 @@ def checked_tokenizer(folder: Path, config: ModelConfig) -> Tokenizer:
 def image_processor(folder: Path, model: ModelFacts, pixels: PixelFacts,
                     processing: ProcessingConfig) -> ImageProcessor:
     """The checkpoint's image processor under the pixel budget, its patch geometry checked against the model's."""
-    processor = ImageProcessor.from_folder(folder, max_pixels=pixels.max_pixels, min_pixels=processing.min_pixels,
+    processor = ImageProcessor.from_folder(folder, max_pixels=pixel_cap(folder, pixels),
+                                           min_pixels=processing.min_pixels,
                                            max_image_pixels=processing.max_image_pixels)
     processor.config.check_against(model.hf_config.get("vision_config") or {})
     return processor
@@ -160,7 +169,7 @@ def image_processor(folder: Path, model: ModelFacts, pixels: PixelFacts,
 
 def video_processor(folder: Path, pixels: PixelFacts, processing: ProcessingConfig) -> VideoProcessor:
     """The checkpoint's video processor under the same pixel budget and decompression guard as images."""
-    return VideoProcessor.from_folder(folder, max_pixels=pixels.max_pixels,
+    return VideoProcessor.from_folder(folder, max_pixels=pixel_cap(folder, pixels, video=True),
                                       max_image_pixels=processing.max_image_pixels)
 
 

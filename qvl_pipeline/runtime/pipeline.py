@@ -216,13 +216,23 @@ class Pipeline:
 
     def chat_turn(self, conversation: Conversation, text: str, images: Sequence[str] = (),
                   on_text: Callable[[str], None] | None = None, **overrides: Any) -> dict[str, Any]:
-        """One more turn of `conversation`, reusing its KV cache and the cached image features."""
-        conversation.images.extend(images)
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-        conversation.messages.append({"role": "user", "content": content})
-        vision = self.images(conversation.images) if conversation.images else None
-        prompt_obj = build_prompt(self.tokenizer, self.template, text, messages=conversation.messages,
-                                  image_tokens=vision.token_counts() if vision else ())
-        result = self._run(prompt_obj.input_ids, vision, conversation, on_text, overrides)
+        """One more turn of `conversation`, reusing its KV cache and the cached image features. A turn that fails
+        (any exception, Ctrl-C included) leaves the conversation as it was: its message and images are dropped, and
+        the cache is reused next turn only if the failure left it untouched."""
+        n_messages, n_images = len(conversation.messages), len(conversation.images)
+        cache_length = conversation.cache.length if conversation.cache is not None else 0
+        try:
+            conversation.images.extend(images)
+            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+            conversation.messages.append({"role": "user", "content": content})
+            vision = self.images(conversation.images) if conversation.images else None
+            prompt_obj = build_prompt(self.tokenizer, self.template, text, messages=conversation.messages,
+                                      image_tokens=vision.token_counts() if vision else ())
+            result = self._run(prompt_obj.input_ids, vision, conversation, on_text, overrides)
+        except BaseException:
+            del conversation.messages[n_messages:], conversation.images[n_images:]
+            if conversation.cache is not None and conversation.cache.length != cache_length:
+                conversation.cached_ids = []
+            raise
         conversation.messages.append({"role": "assistant", "content": [{"type": "text", "text": result["text"]}]})
         return result
