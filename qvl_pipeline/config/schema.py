@@ -67,7 +67,8 @@ class FeaturesConfig:
 class ProcessingConfig:
     max_pixels: int | None = None   # cap on resized image area (pixels); null = checkpoint / profile
     min_pixels: int | None = None
-    max_image_pixels: int = 178_956_970   # decompression-bomb guard on the *input* file
+    max_image_pixels: int = 2**26   # decompression-bomb guard on the *input* file, checked from its header (64 MP)
+    allow_special_tokens: bool = False   # true: control tokens typed in the prompt act as control tokens (unsafe)
 
 
 @dataclass

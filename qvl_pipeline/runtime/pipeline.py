@@ -118,6 +118,18 @@ class Pipeline:
         """The generated demo picture (CLI runs on the demo use it when no image is given)."""
         return [str(self.folder / DEMO_IMAGE)] if self.is_demo else []
 
+    def first_logits(self, prompt: str, images: Sequence[str] = ()) -> torch.Tensor:
+        """The logits [vocab] (fp32) that choose the first answer token for `prompt` (+ images), without a cache:
+        for comparing configurations (accuracy reports, task=validate)."""
+        vision = self.images(list(images)) if images else None
+        prompt_obj = build_prompt(self.tokenizer, self.template, prompt,
+                                  image_tokens=vision.token_counts() if vision else ())
+        fused, _ = self._fuse(prompt_obj.input_ids, vision)
+        with torch.inference_mode():
+            logits = self.model.forward_decoder(fused.inputs_embeds, fused.position_ids, None, fused.visual_mask,
+                                                fused.deepstack, last_only=True)
+        return logits[0, -1].float()
+
     def _sampler(self, overrides: Mapping[str, Any]) -> tuple[Sampler, int]:
         gen = {**vars(self.config.generate), **{k: v for k, v in overrides.items() if v is not None}}
         params = SamplingParams(temperature=float(gen["temperature"]), top_k=int(gen["top_k"]),
@@ -206,7 +218,8 @@ class Pipeline:
         clips = self.processors.videos()([list(video)]) if video else None
         specs = clips.prompt_specs() if clips is not None else []
         prompt_obj = build_prompt(self.tokenizer, self.template, prompt,
-                                  image_tokens=vision.token_counts() if vision else (), videos=specs)
+                                  image_tokens=vision.token_counts() if vision else (), videos=specs,
+                                  allow_special_tokens=self.config.processing.allow_special_tokens)
         overrides = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
         result = self._run(prompt_obj.input_ids, vision, None, on_text, overrides, clips)
@@ -227,7 +240,8 @@ class Pipeline:
             conversation.messages.append({"role": "user", "content": content})
             vision = self.images(conversation.images) if conversation.images else None
             prompt_obj = build_prompt(self.tokenizer, self.template, text, messages=conversation.messages,
-                                      image_tokens=vision.token_counts() if vision else ())
+                                      image_tokens=vision.token_counts() if vision else (),
+                                      allow_special_tokens=self.config.processing.allow_special_tokens)
             result = self._run(prompt_obj.input_ids, vision, conversation, on_text, overrides)
         except BaseException:
             del conversation.messages[n_messages:], conversation.images[n_images:]

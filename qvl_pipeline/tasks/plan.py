@@ -8,6 +8,7 @@ from pathlib import Path
 from qvl_pipeline.config.schema import RootConfig
 from qvl_pipeline.container import RootContainer
 from qvl_pipeline.plan import render_plan
+from qvl_pipeline.tasks.results import write_unit
 
 
 def run(config: RootConfig, container: RootContainer, results_dir: Path | None = None) -> int:
@@ -17,6 +18,5 @@ def run(config: RootConfig, container: RootContainer, results_dir: Path | None =
     else:
         print(render_plan(plan))
     if results_dir is not None:
-        results_dir.mkdir(parents=True, exist_ok=True)
-        (results_dir / "plan.json").write_text(json.dumps(plan, indent=2))
+        write_unit(results_dir, {"plan.json": plan})
     return 0

@@ -17,6 +17,7 @@ from qvl_pipeline.container import RootContainer, make_container
 from qvl_pipeline.errors import QvlError
 from qvl_pipeline.slots import SLOTS
 from qvl_pipeline.slots.selftest import END_TO_END_TOLERANCE, TOLERANCE
+from qvl_pipeline.tasks.results import write_unit
 
 PROMPTS = ("Describe this picture.", "Write one sentence about the sea.")
 TOKENS = 16
@@ -113,6 +114,5 @@ def run(config: RootConfig, container: RootContainer, results_dir: Path | None =
     else:
         print(text)
     if results_dir is not None:
-        results_dir.mkdir(parents=True, exist_ok=True)
-        (results_dir / "validate.json").write_text(json.dumps([dataclasses.asdict(c) for c in checks], indent=2))
+        write_unit(results_dir, {"validate.json": [dataclasses.asdict(c) for c in checks]})
     return 0 if all(c.passed for c in checks) else 6
