@@ -81,7 +81,7 @@ def kernels(w: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], Prepared
     out_f, in_f = w.shape
 
     def dense(dtype: torch.dtype) -> Prepared:
-        wd, xd = w.to(dtype), x.to(dtype)
+        wd, xd = w.to(dtype, copy=True), x.to(dtype)
         return Prepared(lambda: F.linear(xd, wd), wd.nbytes)
 
     def int8pack(act: torch.dtype) -> Prepared:
@@ -133,7 +133,12 @@ def kernels(w: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], Prepared
                                                       "none", [], "")
         return Prepared(call, q.nbytes + scale.nbytes)
 
+    def read_ceiling() -> Prepared:
+        wd = w.clone()
+        return Prepared(lambda: wd.amax(), wd.nbytes)
+
     table: dict[str, Callable[[], Prepared]] = {
+        "read fp32 (amax)": read_ceiling,
         "fp32 linear": lambda: dense(torch.float32),
         "bf16 linear": lambda: dense(torch.bfloat16),
         "int8pack_mm bf16": lambda: int8pack(torch.bfloat16),
@@ -150,17 +155,18 @@ def kernels(w: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], Prepared
 
 
 def time_calls(calls: list[Op], min_time: float, max_iters: int) -> tuple[float, float, int]:
-    """(best, median) seconds per call over at least `min_time` seconds of repeats (after one warm-up round);
-    one repeat runs every call in `calls` once (copies of the same product on distinct weights)."""
+    """(best, median) seconds of one call, each call timed on its own, cycling through `calls` (copies of the
+    same product on distinct weights) for at least `min_time` seconds after one warm-up round. On a shared machine
+    the best is the uncontended time, the median what contention left."""
     for call in calls:
         call()
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < max_iters and (time.perf_counter() - start < min_time or len(times) < 3):
+    while len(times) < max_iters * len(calls) and (time.perf_counter() - start < min_time or len(times) < 3):
+        call = calls[len(times) % len(calls)]
         t0 = time.perf_counter()
-        for call in calls:
-            call()
-        times.append((time.perf_counter() - t0) / len(calls))
+        call()
+        times.append(time.perf_counter() - t0)
         if times[-1] > 2.0:               # a scalar fallback: one measurement is enough
             break
     return min(times), statistics.median(times), len(times)
@@ -195,7 +201,7 @@ def run(threads: int, rows_list: list[int], min_time: float, only: set[str] | No
                     results.append(row)
                     print(f"  {shape:<18} rows={rows:<4} {name:<22} unavailable: {row['error']}", file=sys.stderr)
                     continue
-                err = ((got - want).norm() / want.norm()).item()
+                err = ((got - want).norm() / want.norm()).item() if got.shape == want.shape else float("nan")
                 row.update(best_ms=round(best * 1e3, 4), median_ms=round(median * 1e3, 4), iters=n,
                            weight_bytes=prepared.weight_bytes, rel_err=float(f"{err:.3g}"),
                            gb_s=round(prepared.weight_bytes / best / 1e9, 2),
@@ -343,12 +349,29 @@ def load_worker(spec: dict) -> dict:
                 logits = model.decode_step(token, cache, torch.zeros(1, dtype=torch.long))
                 token = logits[:, -1:].argmax(-1)
                 steps.append(time.perf_counter() - t1)
+            if spec.get("profile"):
+                out["profile"] = _profile_steps(model, cache, token, spec["profile"])
         out.update(prefill_s=round(prefill, 3), prompt_tokens=spec["prompt"],
                    decode_tokens_per_s=round(len(steps) / sum(steps), 3),
                    decode_best_step_ms=round(min(steps) * 1e3, 2),
                    decode_median_step_ms=round(statistics.median(steps) * 1e3, 2))
     out.update(peak_rss_gib=_peak_rss_gib(), rss_gib=_current_rss_gib())
     return out
+
+
+def _profile_steps(model: torch.nn.Module, cache: object, token: torch.Tensor, steps: int) -> list[dict]:
+    """torch.profiler over `steps` decode steps: per op, calls and self CPU time per step (printed to stderr)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            logits = model.decode_step(token, cache, torch.zeros(1, dtype=torch.long))
+            token = logits[:, -1:].argmax(-1)
+    table = prof.key_averages()
+    print(table.table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
+    rows = sorted(table, key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "calls_per_step": e.count / steps, "self_ms_per_step": round(e.self_cpu_time_total / 1e3
+             / steps, 3)} for e in rows[:40]]
 
 
 def load_main(argv: list[str]) -> int:
@@ -369,6 +392,7 @@ def load_main(argv: list[str]) -> int:
     parser.add_argument("--starts", type=int, default=2, help="starts to measure (the first one is cold)")
     parser.add_argument("--decode", type=int, default=0, help="tokens to decode after loading")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
+    parser.add_argument("--profile", type=int, default=0, help="profile this many extra decode steps (last start)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("bench-load.json"))
     args = parser.parse_args(argv)
@@ -382,19 +406,23 @@ def load_main(argv: list[str]) -> int:
         except json.JSONDecodeError:
             options[key] = value
     cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="qvl-bench-cache-"))
-    options.setdefault("cache_dir", str(cache_dir))
+    if args.kernels.endswith("_weight_only"):              # the quantising plugins take a cache folder
+        options.setdefault("cache_dir", str(cache_dir))
     spec = {"folder": str(args.folder), "kernels": args.kernels, "options": options, "decode": args.decode,
             "prompt": args.prompt, "threads": args.threads}
     runs = []
     try:
         for i in range(args.starts):
+            last = {"profile": args.profile} if i == args.starts - 1 and args.profile and args.decode else {}
             run_ = subprocess.run([sys.executable, "-m", "qvl_pipeline.bench.kernels", "_load_worker",
-                                   json.dumps(spec)], capture_output=True, text=True)
+                                   json.dumps({**spec, **last})], capture_output=True, text=True)
             if run_.returncode:
                 print(run_.stderr, file=sys.stderr)
                 return run_.returncode
             runs.append(json.loads(run_.stdout.strip().splitlines()[-1]))
-            print(f"start {i + 1}: {runs[-1]}", file=sys.stderr)
+            if last:
+                print(run_.stderr, file=sys.stderr)
+            print(f"start {i + 1}: { {k: v for k, v in runs[-1].items() if k != 'profile'} }", file=sys.stderr)
     finally:
         if args.cache_dir is None:
             shutil.rmtree(cache_dir, ignore_errors=True)

@@ -81,42 +81,82 @@ def cache_key(source_fingerprint: str, fmt: str, params: Mapping[str, Any]) -> s
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+class AlignedSafetensorsWriter:
+    """Writes one safetensors file whose every tensor starts 64-byte aligned, a tensor at a time: the header is
+    laid out from `specs` (name -> (shape, dtype), in file order) and each `write` must follow that order."""
+
+    def __init__(self, path: Path, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                 metadata: Mapping[str, str] | None = None) -> None:
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        self._order: list[tuple[str, tuple[int, ...], torch.dtype, int]] = []   # name, shape, dtype, padding before
+        offset = 0
+        for name, (shape, dtype) in specs.items():
+            if name.startswith(PAD_PREFIX):
+                raise ValueError(f"tensor name {name!r} is reserved for padding")
+            if dtype not in _DTYPES:
+                raise ValueError(f"tensor {name} has dtype {dtype}, which safetensors cannot store")
+            pad = -offset % ALIGN
+            if pad:
+                header[f"{PAD_PREFIX}{len(self._order)}"] = {"dtype": "U8", "shape": [pad],
+                                                             "data_offsets": [offset, offset + pad]}
+                offset += pad
+            nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+            header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._order.append((name, tuple(shape), dtype, pad))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-(8 + len(raw)) % ALIGN)          # trailing spaces: allowed, and align the data start
+        self.size = 8 + len(raw) + offset
+        self._next = 0
+        self._fh = path.open("wb")
+        try:
+            self._fh.write(struct.pack("<Q", len(raw)))
+            self._fh.write(raw)
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; its name, shape and dtype must be the next ones of `specs`."""
+        if self._next >= len(self._order):
+            raise ValueError(f"tensor {name} is one more than the file's layout holds")
+        want, shape, dtype, pad = self._order[self._next]
+        if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"expected {want} {list(shape)} {dtype} next, got {name} {list(tensor.shape)} "
+                             f"{tensor.dtype}")
+        if pad:
+            self._fh.write(bytes(pad))
+        if tensor.numel():
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self._fh.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def close(self) -> int:
+        """Flush to disk and close; returns the file's size. Raises ValueError when tensors are missing."""
+        try:
+            if self._next != len(self._order):
+                raise ValueError(f"{len(self._order) - self._next} tensor(s) of the layout were never written")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        finally:
+            self._fh.close()
+        return self.size
+
+    def discard(self) -> None:
+        self._fh.close()
+
+
 def write_aligned_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
                               metadata: Mapping[str, str] | None = None) -> int:
     """Write `tensors` as one safetensors file whose every tensor starts 64-byte aligned; returns its size."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    pieces: list[torch.Tensor | int] = []
-    offset = 0
-    for name, tensor in tensors.items():
-        if name.startswith(PAD_PREFIX):
-            raise ValueError(f"tensor name {name!r} is reserved for padding")
-        if tensor.dtype not in _DTYPES:
-            raise ValueError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
-        if offset % ALIGN:
-            pad = ALIGN - offset % ALIGN
-            header[f"{PAD_PREFIX}{len(pieces)}"] = {"dtype": "U8", "shape": [pad],
-                                                    "data_offsets": [offset, offset + pad]}
-            pieces.append(pad)
-            offset += pad
-        nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        pieces.append(tensor)
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % ALIGN)              # trailing spaces: allowed, and align the data start
-    with path.open("wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        for piece in pieces:
-            if isinstance(piece, int):
-                fh.write(bytes(piece))
-            elif piece.numel():
-                data = piece.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-                fh.write(memoryview(data.numpy()))
-        fh.flush()
-        os.fsync(fh.fileno())
-    return 8 + len(raw) + offset
+    writer = AlignedSafetensorsWriter(path, {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}, metadata)
+    try:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    except BaseException:
+        writer.discard()
+        raise
+    return writer.close()
 
 
 def read_mapped(path: Path) -> dict[str, torch.Tensor]:
@@ -174,40 +214,22 @@ class QuantCache:
     def store(self, key: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> Path:
         """Write an entry atomically (temporary folder, then rename) and return its folder. An existing valid
         entry is kept; an invalid one is replaced. Raises OSError when it cannot be written (e.g. disk full)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temps(key)
-        need = sum(t.numel() * t.element_size() for t in tensors.values()) * SPACE_MARGIN + 2**20
-        free = shutil.disk_usage(self.dir).free
-        if free < need:
-            raise OSError(f"{free / 2**30:.2f} GiB free in {self.dir}, the entry needs {need / 2**30:.2f} GiB")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.dir))
-        final = self.entry(key)
+        writer = self.writer(key, {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}, meta)
         try:
-            nbytes = write_aligned_safetensors(tmp / TENSORS_FILE, tensors, {"key": key})
-            manifest = {"version": FORMAT_VERSION, "key": key, "bytes": nbytes, "tensors": len(tensors),
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "meta": dict(meta or {})}
-            with (tmp / MANIFEST_FILE).open("w", encoding="utf-8") as fh:
-                json.dump(manifest, fh, indent=1, default=str)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if final.exists():
-                if self.load(key) is not None:
-                    shutil.rmtree(tmp, ignore_errors=True)     # another process finished first
-                    return final
-                shutil.rmtree(final, ignore_errors=True)       # a damaged entry: replace it
-            try:
-                os.replace(tmp, final)
-            except OSError:
-                if self.load(key) is None:                     # not a concurrent writer's complete entry
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
-            _fsync_dir(self.dir)
-            return final
+            for name, tensor in tensors.items():
+                writer.write(name, tensor)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            writer.abort()
             raise
+        return writer.commit()
 
-    def _remove_stale_temps(self, key: str) -> None:
+    def writer(self, key: str, specs: Expected, meta: Mapping[str, Any] | None = None) -> EntryWriter:
+        """Start an entry whose tensors (name -> (shape, dtype), in this order) are then written one at a time,
+        so they need not all be in memory at once. Raises OSError when the disk lacks the space."""
+        return EntryWriter(self, key, specs, meta)
+
+    def remove_stale_temps(self, key: str) -> None:
+        """Remove temporary folders of `key` left by writers that crashed (older than STALE_TEMP_S)."""
         now = time.time()
         for tmp in self.dir.glob(f".{key}.*"):
             try:
@@ -215,3 +237,61 @@ class QuantCache:
                     shutil.rmtree(tmp, ignore_errors=True)
             except OSError:
                 pass
+
+
+class EntryWriter:
+    """One cache entry being written: a temporary folder, renamed into place by `commit` (see QuantCache.writer)."""
+
+    def __init__(self, cache: QuantCache, key: str, specs: Expected, meta: Mapping[str, Any] | None) -> None:
+        self.cache, self.key, self.meta = cache, key, dict(meta or {})
+        cache.dir.mkdir(parents=True, exist_ok=True)
+        cache.remove_stale_temps(key)
+        need = sum(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+                   for shape, dtype in specs.values()) * SPACE_MARGIN + 2**20
+        free = shutil.disk_usage(cache.dir).free
+        if free < need:
+            raise OSError(f"{free / 2**30:.2f} GiB free in {cache.dir}, the entry needs {need / 2**30:.2f} GiB")
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache.dir))
+        self.count = len(specs)
+        try:
+            self._file = AlignedSafetensorsWriter(self.tmp / TENSORS_FILE, specs, {"key": key})
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._file.write(name, tensor)
+
+    def abort(self) -> None:
+        """Drop the partial entry."""
+        self._file.discard()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def commit(self) -> Path:
+        """Finish the file, write the manifest, rename the folder into place; returns the entry's folder. A valid
+        entry already there (another process finished first) is kept; an invalid one is replaced."""
+        final = self.cache.entry(self.key)
+        try:
+            nbytes = self._file.close()
+            manifest = {"version": FORMAT_VERSION, "key": self.key, "bytes": nbytes, "tensors": self.count,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "meta": self.meta}
+            with (self.tmp / MANIFEST_FILE).open("w", encoding="utf-8") as fh:
+                json.dump(manifest, fh, indent=1, default=str)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if final.exists():
+                if self.cache.load(self.key) is not None:
+                    shutil.rmtree(self.tmp, ignore_errors=True)
+                    return final
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.replace(self.tmp, final)
+            except OSError:
+                if self.cache.load(self.key) is None:           # not a concurrent writer's complete entry
+                    raise
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            _fsync_dir(self.cache.dir)
+            return final
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise

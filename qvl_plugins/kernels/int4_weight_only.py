@@ -19,7 +19,7 @@ from qvl_pipeline.slots.checks import prepared_pair
 from qvl_pipeline.slots.kernels import KernelsBackend
 from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, relative_error, self_test_devices
 from qvl_plugins.kernels.int4_linear import ATEN_GROUP_SIZES, INT4PACK_MM, Int4Linear
-from qvl_plugins.kernels.int8_weight_only import COMPUTE_DTYPES, QuantizableLinear, cache_binding
+from qvl_plugins.kernels.int8_weight_only import COMPUTE_DTYPES, QuantizableLinear, cache_binding, default_pack_rows
 from qvl_plugins.kernels.quantized_model import Int4Format, Int8Format, LinearFormat, find_targets, quantize_model
 
 # 4-bit weights cannot meet APPROXIMATE's 5e-2 per layer: on Gaussian weights the relative error of a 16-level
@@ -34,7 +34,7 @@ class Int4Options:
     group_size: Literal[32, 64, 128, 256] = 32   # inputs sharing one scale and zero (smaller: more accurate, 0.5
                                                  # bit/weight more per halving)
     head_bits: Literal[4, 8] = 8                 # the output head (also a tied one) in int8 or int4
-    pack_max_rows: int = 32                      # int8 head: rows up to which its GEMV is used
+    pack_max_rows: int | None = None             # int8 head: rows up to which its GEMV is used (None: see int8)
     compute_dtype: str = "float32"               # activations' dtype: float32 | bfloat16 | float16 | stored
     cache: bool = True                           # keep the quantised weights on disk for fast restarts
     cache_dir: str = ""                          # "" = $QVL_CACHE_DIR or ~/.cache/qvl_pipeline
@@ -63,7 +63,8 @@ class Int4WeightOnlyKernels(KernelsBackend):
         self.use_aten = INT4PACK_MM is not None and (self.hw.has_isa("avx2") or self.hw.has_isa("avx512f"))
         pack_cpu = self.hw.has_isa("avx2") or self.hw.has_isa("avx512f")
         self._int4 = Int4Format(group=self.options.group_size, use_aten=self.use_aten)
-        self._int8 = Int8Format(pack_cpu=pack_cpu, pack_max_rows=self.options.pack_max_rows)
+        pack_rows = default_pack_rows(self.hw) if self.options.pack_max_rows is None else self.options.pack_max_rows
+        self._int8 = Int8Format(pack_cpu=pack_cpu, pack_max_rows=pack_rows)
 
     def linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return QuantizableLinear(in_features, out_features, bias=bias)

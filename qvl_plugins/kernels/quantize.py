@@ -2,23 +2,27 @@
 
 Peak memory stays at the quantised result plus one block: a big weight is never copied whole to fp32, and with
 `release_source` the source rows' pages are handed back to the OS after each block (a memory-mapped checkpoint
-tensor then stops counting in the process's resident memory; data is never lost, see `release_pages`).
+tensor then stops counting in the process's resident memory; see `release_pages`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
-BLOCK_ELEMENTS = 1 << 20          # source elements per block (4 MiB in fp32)
+BLOCK_ELEMENTS = 1 << 22          # source elements per block (16 MiB in fp32; fewer, larger ops: measured 5-10x
+                                  # faster than 1 << 20 when other processes compete for the cores)
 INT8_MAX = 127
 INT4_LEVELS = 15                  # codes 0..15; the kernels read w ≈ (q − 8) · scale + zero
 INT4_MID = 8
 _PAGE = 4096
+_MADV_DONTNEED = 4                # unmap: a file mapping's pages stay in the page cache, cheap to map again
 _MADV_PAGEOUT = 21                # Linux ≥ 5.4: reclaim the pages (file-backed: dropped; anonymous: swapped or kept)
+_MAPS = "/proc/self/maps"
 
 
 def _libc_madvise() -> Callable[[int, int, int], int] | None:
@@ -37,22 +41,97 @@ def _libc_madvise() -> Callable[[int, int, int], int] | None:
 _MADVISE = _libc_madvise()
 
 
-def release_pages(tensor: torch.Tensor) -> bool:
-    """Ask the OS to reclaim the whole pages inside `tensor`'s memory, when that memory is not torch's own
-    (a memory-mapped checkpoint tensor: CPU, Linux; best effort). Returns whether the call was made and succeeded.
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None).malloc_trim          # glibc only (musl has none)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
 
-    MADV_PAGEOUT never changes data: pages of a memory-mapped file are dropped and read back from the file if
-    touched again. Torch's own (resizable) allocations are skipped: they are freed when dropped, and paging them
-    out would only write them to swap."""
-    if (_MADVISE is None or tensor.device.type != "cpu" or tensor.numel() == 0
-            or tensor.untyped_storage().resizable()):
-        return False
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def trim_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc; no-op elsewhere). Quantising many tensors interleaves kept
+    results with freed block buffers; glibc keeps those holes resident (measured ~0.4 GiB for a 2B model)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _byte_range(tensor: torch.Tensor) -> tuple[int, int]:
     start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
+    return start, start + tensor.numel() * tensor.element_size()
+
+
+def is_file_backed(tensor: torch.Tensor) -> bool:
+    """Whether `tensor`'s memory lies inside one memory-mapped file (Linux; False when it cannot tell)."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0 or not sys.platform.startswith("linux"):
+        return False
+    start, end = _byte_range(tensor)
+    try:
+        with open(_MAPS, encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                # "lo-hi perms offset dev inode [path]"
+                fields = line.split(maxsplit=5)
+                lo, _, hi = fields[0].partition("-")
+                if int(lo, 16) <= start and end <= int(hi, 16):
+                    path = fields[5].strip() if len(fields) > 5 else ""
+                    return fields[4] != "0" and path.startswith("/")
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
+def release_pages(tensor: torch.Tensor, file_backed: bool | None = None) -> bool:
+    """Hand the whole pages inside `tensor`'s memory back to the OS when it is not torch's own allocation (a
+    memory-mapped checkpoint tensor; CPU, Linux, best effort). Returns whether the call was made and succeeded.
+
+    Data is never lost: a file mapping's pages are unmapped (MADV_DONTNEED; they stay in the page cache and are
+    mapped again if touched, which assumes the mapping was not written to); other external memory is paged out
+    (MADV_PAGEOUT: kept, or swapped). Torch's own (resizable) allocations are skipped: they are freed when dropped.
+    `file_backed` (from is_file_backed) saves re-reading the process's memory map for every block of a tensor."""
+    if _MADVISE is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return False
+    if file_backed is None:
+        file_backed = is_file_backed(tensor)
+    if not file_backed and tensor.untyped_storage().resizable():
+        return False
+    start, end = _byte_range(tensor)
     first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
     if last <= first:
         return False
-    return _MADVISE(first, last - first, _MADV_PAGEOUT) == 0
+    return _MADVISE(first, last - first, _MADV_DONTNEED if file_backed else _MADV_PAGEOUT) == 0
+
+
+_WORKSPACE: dict[torch.dtype, torch.Tensor] | None = None
+
+
+@contextmanager
+def reused_block_buffers() -> Iterator[None]:
+    """Within this context the quantisers share their block buffers across calls instead of allocating fresh ones
+    per tensor (fresh pages cost a page fault each: measured ~2 s over a 2B model's 300 tensors)."""
+    global _WORKSPACE
+    outer = _WORKSPACE
+    _WORKSPACE = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _WORKSPACE = outer
+
+
+def _block_buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A [rows, cols] scratch tensor: from the shared buffers inside reused_block_buffers(), else fresh."""
+    if _WORKSPACE is None:
+        return torch.empty(rows, cols, dtype=dtype)
+    flat = _WORKSPACE.get(dtype)
+    if flat is None or flat.numel() < rows * cols:
+        flat = _WORKSPACE[dtype] = torch.empty(rows * cols, dtype=dtype)
+    return flat[:rows * cols].view(rows, cols)
 
 
 def block_rows(in_features: int, multiple: int = 1, block_elements: int = BLOCK_ELEMENTS) -> int:
@@ -68,15 +147,19 @@ def quantize_int8_rows(weight: torch.Tensor, *, release_source: bool = False,
     q = torch.empty(out_f, in_f, dtype=torch.int8)
     scale = torch.empty(out_f, dtype=torch.float32)
     step = block_rows(in_f, 1, block_elements)
+    work = _block_buffer(min(step, out_f), in_f, torch.float32)        # one block, reused: no allocation churn
+    backed = release_source and is_file_backed(weight)
     with torch.no_grad():
         for s in range(0, out_f, step):
             src = weight[s:s + step]
-            w = src.to(device="cpu", dtype=torch.float32, copy=True)                   # [rows, in] fp32
-            sc = (w.abs().amax(dim=1) / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+            w = work[:src.shape[0]]
+            w.copy_(src)                                                                   # [rows, in] fp32
+            lo, hi = w.amin(dim=1), w.amax(dim=1)             # (torch.aminmax measured 5x slower on CPU)
+            sc = torch.maximum(hi, lo.neg_()).div_(INT8_MAX).clamp_min_(torch.finfo(torch.float32).tiny)
             q[s:s + step] = w.div_(sc[:, None]).round_().clamp_(-INT8_MAX, INT8_MAX)
             scale[s:s + step] = sc
             if release_source:
-                release_pages(src)
+                release_pages(src, backed)
     return q, scale
 
 
@@ -107,24 +190,30 @@ def quantize_int4_groups(weight: torch.Tensor, group: int, *,
         raise ValueError(f"in_features {in_f} is not a multiple of the group size {group}")
     groups = in_f // group
     scale_zero = torch.empty(groups, out_f, 2, dtype=scale_dtype)
+    packed = torch.empty(out_f, in_f // 2, dtype=torch.uint8)
     step = block_rows(in_f, row_multiple, block_elements)
-    parts: list[torch.Tensor] = []
+    work = _block_buffer(min(step, out_f), in_f, torch.float32)        # one block each, reused
+    codes_work = _block_buffer(min(step, out_f), in_f, torch.int32)
+    backed = release_source and is_file_backed(weight)
     with torch.no_grad():
         for s in range(0, out_f, step):
             src = weight[s:s + step]
-            w = src.to(device="cpu", dtype=torch.float32, copy=True).view(-1, groups, group)   # [rows, groups, g]
-            lo, hi = w.amin(dim=-1), w.amax(dim=-1)                                            # [rows, groups]
-            sc = ((hi - lo) / INT4_LEVELS).clamp_min(torch.finfo(torch.float32).tiny)
+            rows = src.shape[0]
+            w = work[:rows]
+            w.copy_(src)
+            g = w.view(rows, groups, group)                                                # [rows, groups, g]
+            lo, hi = g.amin(dim=-1), g.amax(dim=-1)                                        # [rows, groups]
+            sc = ((hi - lo) / INT4_LEVELS).clamp_min_(torch.finfo(torch.float32).tiny)
             zero = (lo + INT4_MID * sc).to(scale_dtype)
             sc = sc.to(scale_dtype)
-            scale_zero[:, s:s + step, 0] = sc.T
-            scale_zero[:, s:s + step, 1] = zero.T
-            codes = w.sub_(zero.float()[..., None]).div_(sc.float()[..., None]).add_(INT4_MID).round_()
-            codes = codes.clamp_(0, INT4_LEVELS).to(torch.int32).view(w.shape[0], in_f)   # [rows, in]
-            parts.append(pack(codes))
+            scale_zero[:, s:s + rows, 0] = sc.T
+            scale_zero[:, s:s + rows, 1] = zero.T
+            g.sub_(zero.float()[..., None]).div_(sc.float()[..., None]).add_(INT4_MID).round_().clamp_(0, INT4_LEVELS)
+            codes = codes_work[:rows]
+            codes.copy_(w)                                                                 # [rows, in] int32
+            packed[s:s + rows] = pack(codes)
             if release_source:
-                release_pages(src)
-    packed = parts[0] if len(parts) == 1 else torch.cat(parts)
+                release_pages(src, backed)
     return packed, scale_zero
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from qvl_pipeline.checkpoint.quant_cache import QuantCache, SourceCheckpoint, cache_key
 from qvl_plugins.kernels.int4_linear import PLAIN, Int4Linear, aten_int4_usable, aten_layout
 from qvl_plugins.kernels.int8_linear import Int8Linear
+from qvl_plugins.kernels.quantize import reused_block_buffers, trim_heap
 
 HEAD = "lm_head"
 TensorSpec = tuple[tuple[int, ...], torch.dtype]
@@ -188,15 +189,50 @@ def _cache_plan(targets: list[Target], binding: CacheBinding) -> tuple[str, dict
     return cache_key(binding.source.fingerprint, "linears", {"formats": formats, "targets": described}), expected
 
 
+def _quantize_into_cache(targets: list[Target], binding: CacheBinding, key: str,
+                         expected: dict[str, TensorSpec]) -> dict[str, torch.Tensor] | None:
+    """Quantise each target straight into a new cache entry (only one target's result in memory at a time) and
+    map the finished entry; None (with a warning) when the entry cannot be written or read back."""
+    meta = {"source": str(binding.source.folder), "targets": len(targets)}
+    try:
+        writer = binding.cache.writer(key, expected, meta)
+    except OSError as exc:
+        warnings.warn(f"quantised weights not cached ({exc}); the next start quantises again", stacklevel=3)
+        return None
+    try:
+        with reused_block_buffers():
+            for t in targets:
+                bias = t.module.bias if t.has_bias else None
+                module = t.fmt.quantize(t.module.weight, bias, release_source=True)
+                for k, v in t.fmt.state(module).items():
+                    writer.write(f"{t.name}.{k}", v)
+                del module
+                trim_heap()
+        writer.commit()
+    except OSError as exc:
+        writer.abort()
+        warnings.warn(f"quantised weights not cached ({exc}); the next start quantises again", stacklevel=3)
+        return None
+    state = binding.cache.load(key, expected)
+    if state is None:
+        warnings.warn(f"the cache entry {binding.cache.entry(key)} just written does not read back", stacklevel=3)
+    return state
+
+
 def quantize_model(model: nn.Module, targets: list[Target], cache: CacheBinding | None = None) -> nn.Module:
     """Replace every target by its quantised module; returns the model (or the new module when the model itself
-    is the only target). With `cache`, a complete entry for these targets is mapped instead of quantising, and a
-    fresh quantisation is stored (a failure to store only warns). Source weights that are memory-mapped have their
-    pages released as they are consumed."""
+    is the only target). Source weights that are memory-mapped have their pages released as they are consumed.
+
+    With `cache` (and targets that are the checkpoint's own tensors): a complete entry is mapped instead of
+    quantising; without one, each target is quantised straight into a new entry, which is then mapped, so the first
+    start holds no more quantised weights in memory than the second. When the entry cannot be written the
+    quantised weights stay in memory (with a warning)."""
     plan = _cache_plan(targets, cache) if cache is not None else None
     if plan is not None:
         key, expected = plan
         state = cache.cache.load(key, expected)
+        if state is None:
+            state = _quantize_into_cache(targets, cache, key, expected)
         if state is not None:
             for t in targets:
                 part = {k.removeprefix(f"{t.name}."): v for k, v in state.items() if k.startswith(f"{t.name}.")}
@@ -204,16 +240,11 @@ def quantize_model(model: nn.Module, targets: list[Target], cache: CacheBinding 
                 model = _set(model, t.name, t.fmt.restore(part, bias, t.shape[1]))
                 t.module = None
             return model
-    stored: dict[str, torch.Tensor] = {}
-    for t in targets:
-        bias = t.module.bias if t.has_bias else None
-        module = t.fmt.quantize(t.module.weight, bias, release_source=True)
-        model = _set(model, t.name, module)
-        t.module = None                 # the source weight is dropped as soon as nothing else holds it
-        stored.update({f"{t.name}.{k}": v for k, v in t.fmt.state(module).items()})
-    if plan is not None:
-        try:
-            cache.cache.store(plan[0], stored, {"source": str(cache.source.folder), "targets": len(targets)})
-        except OSError as exc:
-            warnings.warn(f"quantised weights not cached ({exc}); the next start quantises again", stacklevel=2)
+    with reused_block_buffers():
+        for t in targets:
+            bias = t.module.bias if t.has_bias else None
+            module = t.fmt.quantize(t.module.weight, bias, release_source=True)
+            model = _set(model, t.name, module)
+            t.module = None                 # the source weight is dropped as soon as nothing else holds it
+            trim_heap()
     return model

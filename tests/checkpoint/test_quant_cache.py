@@ -293,3 +293,40 @@ def test_caching_can_be_switched_off(tmp_path):
     load_checkpoint(folder, model, progress=False)
     kernels.prepare(model)
     assert not cache_dir.exists()
+
+
+def test_the_writer_takes_tensors_in_layout_order_and_abort_leaves_nothing(tmp_path):
+    cache, tensors = QuantCache(tmp_path), mixed_tensors()
+    writer = cache.writer("k", expected_of(tensors))
+    with pytest.raises(ValueError, match=r"expected a\.weight_int8"):
+        writer.write("a.weight_scale", tensors["a.weight_scale"])
+    writer.write("a.weight_int8", tensors["a.weight_int8"])
+    with pytest.raises(ValueError, match="never written"):
+        writer.commit()
+    assert not list((tmp_path / "quantized").iterdir()) and cache.load("k") is None
+    writer = cache.writer("k", expected_of(tensors))
+    writer.write("a.weight_int8", tensors["a.weight_int8"])
+    writer.abort()
+    assert not list((tmp_path / "quantized").iterdir())
+
+
+def test_first_start_already_runs_on_the_mapped_entry(tmp_path):
+    folder, cache_dir = tmp_path / "ckpt", tmp_path / "cache"
+    hf = random_checkpoint(folder)
+    _, model = load(folder, hf, Int8WeightOnlyKernels, cache_dir)
+    q_proj = model.model.language_model.layers[0].self_attn.q_proj
+    assert not q_proj.weight_int8.untyped_storage().resizable()       # quantised weights live in the cache file
+
+
+def test_an_unwritable_cache_leaves_the_model_quantised_in_memory(tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    hf = random_checkpoint(folder)
+    _, cached = load(folder, hf, Int8WeightOnlyKernels, tmp_path / "cache")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 0))
+    with pytest.warns(UserWarning, match="not cached"):
+        _, fresh = load(folder, hf, Int8WeightOnlyKernels, tmp_path / "full")
+    a, b = cached.state_dict(), fresh.state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert fresh.model.language_model.layers[0].self_attn.q_proj.weight_int8.untyped_storage().resizable()

@@ -13,7 +13,7 @@ from qvl_plugins.kernels.fp16_store import Fp16StoreFp32ComputeKernels, Fp16Stor
 from qvl_plugins.kernels.fp32_compute import Fp32ComputeKernels
 from qvl_plugins.kernels.int8_linear import Int8Linear
 from qvl_plugins.kernels.int8_weight_only import Int8Options, Int8WeightOnlyKernels, QuantizableLinear
-from qvl_plugins.kernels.quantize import quantize_int8_rows, release_pages
+from qvl_plugins.kernels.quantize import is_file_backed, quantize_int8_rows, release_pages
 from qvl_plugins.kernels.torch_native import TorchNativeKernels
 from tests.conftest import AMPERE, PASCAL, make_facts
 
@@ -147,15 +147,20 @@ def test_streamed_int8_quantisation_equals_whole_tensor(dtype, block):
 
 
 def test_release_pages_skips_torch_memory_and_keeps_mapped_data(tmp_path):
+    import numpy as np
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     own = torch.randn(4096, 8)
-    assert release_pages(own) is False                              # torch's own allocation: left alone
+    assert not is_file_backed(own) and release_pages(own) is False   # torch's own allocation: left alone
+    external = torch.from_numpy(np.ones((1024, 1024), dtype=np.float32))
+    assert not is_file_backed(external) and release_pages(external)  # paged out (kept or swapped), never zeroed
+    assert external.sum().item() == 1024 * 1024
     save_file({"w": (torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))).bfloat16()},
               str(tmp_path / "w.safetensors"))
     with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
         mapped = f.get_tensor("w")
+        assert is_file_backed(mapped)
         before = mapped.float().sum().item()
         q, _ = quantize_int8_rows(mapped, release_source=True, block_elements=1 << 16)
         assert mapped.float().sum().item() == before                # pages read back from the file, unchanged
@@ -236,6 +241,16 @@ def test_int8_bf16_compute_dtype_option():
     x = torch.randn(4, 64)
     out = mine(x.bfloat16())
     assert out.dtype == torch.bfloat16 and relative_error(out, ref(x)) < 2e-2
+
+
+def test_int8_gemv_row_limit_follows_native_bf16():
+    assert Int8WeightOnlyKernels(make_facts(isa=("avx2", "avx512f", "avx512_bf16"))).pack_max_rows == 32
+    assert Int8WeightOnlyKernels(make_facts(isa=("avx2", "amx_bf16"))).pack_max_rows == 32
+    assert Int8WeightOnlyKernels(FACTS).pack_max_rows > 10**9              # AVX2 only: the GEMV takes every row
+    assert Int8WeightOnlyKernels(FACTS, Int8Options(pack_max_rows=7)).pack_max_rows == 7
+    _, mine = quantized_pair(64, 48, facts=make_facts(isa=("avx2", "avx512_bf16")))
+    mine(torch.randn(40, 64))                                               # past the limit: the dequant GEMM
+    Int8WeightOnlyKernels(make_facts(isa=("avx2", "avx512_bf16"))).self_test(NATIVE)
 
 
 def test_int8_bad_compute_dtype_is_refused():
