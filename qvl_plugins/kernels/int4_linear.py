@@ -146,9 +146,12 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:            # x: [..., in] -> [..., out]
         if self._aten:
-            a = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-            y = INT4PACK_MM(a, self.weight_int4, self.group, self.weight_scale_zero)
-            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            a = x.reshape(-1, self.in_features)
+            if a.dtype != torch.bfloat16 or not a.is_contiguous():
+                a = a.to(torch.bfloat16, memory_format=torch.contiguous_format)
+            y = INT4PACK_MM(a, self.weight_int4, self.group, self.weight_scale_zero).view(*x.shape[:-1], -1)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
         else:
             y = x.new_empty(*x.shape[:-1], self.out_features)
             for start in range(0, self.out_features, self._dequant_rows):

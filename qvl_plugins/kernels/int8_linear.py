@@ -85,7 +85,9 @@ class Int8Linear(nn.Module):
             a = x.reshape(rows, self.in_features)
             if a.dtype != torch.bfloat16 or a.data_ptr() % ACT_ALIGN or not a.is_contiguous():
                 a = a.to(torch.bfloat16, copy=True)                                   # fresh, hence aligned
-            y = INT8PACK_MM(a, self.weight_int8, self._pack_scale).view(*x.shape[:-1], -1).to(x.dtype)
+            y = INT8PACK_MM(a, self.weight_int8, self._pack_scale).view(*x.shape[:-1], -1)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
         else:
             y = x.new_empty(*x.shape[:-1], self.out_features)
             for start in range(0, self.out_features, self._dequant_rows):
