@@ -17,7 +17,7 @@ from qvl_pipeline.config.schema import RootConfig
 from qvl_pipeline.container import RootContainer
 from qvl_pipeline.errors import DEBUG_ENV, ConfigError, InputError, QvlError, describe_unexpected
 from qvl_pipeline.runtime.pipeline import Conversation, Pipeline
-from qvl_pipeline.tasks.generate import check_images, request_images
+from qvl_pipeline.tasks.generate import check_images, decode_utf8, request_images
 from qvl_pipeline.tasks.results import request_record, save_results
 
 MAX_LINE_BYTES = 1024**2          # one message; a longer line is dropped whole
@@ -55,11 +55,7 @@ def _read_line() -> str | None:
             raw = buffer.readline(MAX_LINE_BYTES)
         raise InputError(f"that line is longer than {MAX_LINE_BYTES // 1024**2} MiB",
                          "send a shorter message")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"that line is not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})",
-                         "set your terminal to UTF-8") from None
+    return decode_utf8(raw, "that line", "set your terminal to UTF-8")
 
 
 def _image_path(argument: str) -> str:

@@ -42,11 +42,16 @@ def read_prompt_file(name: str) -> str:
     if len(data) > MAX_PROMPT_FILE_BYTES:
         raise InputError(f"{label} is larger than {MAX_PROMPT_FILE_BYTES // 1024**2} MiB, far more than a context "
                          "holds", "shorten the prompt")
+    return decode_utf8(data, label, "save the file as UTF-8 (e.g. iconv -t UTF-8)")
+
+
+def decode_utf8(data: bytes, what: str, fix: str) -> str:
+    """`data` as UTF-8 text, or an InputError naming `what` and the first bad byte."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{label} is not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r})",
-                         "save the file as UTF-8 (e.g. iconv -t UTF-8)") from None
+        raise InputError(f"{what} is not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r})",
+                         fix) from None
 
 
 def request_prompt(config: RootConfig) -> str:
