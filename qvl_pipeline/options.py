@@ -70,6 +70,6 @@ def build_options(options_type: type, raw: Mapping[str, Any] | None, where: str)
         raise ConfigError(f"{where}: {exc}", f"set a valid value with {where}.<option>=value") from exc
 
 
-def option_defaults(options_type: type) -> dict[str, Any]:
-    """The defaults of an Options dataclass as plain data (for the plan)."""
-    return dataclasses.asdict(options_type()) if dataclasses.is_dataclass(options_type) else {}
+def options_as_dict(options: Any) -> dict[str, Any]:
+    """A plugin's options as plain data (for the plan)."""
+    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from qvl_pipeline.errors import ConfigError, PluginError, QvlError
 from qvl_pipeline.facts import RunFacts
-from qvl_pipeline.options import build_options
+from qvl_pipeline.options import build_options, options_as_dict
 from qvl_pipeline.registry import PluginRegistry, PluginSpec
 from qvl_pipeline.slots import SLOTS, Fidelity, Plugin
 
@@ -227,13 +227,7 @@ class Resolver:
         decision.summary = spec.cls.summary + (f" ({note})" if note else "")
         decision.fidelity = spec.cls.fidelity.name.lower()
         decision.origin = spec.origin
-        decision.options = _plain(plugin.options)
-
-
-def _plain(options: Any) -> dict[str, Any]:
-    from dataclasses import asdict, is_dataclass
-
-    return asdict(options) if is_dataclass(options) else {}
+        decision.options = options_as_dict(plugin.options)
 
 
 def _one_line(error: BaseException) -> str:

@@ -26,6 +26,7 @@ from qvl_pipeline.processing.image import ImageProcessor
 from qvl_pipeline.processing.tokenizer import Tokenizer, check_special_token_ids
 from qvl_pipeline.processing.video import VideoProcessor
 from qvl_pipeline.processing.vision_config import read_vision_config
+from qvl_pipeline.registry import SLOT_NAMES
 from qvl_pipeline.runtime.demo import ensure_demo_checkpoint
 from qvl_pipeline.slots import KVCache, KVCacheBackend, MemoryManager, Placement
 
@@ -106,7 +107,7 @@ class LoadedModel:
 
 def slot_configs(config: RootConfig) -> dict[str, Any]:
     """The config slice of each plugin slot."""
-    return {slot: getattr(config, slot) for slot in ("attention", "rotary", "kernels", "memory", "kv_cache")}
+    return {slot: getattr(config, slot) for slot in SLOT_NAMES}
 
 
 def _bytes(module: torch.nn.Module) -> int:

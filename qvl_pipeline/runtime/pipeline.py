@@ -122,13 +122,17 @@ class Pipeline:
         """The logits [vocab] (fp32) that choose the first answer token for `prompt` (+ images), without a cache:
         for comparing configurations (accuracy reports, task=validate)."""
         vision = self.images(list(images)) if images else None
-        prompt_obj = build_prompt(self.tokenizer, self.template, prompt,
-                                  image_tokens=vision.token_counts() if vision else ())
-        fused, _ = self._fuse(prompt_obj.input_ids, vision)
+        fused, _ = self._fuse(self._prompt_ids(prompt, vision), vision)
         with torch.inference_mode():
             logits = self.model.forward_decoder(fused.inputs_embeds, fused.position_ids, None, fused.visual_mask,
                                                 fused.deepstack, last_only=True)
         return logits[0, -1].float()
+
+    def _prompt_ids(self, text: str, vision: VisionInputs | None, **kwargs: Any) -> list[int]:
+        """The chat-templated, placeholder-expanded ids of one turn (`messages=` for a whole conversation)."""
+        return build_prompt(self.tokenizer, self.template, text,
+                            image_tokens=vision.token_counts() if vision else (),
+                            allow_special_tokens=self.config.processing.allow_special_tokens, **kwargs).input_ids
 
     def _sampler(self, overrides: Mapping[str, Any]) -> tuple[Sampler, int]:
         gen = {**vars(self.config.generate), **{k: v for k, v in overrides.items() if v is not None}}
@@ -217,12 +221,10 @@ class Pipeline:
         vision = self.images(images) if images else None
         clips = self.processors.videos()([list(video)]) if video else None
         specs = clips.prompt_specs() if clips is not None else []
-        prompt_obj = build_prompt(self.tokenizer, self.template, prompt,
-                                  image_tokens=vision.token_counts() if vision else (), videos=specs,
-                                  allow_special_tokens=self.config.processing.allow_special_tokens)
+        input_ids = self._prompt_ids(prompt, vision, videos=specs)
         overrides = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-        result = self._run(prompt_obj.input_ids, vision, None, on_text, overrides, clips)
+        result = self._run(input_ids, vision, None, on_text, overrides, clips)
         result["images"] = list(images)
         result["video_frames"] = len(video)
         return result
@@ -239,10 +241,8 @@ class Pipeline:
             content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
             conversation.messages.append({"role": "user", "content": content})
             vision = self.images(conversation.images) if conversation.images else None
-            prompt_obj = build_prompt(self.tokenizer, self.template, text, messages=conversation.messages,
-                                      image_tokens=vision.token_counts() if vision else (),
-                                      allow_special_tokens=self.config.processing.allow_special_tokens)
-            result = self._run(prompt_obj.input_ids, vision, conversation, on_text, overrides)
+            input_ids = self._prompt_ids(text, vision, messages=conversation.messages)
+            result = self._run(input_ids, vision, conversation, on_text, overrides)
         except BaseException:
             del conversation.messages[n_messages:], conversation.images[n_images:]
             if conversation.cache is not None and conversation.cache.length != cache_length:

@@ -21,6 +21,7 @@ from qvl_pipeline.tasks.results import write_unit
 
 PROMPTS = ("Describe this picture.", "Write one sentence about the sea.")
 TOKENS = 16
+END_TO_END = "end to end vs reference plugins (tiny demo)"
 
 
 @dataclasses.dataclass
@@ -84,11 +85,11 @@ def end_to_end(config: RootConfig) -> Check:
         agree, total = agree + same, total + max(len(a), len(b))
         got, want = mine.first_logits(prompt, images), reference.first_logits(prompt, images)
         if not torch.isfinite(got).all():
-            return Check("end to end vs reference plugins (tiny demo)", False, "non-finite logits",
+            return Check(END_TO_END, False, "non-finite logits",
                          time.perf_counter() - start)
         worst = max(worst, ((got - want).norm() / want.norm()).item())
     allowed = max(END_TO_END_TOLERANCE[resolver.resolve(slot).fidelity] for slot in SLOTS)
-    return Check("end to end vs reference plugins (tiny demo)", worst <= allowed,
+    return Check(END_TO_END, worst <= allowed,
                  f"{agree}/{total} greedy tokens agree before the first difference; first-token logits "
                  f"relative error {worst:.2e} (allowed {allowed:g})", time.perf_counter() - start)
 
@@ -107,7 +108,7 @@ def run(config: RootConfig, container: RootContainer, results_dir: Path | None =
     try:
         checks.append(end_to_end(config))
     except QvlError as exc:
-        checks.append(Check("end to end vs reference plugins (tiny demo)", False, exc.message))
+        checks.append(Check(END_TO_END, False, exc.message))
     text = render(checks)
     if config.output == "json":
         print(json.dumps([dataclasses.asdict(c) for c in checks], indent=2))
