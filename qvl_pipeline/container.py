@@ -54,7 +54,7 @@ class CoreContainer(containers.DeclarativeContainer):
                                           config.provided.model.path)
     model_facts = providers.Singleton(assembly.model_facts, config.provided.model)
     facts = providers.Singleton(assembly.run_facts, hardware_report, model_facts, config.provided.generate,
-                                config.provided.processing, config.provided.opt)
+                                config.provided.processing, config.provided.opt, config.provided.memory)
     resolver = providers.Singleton(Resolver, registry, facts, config.provided.opt,
                                    providers.Callable(assembly.slot_configs, config))
 

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from qvl_pipeline.hardware.profile import CpuFacts, HardwareProfile, StorageFacts
+from qvl_pipeline.memory_plan import Budgets, derive_budgets
 from qvl_pipeline.model.config import ModelConfig
 from qvl_pipeline.model.sizing import ParamCounts, count_params
+from qvl_pipeline.weight_format import PartSizes, WeightFormat, part_sizes
 
 GIB = 1024 ** 3
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -42,7 +44,13 @@ class ModelFacts:
 
     @property
     def weight_bytes(self) -> int:
+        """All weights in the stored dtype (what a run without a quantising kernels plugin loads; memory planning
+        uses `RunFacts.weight_format` instead)."""
         return self.params.total * self.bytes_per_param
+
+    def sizes(self, fmt: WeightFormat) -> PartSizes:
+        """Bytes of each part of the model in `fmt`."""
+        return part_sizes(self.hf_config, fmt)
 
     @property
     def kv_bytes_per_position(self) -> int:
@@ -77,6 +85,21 @@ class RunFacts:
     model: ModelFacts
     context: ContextFacts
     pixels: PixelFacts = field(default_factory=lambda: PixelFacts(None, "the checkpoint's preprocessor_config"))
+    # The memory budgets from the memory.* knobs (None: derived from the machine with the knobs' defaults).
+    budgets: Budgets | None = None
+    # How the chosen kernels plugin stores the weights; the resolver sets it for the memory slot (None: as stored).
+    weights: WeightFormat | None = None
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        return self.weights or WeightFormat.stored(self.model.stored_dtype)
+
+    @property
+    def memory_budgets(self) -> Budgets:
+        if self.budgets is not None:
+            return self.budgets
+        gpu = self.hardware.gpu if self.hardware.cuda_usable else None
+        return derive_budgets(self.hardware.ram_gb, None if gpu is None else gpu.vram_gb)
 
     @classmethod
     def example(cls, hardware: HardwareProfile | None = None, hf_config: Mapping[str, Any] | None = None,

@@ -4,14 +4,14 @@ recorded, each plugin with its own typed options."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from qvl_pipeline.errors import ConfigError, PluginError, QvlError
 from qvl_pipeline.facts import RunFacts
 from qvl_pipeline.options import build_options, options_as_dict
 from qvl_pipeline.registry import PluginRegistry, PluginSpec
-from qvl_pipeline.slots import SLOTS, Fidelity, Plugin
+from qvl_pipeline.slots import SLOTS, Fidelity, KernelsBackend, Plugin
 
 FIDELITY_BY_NAME = {level.name.lower(): level for level in Fidelity}
 
@@ -81,6 +81,7 @@ class Resolver:
         self._plugins: dict[str, Plugin] = {}
         self._references: dict[str, Plugin] = {}
         self._positions: dict[str, int] = {}
+        self._slot_facts: dict[str, RunFacts] = {}
         self.decisions: dict[str, SlotDecision] = {}
         self._check_option_names()
 
@@ -100,6 +101,18 @@ class Resolver:
             plugin = self._resolve_chain(slot, decision, start=0)
         self._plugins[slot] = plugin
         return plugin
+
+    def facts_for(self, slot: str) -> RunFacts:
+        """The facts `slot`'s plugins validate against: the memory slot also sees how the chosen kernels plugin
+        stores the weights (RunFacts.weights), so it plans with the bytes that will really be loaded."""
+        if slot != "memory":
+            return self.facts
+        if slot not in self._slot_facts:
+            kernels = self.resolve("kernels")
+            fmt = kernels.weight_format(self.facts.model.stored_dtype) if isinstance(kernels, KernelsBackend) \
+                else None
+            self._slot_facts[slot] = replace(self.facts, weights=fmt)
+        return self._slot_facts[slot]
 
     def resolve_all(self) -> dict[str, Plugin]:
         return {slot: self.resolve(slot) for slot in SLOTS}
@@ -150,14 +163,14 @@ class Resolver:
         if slot not in self._references:
             name = SLOTS[slot].reference
             spec = self.registry.load(slot, name)
-            self._references[slot] = spec.cls(self.facts, None, name=name)
+            self._references[slot] = spec.cls(self.facts_for(slot), None, name=name)
         return self._references[slot]
 
     def _resolve_explicit(self, slot: str, name: str, decision: SlotDecision) -> Plugin:
         decision.how, decision.candidates = "explicit", [name]
         spec = self.registry.load(slot, name)   # unknown name -> PluginError listing the available ones
         options = self._options(spec)
-        reasons = spec.cls.validate(self.facts, options)
+        reasons = spec.cls.validate(self.facts_for(slot), options)
         if reasons:
             raise PluginError(f"{slot}={name} cannot run here ({self.facts.hardware.name}, "
                               f"{self.facts.model.source}): " + "; ".join(reasons),
@@ -206,14 +219,15 @@ class Resolver:
             return spec, None, [f"fidelity {spec.cls.fidelity.name.lower()} is beyond opt={self.opt.level} "
                                 f"(admits up to {self.ceiling.name.lower()})"]
         options = self._options(spec)       # a bad option is the user's error: ConfigError, not a rejection
+        facts = self.facts_for(slot)        # outside the try: a kernels slot that fails is its own error
         try:
-            return spec, options, list(spec.cls.validate(self.facts, options))
+            return spec, options, list(spec.cls.validate(facts, options))
         except Exception as exc:  # a broken validate must not take the run down: reject and go on
             return spec, options, [f"validate raised {_one_line(exc)}"]
 
     def _instantiate(self, spec: PluginSpec, options: Any) -> tuple[Plugin | None, str]:
         try:
-            plugin = spec.cls(self.facts, options, name=spec.name)
+            plugin = spec.cls(self.facts_for(spec.slot), options, name=spec.name)
             if self.opt.self_test:
                 plugin.self_test(self.reference(spec.slot))
         except QvlError:

@@ -3,6 +3,7 @@ RootConfig object that travels down to the components."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
@@ -248,6 +249,13 @@ def validate_config(config: RootConfig) -> None:
     _require(0 <= config.model.seed < MODEL_SEED_LIMIT, "model.seed", config.model.seed,
              f"an integer in [0, {MODEL_SEED_LIMIT - 1}]")
     _require(config.output in OUTPUT_FORMATS, "output", config.output, " or ".join(OUTPUT_FORMATS))
+    mem = config.memory
+    for key in ("ram_budget_gb", "vram_budget_gb"):
+        value = getattr(mem, key)
+        _require(value is None or (math.isfinite(value) and value > 0), f"memory.{key}", value,
+                 "a number of GiB > 0 (or null: from the machine's memory)")
+    _require(math.isfinite(mem.reserve_gb) and mem.reserve_gb >= 0, "memory.reserve_gb", mem.reserve_gb,
+             "a number of GiB ≥ 0")
     try:
         check_budgets(config.hardware.budgets)
     except ProfileError as exc:

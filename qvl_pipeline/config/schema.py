@@ -7,6 +7,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from qvl_pipeline.memory_plan import DEFAULT_RESERVE_GB
+
 
 @dataclass
 class HardwareConfig:
@@ -53,6 +55,18 @@ class SlotConfig:
 
 
 @dataclass
+class MemorySlotConfig(SlotConfig):
+    """The memory slot with its budgets. They are typed here, not as plugin options: the planner and every memory
+    plugin obey the same budgets whichever plugin the chain picks, and they read as the issue spells them
+    (`memory.ram_budget_gb=4`)."""
+
+    ram_budget_gb: float | None = None   # RAM this run may hold (weights, KV cache, stream pool, runtime); null:
+                                         # the machine's RAM (the profile's, capped by hardware.emulate) − reserve_gb
+    vram_budget_gb: float | None = None  # VRAM for weights + KV cache; null: the GPU's VRAM − 0.5 GiB (CUDA context)
+    reserve_gb: float = DEFAULT_RESERVE_GB   # RAM left to the OS and other programs when ram_budget_gb is null
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
     description: str = ""
@@ -91,7 +105,7 @@ class RootConfig:
     attention: SlotConfig = field(default_factory=SlotConfig)
     rotary: SlotConfig = field(default_factory=SlotConfig)
     kernels: SlotConfig = field(default_factory=SlotConfig)
-    memory: SlotConfig = field(default_factory=SlotConfig)
+    memory: MemorySlotConfig = field(default_factory=MemorySlotConfig)
     kv_cache: SlotConfig = field(default_factory=SlotConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     processing: ProcessingConfig = field(default_factory=ProcessingConfig)

@@ -15,11 +15,20 @@ import torch
 from qvl_pipeline.checkpoint import LoadReport, load_checkpoint, read_config
 from qvl_pipeline.checkpoint.config import model_config_from_dict, resolve_dtype
 from qvl_pipeline.checkpoint.files import find_weight_files
-from qvl_pipeline.config.schema import GenerateConfig, HardwareConfig, OptConfig, ProcessingConfig, RootConfig
+from qvl_pipeline.config.schema import (
+    GenerateConfig,
+    HardwareConfig,
+    MemorySlotConfig,
+    OptConfig,
+    ProcessingConfig,
+    RootConfig,
+)
 from qvl_pipeline.config.schema import ModelConfig as ModelSection
 from qvl_pipeline.errors import CheckpointError, ConfigError
 from qvl_pipeline.facts import ContextFacts, ModelFacts, PixelFacts, RunFacts, context_budget
 from qvl_pipeline.hardware.build import HardwareReport, Prober, build_hardware
+from qvl_pipeline.hardware.profile import HardwareProfile
+from qvl_pipeline.memory_plan import Budgets, derive_budgets
 from qvl_pipeline.model.config import ModelConfig
 from qvl_pipeline.model.qwen3_vl import Qwen3VL, skeleton
 from qvl_pipeline.processing.image import ImageProcessor
@@ -29,6 +38,7 @@ from qvl_pipeline.processing.vision_config import read_vision_config
 from qvl_pipeline.registry import SLOT_NAMES
 from qvl_pipeline.runtime.demo import ensure_demo_checkpoint
 from qvl_pipeline.slots import KVCache, KVCacheBackend, MemoryManager, Placement
+from qvl_pipeline.slots.memory import ModelParts
 
 
 def hardware_report(hardware: HardwareConfig, prober: Prober, model_path: str | None) -> HardwareReport:
@@ -78,13 +88,21 @@ def pixel_budget(processing: ProcessingConfig, opt: OptConfig, report: HardwareR
     return PixelFacts(None, "the checkpoint's preprocessor_config (no cap)")
 
 
+def memory_budgets(memory: MemorySlotConfig, hardware: HardwareProfile) -> Budgets:
+    """The RAM/VRAM budgets from the memory.* knobs and the (effective, possibly emulated) machine."""
+    gpu = hardware.gpu if hardware.cuda_usable else None
+    return derive_budgets(hardware.ram_gb, None if gpu is None else gpu.vram_gb, ram_budget_gb=memory.ram_budget_gb,
+                          vram_budget_gb=memory.vram_budget_gb, reserve_gb=memory.reserve_gb)
+
+
 def run_facts(report: HardwareReport, model: ModelFacts, generate: GenerateConfig, processing: ProcessingConfig,
-              opt: OptConfig) -> RunFacts:
-    """RunFacts: machine, model, the context a request may use and the pixel budget."""
+              opt: OptConfig, memory: MemorySlotConfig) -> RunFacts:
+    """RunFacts: machine, model, the context a request may use, the pixel budget and the memory budgets."""
     profile_context = report.profile.budgets.get("max_context") if opt.use_budgets else None
     context: ContextFacts = context_budget(model, report.profile, requested=generate.max_context,
                                            profile_budget=profile_context)
-    return RunFacts(report.profile, model, context, pixel_budget(processing, opt, report))
+    return RunFacts(report.profile, model, context, pixel_budget(processing, opt, report),
+                    budgets=memory_budgets(memory, report.profile))
 
 
 def checkpoint_folder(model: ModelFacts) -> Path:
@@ -115,7 +133,8 @@ def _bytes(module: torch.nn.Module) -> int:
 
 
 def place(model: Qwen3VL, memory: MemoryManager) -> Placement:
-    """Ask the memory plugin where each part goes (by its real, prepared size) and move it there."""
+    """Ask the memory plugin where each part goes (by its real, prepared size), move it there, and let the plugin
+    attach what moves weights while running (memory=ssd_stream's prefetcher)."""
     body = model.model
     layers = list(body.language_model.layers)
     head = 0 if model.lm_head is None else _bytes(model.lm_head)
@@ -128,6 +147,9 @@ def place(model: Qwen3VL, memory: MemoryManager) -> Placement:
     body.language_model.norm.to(placement.layers[-1] if placement.layers else placement.head)
     if model.lm_head is not None:
         model.lm_head.to(placement.head)
+    memory.attach(ModelParts(vision=body.visual, vision_blocks=tuple(body.visual.blocks),
+                             embed=body.language_model.embed_tokens, layers=tuple(layers),
+                             norm=body.language_model.norm, head=model.lm_head), placement)
     return placement
 
 

@@ -14,7 +14,7 @@ from qvl_pipeline.slots.attention import AttentionBackend
 from qvl_pipeline.slots.base import SelfTestError
 from qvl_pipeline.slots.kernels import KernelsBackend
 from qvl_pipeline.slots.kv_cache import CacheShape, KVCacheBackend
-from qvl_pipeline.slots.memory import MemoryManager
+from qvl_pipeline.slots.memory import MemoryManager, model_bytes
 from qvl_pipeline.slots.rotary import RotaryBackend
 from qvl_pipeline.slots.selftest import check_close, check_each, failures_as_selftest_error
 
@@ -143,10 +143,8 @@ def check_kv_cache(plugin: KVCacheBackend, reference: KVCacheBackend, device: to
 
 def check_memory(plugin: MemoryManager, reference: MemoryManager) -> float:
     """A placement for the run's model: one device per decoder layer, each a device torch knows."""
-    params = plugin.facts.model.params
-    nbytes = plugin.facts.model.bytes_per_param
-    sizes = ([params.per_layer * nbytes] * params.layers, params.vision * nbytes, params.embed * nbytes,
-             params.head * nbytes)
+    model = model_bytes(plugin.facts)        # in the weight format of the run's kernels plugin
+    sizes = (list(model.layers), model.vision, model.embed, model.head)
     with failures_as_selftest_error(f"{type(plugin).__name__} self-test"):
         placement = plugin.place(*sizes)
         want = reference.place(*sizes)

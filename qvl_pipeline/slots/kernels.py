@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from qvl_pipeline.slots.base import Plugin
+from qvl_pipeline.weight_format import WeightFormat, builtin_format
 
 
 class KernelsBackend(Plugin):
@@ -28,6 +29,12 @@ class KernelsBackend(Plugin):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model
+
+    def weight_format(self, stored_dtype: str) -> WeightFormat:
+        """How this plugin leaves the weights of a checkpoint stored as `stored_dtype` (bytes per part), so the
+        memory slot plans with what will really be loaded. The built-in plugins are described by name in
+        `builtin_format`; a third-party plugin that changes the weights' size overrides this."""
+        return builtin_format(self.name, self.options, stored_dtype)
 
     def self_test(self, reference: Plugin) -> None:
         from qvl_pipeline.slots.checks import check_kernels

@@ -1,9 +1,11 @@
-"""Shared arithmetic of the memory plugins: the VRAM reserve and GPU layer budgets."""
+"""Shared arithmetic of the memory plugins: the planner's constants (qvl_pipeline.memory_plan, where they live) and
+the leading-layer count under a byte budget."""
 
 from __future__ import annotations
 
-GIB = 1024 ** 3
-VRAM_RESERVE_GB = 0.5      # VRAM kept free for activations, the CUDA context and the KV cache
+from qvl_pipeline.memory_plan import GIB, VRAM_RESERVE_GB
+
+__all__ = ["GIB", "VRAM_RESERVE_GB", "layers_that_fit"]
 
 
 def layers_that_fit(layer_bytes: list[int], fixed_bytes: int, budget_bytes: int) -> int:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from qvl_pipeline.slots import Fidelity
-from qvl_pipeline.slots.memory import MemoryManager, Placement
+from qvl_pipeline.slots import Fidelity, NoOptions, RunFacts
+from qvl_pipeline.slots.memory import MemoryManager, fits
 
 
 class CpuMemory(MemoryManager):
     fidelity = Fidelity.REFERENCE
     summary = "all weights and the KV cache in CPU RAM, the reference placement"
+    mode = "cpu"
 
-    def place(self, layer_bytes: list[int], vision_bytes: int, embed_bytes: int, head_bytes: int) -> Placement:
-        return Placement(vision="cpu", embed="cpu", head="cpu", layers=tuple("cpu" for _ in layer_bytes))
+    @classmethod
+    def validate(cls, facts: RunFacts, options: NoOptions) -> list[str]:
+        """Usable when the weights (in the chosen kernels' format), the KV cache for the context and the runtime
+        fit the RAM budget."""
+        return fits(facts, "cpu")

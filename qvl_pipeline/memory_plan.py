@@ -1,0 +1,360 @@
+"""The memory planner (pure): where each part of the model lives — GPU, CPU RAM or disk — under one placement mode,
+what it costs in RAM and VRAM, and the decode ceiling of each tier; or a refusal that names the smallest fix.
+
+Inputs are byte counts (per part, in the weight format the kernels plugin produces), the KV cache per position, the
+context, the budgets and the machine's bandwidths; nothing here touches torch or the machine.
+
+Modes (the memory plugins):
+  cpu            every part resident in RAM
+  cuda_full      every part in VRAM
+  cuda_partial   the vision tower, then the leading decoder layers with their KV cache in VRAM; the rest computed on
+                 the CPU (llama.cpp's -ngl). Only the hidden state crosses PCIe.
+  ssd_stream     computed on the CPU; what does not fit the RAM budget stays on disk and is read into a small pool
+                 ahead of compute, in this order of giving up residency: the embedding table (only the rows a
+                 token uses are read), the vision tower (read once per image, block by block), decoder layers from
+                 the last one back, the output head.
+Decode time per token is bounded by the bytes each tier reads: t = max(t_gpu + t_cpu, t_disk), with streamed
+bytes also read from RAM by the CPU (the prefetcher reads ahead while any layer computes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from qvl_pipeline.errors import ConfigError
+
+GIB = 1024 ** 3
+MODES = ("cpu", "cuda_full", "cuda_partial", "ssd_stream")
+TIERS = ("gpu", "cpu", "disk")
+DEFAULT_RESERVE_GB = 1.5   # RAM left to the OS and other programs when memory.ram_budget_gb is not set
+VRAM_RESERVE_GB = 0.5      # VRAM for the CUDA context and activations when memory.vram_budget_gb is not set
+# The process's own RAM besides weights and KV cache: Python + torch + tokenizer measured 0.24 GiB anonymous +
+# 0.15 GiB of mapped libraries before any weight is touched (2B, int8), plus decode/prefill activations.
+RUNTIME_GB = 0.4
+ACTIVATIONS_GB = 0.1
+CONTEXT_STEP = 1024        # a smaller max_context is suggested in steps of this many positions
+STREAM_AHEAD = 1           # ssd_stream: units read ahead of the one computing (1 = double buffering)
+
+
+@dataclass(frozen=True)
+class ModelBytes:
+    """Bytes of each part of the model in one weight format (`label`), and its KV cache per position per layer."""
+
+    layers: tuple[int, ...]
+    vision: int
+    vision_block: int          # the largest vision block (the vision tower streams block by block)
+    vision_depth: int
+    embed: int
+    head: int                  # 0: the output head is the embedding table itself (tied, not quantised)
+    kv_per_position: int       # keys + values of one layer for one position
+    label: str = ""
+
+    @property
+    def head_unit(self) -> int:
+        """Bytes the head reads per token: its own weights, or the whole embedding table when tied."""
+        return self.head or self.embed
+
+    @property
+    def vision_rest(self) -> int:
+        return max(0, self.vision - self.vision_block * self.vision_depth)
+
+    @property
+    def weights(self) -> int:
+        return sum(self.layers) + self.vision + self.embed + self.head
+
+    def kv(self, positions: int) -> int:
+        """KV cache of one layer at `positions`."""
+        return self.kv_per_position * positions
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """RAM and VRAM this run may fill (whole process in RAM; 0 VRAM = no usable GPU) and where they come from."""
+
+    ram: int
+    vram: int
+    ram_source: str
+    vram_source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ram_gib": round(self.ram / GIB, 3), "ram_source": self.ram_source,
+                "vram_gib": round(self.vram / GIB, 3), "vram_source": self.vram_source}
+
+
+def derive_budgets(ram_gb: float, vram_gb: float | None, *, ram_budget_gb: float | None = None,
+                   vram_budget_gb: float | None = None, reserve_gb: float = DEFAULT_RESERVE_GB) -> Budgets:
+    """The budgets in force: the `memory.*_budget_gb` knobs as given, else the machine's RAM minus `reserve_gb` and
+    its VRAM minus VRAM_RESERVE_GB (pure). `vram_gb` None: no usable GPU."""
+    if ram_budget_gb is not None:
+        ram, ram_source = ram_budget_gb, f"memory.ram_budget_gb={ram_budget_gb:g}"
+    else:
+        ram = max(0.0, ram_gb - reserve_gb)
+        ram_source = f"{ram_gb:g} GiB RAM - memory.reserve_gb={reserve_gb:g}"
+    if vram_gb is None:
+        vram, vram_source = 0.0, "no usable GPU"
+    elif vram_budget_gb is not None:
+        vram, vram_source = min(vram_budget_gb, vram_gb), f"memory.vram_budget_gb={vram_budget_gb:g}"
+    else:
+        vram = max(0.0, vram_gb - VRAM_RESERVE_GB)
+        vram_source = f"{vram_gb:g} GiB VRAM - {VRAM_RESERVE_GB:g} GiB for the CUDA context"
+    return Budgets(int(ram * GIB), int(vram * GIB), ram_source, vram_source)
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """GB/s (10^9 bytes) of each path; 0 = unknown (its ceiling is not stated)."""
+
+    ram: float = 0.0
+    disk: float = 0.0
+    gpu: float = 0.0
+    pcie: float = 0.0
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where each part lives (tier per part), what that costs, and how fast decode can be."""
+
+    mode: str
+    vision: str
+    embed: str
+    head: str                       # the tier of the head's weights (the embedding's when tied)
+    layers: tuple[str, ...]
+    ram: int                        # bytes of RAM the run needs at most (weights, KV, pool, runtime)
+    vram: int
+    budgets: Budgets
+    pool: int = 0                   # ssd_stream: bytes of the read-ahead pool (included in `ram`)
+    kv: Mapping[str, int] = field(default_factory=dict)           # KV bytes per tier
+    read_per_token: Mapping[str, int] = field(default_factory=dict)  # weight bytes each tier reads per token
+    ceilings: Mapping[str, float | None] = field(default_factory=dict)  # tok/s if only that tier bounded decode
+    ceiling: float | None = None    # tok/s, all tiers together
+    positions: int = 0
+    label: str = ""
+
+    def tier_of(self, part: str) -> str:
+        """`vision`, `embed`, `head` or `layers.N`."""
+        if part.startswith("layers."):
+            return self.layers[int(part.split(".", 1)[1])]
+        return getattr(self, part)
+
+    def layer_runs(self) -> list[tuple[int, int, str]]:
+        """Consecutive decoder layers on the same tier: (first, last, tier)."""
+        runs: list[tuple[int, int, str]] = []
+        for i, tier in enumerate(self.layers):
+            if runs and runs[-1][2] == tier:
+                runs[-1] = (runs[-1][0], i, tier)
+            else:
+                runs.append((i, i, tier))
+        return runs
+
+    def to_dict(self) -> dict[str, Any]:
+        def gib(n: int) -> float:
+            return round(n / GIB, 3)
+        return {
+            "mode": self.mode, "weights": self.label, "positions": self.positions,
+            "parts": {"vision": self.vision, "embed": self.embed, "head": self.head,
+                      "layers": [{"first": a, "last": b, "tier": t} for a, b, t in self.layer_runs()]},
+            "ram_gib": gib(self.ram), "vram_gib": gib(self.vram), "pool_gib": gib(self.pool),
+            "budgets": self.budgets.to_dict(),
+            "kv_gib": {t: gib(n) for t, n in self.kv.items()},
+            "read_per_token_gib": {t: gib(n) for t, n in self.read_per_token.items()},
+            "ceilings_tokens_per_s": {t: None if c is None else round(c, 2) for t, c in self.ceilings.items()},
+            "ceiling_tokens_per_s": None if self.ceiling is None else round(self.ceiling, 2),
+        }
+
+
+class DoesNotFit(Exception):
+    """A mode's placement needs more than a budget holds (`memory` is ram or vram)."""
+
+    def __init__(self, memory: str, need: int, have: int, detail: str) -> None:
+        super().__init__(f"needs {need / GIB:.2f} GiB of {memory.upper()} ({detail}), the budget is "
+                         f"{have / GIB:.2f} GiB")
+        self.memory, self.need, self.have, self.detail = memory, need, have, detail
+
+
+def workspace_bytes() -> int:
+    """RAM of the process besides weights, KV cache and stream pool."""
+    return int((RUNTIME_GB + ACTIVATIONS_GB) * GIB)
+
+
+def _finish(mode: str, model: ModelBytes, positions: int, budgets: Budgets, bw: Bandwidths, *, vision: str,
+            embed: str, head: str, layers: tuple[str, ...], pool: int = 0) -> MemoryPlan:
+    """Totals, checks against the budgets, and the decode ceilings of a placement (raises DoesNotFit)."""
+    kv_layer = model.kv(positions)
+    weights = {t: 0 for t in TIERS}
+    kv = {t: 0 for t in TIERS}
+    read = {t: 0 for t in TIERS}
+    for size, tier in zip(model.layers, layers, strict=True):
+        weights[tier] += size
+        read[tier] += size
+        kv["gpu" if tier == "gpu" else "cpu"] += kv_layer
+    weights[vision] += model.vision
+    if model.head:
+        weights[embed] += model.embed
+        weights[head] += model.head
+    else:
+        weights[head] += model.embed          # tied: the embedding table is the head
+    read[head] += model.head_unit
+    ram = workspace_bytes() + weights["cpu"] + kv["cpu"] + pool
+    vram = weights["gpu"] + kv["gpu"]
+    parts = f"{model.label} weights {weights['cpu'] / GIB:.2f} + KV {kv['cpu'] / GIB:.2f} at {positions} positions"
+    if pool:
+        parts += f" + stream pool {pool / GIB:.2f}"
+    parts += f" + runtime {workspace_bytes() / GIB:.2f}"
+    if vram > budgets.vram:
+        raise DoesNotFit("vram", vram, budgets.vram, f"{model.label} weights {weights['gpu'] / GIB:.2f} + KV "
+                         f"{kv['gpu'] / GIB:.2f} at {positions} positions; {budgets.vram_source}")
+    if ram > budgets.ram:
+        raise DoesNotFit("ram", ram, budgets.ram, f"{parts}; {budgets.ram_source}")
+    ceilings = {"gpu": _rate(bw.gpu, read["gpu"]), "cpu": _rate(bw.ram, read["cpu"] + read["disk"]),
+                "disk": _rate(bw.disk, read["disk"])}
+    t_gpu, t_cpu = _seconds(bw.gpu, read["gpu"]), _seconds(bw.ram, read["cpu"] + read["disk"])
+    t_disk = _seconds(bw.disk, read["disk"])
+    total = None
+    if t_gpu is not None and t_cpu is not None and t_disk is not None and max(t_gpu + t_cpu, t_disk) > 0:
+        total = 1 / max(t_gpu + t_cpu, t_disk)
+    return MemoryPlan(mode, vision, embed, head, layers, ram, vram, budgets, pool, kv, read,
+                      {t: c for t, c in ceilings.items() if read[t] or (t == "cpu" and read["disk"])}, total,
+                      positions, model.label)
+
+
+def _seconds(gb_s: float, nbytes: int) -> float | None:
+    if not nbytes:
+        return 0.0
+    return nbytes / (gb_s * 1e9) if gb_s else None
+
+
+def _rate(gb_s: float, nbytes: int) -> float | None:
+    return gb_s * 1e9 / nbytes if gb_s and nbytes else None
+
+
+def stream_pool(model: ModelBytes, layers: tuple[str, ...], head: str, vision: str, ahead: int = STREAM_AHEAD) -> int:
+    """Bytes of the read-ahead pool: the largest window of `ahead + 1` consecutive streamed units of the decoder's
+    cycle (streamed layers, then the head), or of the vision tower's (its non-block parts plus blocks), whichever
+    is larger (the vision stream runs while the decoder's is idle)."""
+    cycle = [size for size, tier in zip(model.layers, layers, strict=True) if tier == "disk"]
+    if head == "disk":
+        cycle.append(model.head_unit)
+    window = min(ahead + 1, len(cycle))
+    decoder = max((sum(cycle[(i + k) % len(cycle)] for k in range(window)) for i in range(len(cycle))), default=0)
+    tower = model.vision_rest + min(ahead + 1, model.vision_depth) * model.vision_block if vision == "disk" else 0
+    return max(decoder, tower)
+
+
+def plan(mode: str, model: ModelBytes, positions: int, budgets: Budgets, bw: Bandwidths, *,
+         gpu_layers: int | None = None, ahead: int = STREAM_AHEAD) -> MemoryPlan:
+    """The placement of `mode` (see the module's docstring); raises DoesNotFit when it exceeds a budget."""
+    n = len(model.layers)
+    if mode == "cpu":
+        return _finish(mode, model, positions, budgets, bw, vision="cpu", embed="cpu", head="cpu",
+                       layers=("cpu",) * n)
+    if mode == "cuda_full":
+        return _finish(mode, model, positions, budgets, bw, vision="gpu", embed="gpu", head="gpu",
+                       layers=("gpu",) * n)
+    if mode == "cuda_partial":
+        return _plan_partial(model, positions, budgets, bw, gpu_layers)
+    if mode == "ssd_stream":
+        return _plan_stream(model, positions, budgets, bw, ahead)
+    raise ValueError(f"unknown memory mode {mode!r}; modes are {MODES}")
+
+
+def _plan_partial(model: ModelBytes, positions: int, budgets: Budgets, bw: Bandwidths,
+                  gpu_layers: int | None) -> MemoryPlan:
+    """Vision first (prefill is compute bound: the GPU's gain is largest there), then leading layers with their
+    KV cache, then the head when every layer is on the GPU; the embedding table stays on the CPU (one row a token)."""
+    n, vram = len(model.layers), budgets.vram
+    vision = "gpu" if model.vision <= vram else "cpu"
+    used = model.vision if vision == "gpu" else 0
+    if gpu_layers is None:
+        count = 0
+        for size in model.layers:
+            if used + size + model.kv(positions) > vram:
+                break
+            used += size + model.kv(positions)
+            count += 1
+    else:
+        count = max(0, min(gpu_layers, n))
+        used += sum(model.layers[:count]) + count * model.kv(positions)
+    head = "gpu" if count == n and model.head and used + model.head <= vram else "cpu"
+    layers = tuple("gpu" if i < count else "cpu" for i in range(n))
+    return _finish("cuda_partial", model, positions, budgets, bw, vision=vision, embed="cpu", head=head,
+                   layers=layers)
+
+
+def _plan_stream(model: ModelBytes, positions: int, budgets: Budgets, bw: Bandwidths, ahead: int) -> MemoryPlan:
+    """Everything resident, then give up residency part by part (see the module docstring) until it fits."""
+    n = len(model.layers)
+    tiers: dict[str, Any] = {"vision": "cpu", "embed": "cpu", "head": "cpu", "layers": ["cpu"] * n}
+    order: list[tuple[str, int | None]] = ([("embed", None)] if model.head else []) + [("vision", None)]
+    order += [("layers", i) for i in reversed(range(n))] + [("head", None)]
+    last: DoesNotFit | None = None
+    for step in [None, *order]:
+        if step is not None:
+            name, index = step
+            if index is None:
+                tiers[name] = "disk"
+            else:
+                tiers[name][index] = "disk"
+        if not model.head:
+            tiers["embed"] = tiers["head"]
+        layers = tuple(tiers["layers"])
+        pool = stream_pool(model, layers, tiers["head"], tiers["vision"], ahead)
+        try:
+            return _finish("ssd_stream", model, positions, budgets, bw, vision=tiers["vision"], embed=tiers["embed"],
+                           head=tiers["head"], layers=layers, pool=pool)
+        except DoesNotFit as exc:
+            last = exc
+    assert last is not None
+    raise last
+
+
+def _fmt_gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
+
+
+def fixes(mode: str, model: ModelBytes, positions: int, budgets: Budgets, bw: Bandwidths,
+          alternatives: Mapping[str, ModelBytes], **kwargs: Any) -> list[str]:
+    """What would make `mode` fit, in this order: a smaller weight format (`alternatives`: label -> bytes, e.g.
+    int4 via opt=aggressive), a smaller context, memory=ssd_stream (with its expected speed)."""
+    found = []
+    for label, alt in alternatives.items():
+        try:
+            fitted = plan(mode, alt, positions, budgets, bw, **kwargs)
+        except DoesNotFit:
+            continue
+        need = fitted.vram if mode == "cuda_full" else fitted.ram
+        found.append(f"use {label}: {alt.weights / GIB:.1f} GiB of weights, "
+                     f"{need / GIB:.1f} GiB of {'VRAM' if mode == 'cuda_full' else 'RAM'} in all")
+        break
+    for smaller in range((positions - 1) // CONTEXT_STEP * CONTEXT_STEP, 0, -CONTEXT_STEP):
+        try:
+            plan(mode, model, smaller, budgets, bw, **kwargs)
+        except DoesNotFit:
+            continue
+        found.append(f"lower generate.max_context to {smaller}")
+        break
+    if mode != "ssd_stream":
+        try:
+            streamed = plan("ssd_stream", model, positions, budgets, bw)
+        except DoesNotFit:
+            pass
+        else:
+            speed = (f"~{streamed.ceiling:.1f} tok/s at most" if streamed.ceiling
+                     else "speed unknown: add hardware.measure=true")
+            found.append(f"use memory=ssd_stream ({speed}, "
+                         f"{_fmt_gib(streamed.read_per_token['disk'])} read from disk per token)")
+    return found
+
+
+def plan_or_refuse(mode: str, model: ModelBytes, positions: int, budgets: Budgets, bw: Bandwidths, *,
+                   alternatives: Mapping[str, ModelBytes] | None = None, **kwargs: Any) -> MemoryPlan:
+    """`plan`, or a ConfigError saying what does not fit and the fixes that work, smallest first."""
+    try:
+        return plan(mode, model, positions, budgets, bw, **kwargs)
+    except DoesNotFit as exc:
+        found = fixes(mode, model, positions, budgets, bw, alternatives or {}, **kwargs)
+        knob = "memory.vram_budget_gb" if exc.memory == "vram" else "memory.ram_budget_gb"
+        found.append(f"free memory or raise {knob} to {exc.need / GIB:.1f}")
+        raise ConfigError(f"memory={mode} does not fit: {exc}", "; or ".join(found)) from None
+
