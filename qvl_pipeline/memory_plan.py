@@ -70,36 +70,46 @@ class ModelBytes:
 
 
 @dataclass(frozen=True)
+class MemoryKnobs:
+    """The user's memory.* knobs (defaults in the config schema, MemorySlotConfig)."""
+
+    ram_budget_gb: float | None = None
+    vram_budget_gb: float | None = None
+    reserve_gb: float = DEFAULT_RESERVE_GB
+
+
+@dataclass(frozen=True)
 class Budgets:
-    """RAM and VRAM this run may fill (whole process in RAM; 0 VRAM = no usable GPU) and where they come from."""
+    """RAM and VRAM this run may fill (whole process in RAM; 0 VRAM = no usable GPU), where they come from, and the
+    knobs they were derived with."""
 
     ram: int
     vram: int
     ram_source: str
     vram_source: str
+    knobs: MemoryKnobs = MemoryKnobs()
 
     def to_dict(self) -> dict[str, Any]:
         return {"ram_gib": round(self.ram / GIB, 3), "ram_source": self.ram_source,
                 "vram_gib": round(self.vram / GIB, 3), "vram_source": self.vram_source}
 
 
-def derive_budgets(ram_gb: float, vram_gb: float | None, *, ram_budget_gb: float | None = None,
-                   vram_budget_gb: float | None = None, reserve_gb: float = DEFAULT_RESERVE_GB) -> Budgets:
-    """The budgets in force: the `memory.*_budget_gb` knobs as given, else the machine's RAM minus `reserve_gb` and
-    its VRAM minus VRAM_RESERVE_GB (pure). `vram_gb` None: no usable GPU."""
-    if ram_budget_gb is not None:
-        ram, ram_source = ram_budget_gb, f"memory.ram_budget_gb={ram_budget_gb:g}"
+def derive_budgets(ram_gb: float, vram_gb: float | None, knobs: MemoryKnobs = MemoryKnobs()) -> Budgets:
+    """The budgets in force: the `memory.*_budget_gb` knobs as given (VRAM never above the GPU's), else the
+    machine's RAM minus `reserve_gb` and its VRAM minus VRAM_RESERVE_GB (pure). `vram_gb` None: no usable GPU."""
+    if knobs.ram_budget_gb is not None:
+        ram, ram_source = knobs.ram_budget_gb, f"memory.ram_budget_gb={knobs.ram_budget_gb:g}"
     else:
-        ram = max(0.0, ram_gb - reserve_gb)
-        ram_source = f"{ram_gb:g} GiB RAM - memory.reserve_gb={reserve_gb:g}"
+        ram = max(0.0, ram_gb - knobs.reserve_gb)
+        ram_source = f"{ram_gb:g} GiB RAM - memory.reserve_gb={knobs.reserve_gb:g}"
     if vram_gb is None:
         vram, vram_source = 0.0, "no usable GPU"
-    elif vram_budget_gb is not None:
-        vram, vram_source = min(vram_budget_gb, vram_gb), f"memory.vram_budget_gb={vram_budget_gb:g}"
+    elif knobs.vram_budget_gb is not None:
+        vram, vram_source = min(knobs.vram_budget_gb, vram_gb), f"memory.vram_budget_gb={knobs.vram_budget_gb:g}"
     else:
         vram = max(0.0, vram_gb - VRAM_RESERVE_GB)
         vram_source = f"{vram_gb:g} GiB VRAM - {VRAM_RESERVE_GB:g} GiB for the CUDA context"
-    return Budgets(int(ram * GIB), int(vram * GIB), ram_source, vram_source)
+    return Budgets(int(ram * GIB), int(vram * GIB), ram_source, vram_source, knobs)
 
 
 @dataclass(frozen=True)
@@ -130,7 +140,7 @@ class MemoryPlan:
     ceilings: Mapping[str, float | None] = field(default_factory=dict)  # tok/s if only that tier bounded decode
     ceiling: float | None = None    # tok/s, all tiers together
     positions: int = 0
-    label: str = ""
+    model: ModelBytes | None = None
 
     def tier_of(self, part: str) -> str:
         """`vision`, `embed`, `head` or `layers.N`."""
@@ -151,11 +161,17 @@ class MemoryPlan:
     def to_dict(self) -> dict[str, Any]:
         def gib(n: int) -> float:
             return round(n / GIB, 3)
+        model = self.model
+        assert model is not None
+        runs = [{"first": a, "last": b, "tier": t, "gib": gib(sum(model.layers[a:b + 1]))}
+                for a, b, t in self.layer_runs()]
         return {
-            "mode": self.mode, "weights": self.label, "positions": self.positions,
-            "parts": {"vision": self.vision, "embed": self.embed, "head": self.head,
-                      "layers": [{"first": a, "last": b, "tier": t} for a, b, t in self.layer_runs()]},
+            "mode": self.mode, "weights": model.label, "positions": self.positions,
+            "parts": {"vision": {"tier": self.vision, "gib": gib(model.vision)},
+                      "embed": {"tier": self.embed, "gib": gib(model.embed), "is_head": not model.head},
+                      "head": {"tier": self.head, "gib": gib(model.head_unit)}, "layers": runs},
             "ram_gib": gib(self.ram), "vram_gib": gib(self.vram), "pool_gib": gib(self.pool),
+            "runtime_gib": gib(workspace_bytes()),
             "budgets": self.budgets.to_dict(),
             "kv_gib": {t: gib(n) for t, n in self.kv.items()},
             "read_per_token_gib": {t: gib(n) for t, n in self.read_per_token.items()},
@@ -216,7 +232,7 @@ def _finish(mode: str, model: ModelBytes, positions: int, budgets: Budgets, bw: 
         total = 1 / max(t_gpu + t_cpu, t_disk)
     return MemoryPlan(mode, vision, embed, head, layers, ram, vram, budgets, pool, kv, read,
                       {t: c for t, c in ceilings.items() if read[t] or (t == "cpu" and read["disk"])}, total,
-                      positions, model.label)
+                      positions, model)
 
 
 def _seconds(gb_s: float, nbytes: int) -> float | None:

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
+from qvl_pipeline.errors import ConfigError
 from qvl_pipeline.facts import RunFacts
 from qvl_pipeline.hardware.build import HardwareReport
+from qvl_pipeline.memory_plan import MODES, derive_budgets
 from qvl_pipeline.model.sizing import FORMAT_BYTES
 from qvl_pipeline.resolver import Resolver
 from qvl_pipeline.slots import MemoryManager
+from qvl_pipeline.slots.memory import Placement, model_bytes, plan_for
 
 GIB = 1024 ** 3
 
 
 def model_section(facts: RunFacts, memory: MemoryManager) -> dict[str, Any]:
     """The model the run loads (from its real config), its weight bytes per format with the CPU decode ceiling,
-    and where each part would live."""
+    and where each part would live: the memory planner's placement (tier, bytes, budgets, ceilings per tier) when
+    the memory plugin follows it."""
     model = facts.model
     counts = model.params
     per_token = counts.read_per_token
@@ -27,14 +32,37 @@ def model_section(facts: RunFacts, memory: MemoryManager) -> dict[str, Any]:
         formats[fmt] = {"total_gib": round(counts.total * nbytes / GIB, 6),
                         "read_per_token_gib": round(per_token * nbytes / GIB, 6),
                         "cpu_ceiling_tokens_per_s": round(ceiling, 2) if ceiling else None}
-    stored = model.bytes_per_param
-    placement = memory.place([counts.per_layer * stored] * counts.layers, counts.vision * stored,
-                             counts.embed * stored, counts.head * stored)
+    memory_plan = memory.plan()
+    if memory_plan is not None:
+        placement = Placement.from_plan(memory_plan)
+    else:
+        sizes = model_bytes(memory.facts)
+        placement = memory.place(list(sizes.layers), sizes.vision, sizes.embed, sizes.head)
     return {"source": model.source, "folder": str(model.folder) if model.folder else None, "demo": model.demo,
             "dtype": model.stored_dtype,
             "parameters": {"vision": counts.vision, "text": counts.text, "total": counts.total,
                            "decoder_layers": counts.layers},
-            "weights_by_format": formats, "placement": placement.summary()}
+            "weights_by_format": formats, "placement": placement.summary(),
+            "memory": None if memory_plan is None else memory_plan.to_dict()}
+
+
+def described_memory(report: HardwareReport, memory: MemoryManager) -> dict[str, Any] | None:
+    """The memory plan on the named profile's own machine when its GPU is not usable here (this machine plans for
+    the CPU): the first entry of the profile's memory chain that fits there (built-in plugins are named after the
+    planner's modes), with the weight format chosen here."""
+    described = report.described
+    if described is None or described.gpu is None or not described.cuda_usable or memory.facts.hardware.cuda_usable:
+        return None
+    budgets = derive_budgets(described.ram_gb, described.gpu.vram_gb, memory.facts.memory_budgets.knobs)
+    there = replace(memory.facts, hardware=described, budgets=budgets)
+    for name in described.chains.get("memory", ()):
+        if name not in MODES:
+            continue
+        try:
+            return {"profile": described.name, **plan_for(there, name).to_dict()}
+        except ConfigError:
+            continue
+    return None
 
 
 class RunPlan:
@@ -53,6 +81,7 @@ class RunPlan:
         memory = self.resolver.resolve("memory")
         assert isinstance(memory, MemoryManager)
         model = model_section(self.facts, memory)
+        model["memory_on_profile"] = described_memory(self.report, memory)
         if loaded is not None:
             model["loaded"] = {"report": str(loaded.report), "seconds": round(loaded.seconds, 3),
                                "placement": loaded.placement.summary()}
@@ -74,6 +103,47 @@ def _rate(value: float, unit: str) -> str:
 
 def _size(gib: float) -> str:
     return f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
+
+
+_TIER_NOTES = {"gpu": "in VRAM", "cpu": "in RAM", "disk": "on disk, read when used"}
+
+
+def _ceiling(rate: float | None) -> str:
+    return f"{rate:.1f} tok/s" if rate else "n/a (add hardware.measure=true)"
+
+
+def render_memory(mem: Mapping[str, Any], where: str = "") -> list[str]:
+    """The memory planner's placement: each part's tier and size, RAM/VRAM against the budgets, decode ceilings."""
+    parts = mem["parts"]
+    b = mem["budgets"]
+    lines = [f"  memory plan{where} (memory={mem['mode']}, {mem['weights']} weights, KV for {mem['positions']} "
+             "positions):"]
+    vision, embed, head = parts["vision"], parts["embed"], parts["head"]
+    lines.append(f"    {'vision tower':<16}{vision['tier']:<6}{_size(vision['gib']):>10}  "
+                 + ("read block by block for each image" if vision["tier"] == "disk" else _TIER_NOTES[vision["tier"]]))
+    if not embed["is_head"]:
+        lines.append(f"    {'embeddings':<16}{embed['tier']:<6}{_size(embed['gib']):>10}  "
+                     + ("rows read as tokens use them" if embed["tier"] == "disk" else _TIER_NOTES[embed["tier"]]))
+    for run in parts["layers"]:
+        name = f"layer {run['first']}" if run["first"] == run["last"] else f"layers {run['first']}-{run['last']}"
+        note = "streamed from disk ahead of compute" if run["tier"] == "disk" else _TIER_NOTES[run["tier"]]
+        lines.append(f"    {name:<16}{run['tier']:<6}{_size(run['gib']):>10}  {note}")
+    head_name = "head (embedding)" if embed["is_head"] else "output head"
+    lines.append(f"    {head_name:<16}{head['tier']:<6}{_size(head['gib']):>10}  "
+                 + ("streamed from disk each token" if head["tier"] == "disk" else _TIER_NOTES[head["tier"]]))
+    kv = mem["kv_gib"]
+    lines.append(f"    RAM {_size(mem['ram_gib'])} of {_size(b['ram_gib'])} ({b['ram_source']}): KV cache "
+                 f"{_size(kv.get('cpu', 0))}, runtime {_size(mem['runtime_gib'])}"
+                 + (f", stream pool {_size(mem['pool_gib'])}" if mem["pool_gib"] else ""))
+    if mem["vram_gib"] or b["vram_gib"]:
+        lines.append(f"    VRAM {_size(mem['vram_gib'])} of {_size(b['vram_gib'])} ({b['vram_source']}): KV cache "
+                     f"{_size(kv.get('gpu', 0))}")
+    read = mem["read_per_token_gib"]
+    tiers = [f"{tier} {rate:.1f} tok/s over {_size(read[tier] + (read['disk'] if tier == 'cpu' else 0))}/token"
+             for tier, rate in mem["ceilings_tokens_per_s"].items() if rate]
+    lines.append(f"    decode ceiling: {_ceiling(mem['ceiling_tokens_per_s'])}"
+                 + (f" ({', '.join(tiers)})" if tiers else ""))
+    return lines
 
 
 def render_plan(plan: Mapping[str, Any]) -> str:
@@ -115,6 +185,11 @@ def render_plan(plan: Mapping[str, Any]) -> str:
                  f"{p['decoder_layers']} decoder layers)")
     loaded = model.get("loaded")
     lines.append(f"  placement: {loaded['placement'] if loaded else model['placement']}")
+    if model.get("memory"):
+        lines.extend(render_memory(model["memory"]))
+    there = model.get("memory_on_profile")
+    if there:
+        lines.extend(render_memory(there, f" on {there['profile']} as described (its GPU is not usable here)"))
     if loaded:
         lines.append(f"  loaded: {loaded['report']}")
     lines.append(f"  {'weights by format':<28}{'total':>12}{'read/token':>12}   CPU decode ceiling")

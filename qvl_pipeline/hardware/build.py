@@ -24,6 +24,7 @@ class HardwareReport:
     emulate: bool
     differences: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    described: HardwareProfile | None = None     # a named profile's own facts (None when probed)
 
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "probed": self.probed, "emulate": self.emulate,
@@ -55,4 +56,4 @@ def build_hardware(hw_cfg: Mapping[str, Any], prober: Prober, model_path: str | 
         differences.append("without a usable GPU the profile's chains give way to this CPU's "
                            "(fastest first on the CPU)")
     return HardwareReport(effective, target=target.name, probed=False, emulate=emulate,
-                          differences=differences, notes=notes)
+                          differences=differences, notes=notes, described=target)

@@ -28,7 +28,7 @@ from qvl_pipeline.errors import CheckpointError, ConfigError
 from qvl_pipeline.facts import ContextFacts, ModelFacts, PixelFacts, RunFacts, context_budget
 from qvl_pipeline.hardware.build import HardwareReport, Prober, build_hardware
 from qvl_pipeline.hardware.profile import HardwareProfile
-from qvl_pipeline.memory_plan import Budgets, derive_budgets
+from qvl_pipeline.memory_plan import Budgets, MemoryKnobs, derive_budgets
 from qvl_pipeline.model.config import ModelConfig
 from qvl_pipeline.model.qwen3_vl import Qwen3VL, skeleton
 from qvl_pipeline.processing.image import ImageProcessor
@@ -91,8 +91,8 @@ def pixel_budget(processing: ProcessingConfig, opt: OptConfig, report: HardwareR
 def memory_budgets(memory: MemorySlotConfig, hardware: HardwareProfile) -> Budgets:
     """The RAM/VRAM budgets from the memory.* knobs and the (effective, possibly emulated) machine."""
     gpu = hardware.gpu if hardware.cuda_usable else None
-    return derive_budgets(hardware.ram_gb, None if gpu is None else gpu.vram_gb, ram_budget_gb=memory.ram_budget_gb,
-                          vram_budget_gb=memory.vram_budget_gb, reserve_gb=memory.reserve_gb)
+    knobs = MemoryKnobs(memory.ram_budget_gb, memory.vram_budget_gb, memory.reserve_gb)
+    return derive_budgets(hardware.ram_gb, None if gpu is None else gpu.vram_gb, knobs)
 
 
 def run_facts(report: HardwareReport, model: ModelFacts, generate: GenerateConfig, processing: ProcessingConfig,

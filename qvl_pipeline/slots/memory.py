@@ -8,9 +8,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from qvl_pipeline.errors import ConfigError
 from qvl_pipeline.facts import RunFacts
 from qvl_pipeline.hardware.profile import HardwareProfile
-from qvl_pipeline.errors import ConfigError
 from qvl_pipeline.memory_plan import Bandwidths, MemoryPlan, ModelBytes, plan_or_refuse
 from qvl_pipeline.slots.base import Plugin
 from qvl_pipeline.weight_format import (
