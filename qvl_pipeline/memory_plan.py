@@ -19,6 +19,7 @@ bytes also read from RAM by the CPU (the prefetcher reads ahead while any layer 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,12 +181,16 @@ class MemoryPlan:
         }
 
 
+def size(n: int) -> str:
+    """Bytes for a message: GiB with two decimals from 1 GiB, MiB with one below."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
 class DoesNotFit(Exception):
     """A mode's placement needs more than a budget holds (`memory` is ram or vram)."""
 
     def __init__(self, memory: str, need: int, have: int, detail: str) -> None:
-        super().__init__(f"needs {need / GIB:.2f} GiB of {memory.upper()} ({detail}), the budget is "
-                         f"{have / GIB:.2f} GiB")
+        super().__init__(f"needs {size(need)} of {memory.upper()} ({detail}), the budget is {size(have)}")
         self.memory, self.need, self.have, self.detail = memory, need, have, detail
 
 
@@ -201,9 +206,9 @@ def _finish(mode: str, model: ModelBytes, positions: int, budgets: Budgets, bw: 
     weights = {t: 0 for t in TIERS}
     kv = {t: 0 for t in TIERS}
     read = {t: 0 for t in TIERS}
-    for size, tier in zip(model.layers, layers, strict=True):
-        weights[tier] += size
-        read[tier] += size
+    for nbytes, tier in zip(model.layers, layers, strict=True):
+        weights[tier] += nbytes
+        read[tier] += nbytes
         kv["gpu" if tier == "gpu" else "cpu"] += kv_layer
     weights[vision] += model.vision
     if model.head:
@@ -214,13 +219,13 @@ def _finish(mode: str, model: ModelBytes, positions: int, budgets: Budgets, bw: 
     read[head] += model.head_unit
     ram = workspace_bytes() + weights["cpu"] + kv["cpu"] + pool
     vram = weights["gpu"] + kv["gpu"]
-    parts = f"{model.label} weights {weights['cpu'] / GIB:.2f} + KV {kv['cpu'] / GIB:.2f} at {positions} positions"
+    parts = f"{model.label} weights {size(weights['cpu'])} + KV {size(kv['cpu'])} at {positions} positions"
     if pool:
-        parts += f" + stream pool {pool / GIB:.2f}"
-    parts += f" + runtime {workspace_bytes() / GIB:.2f}"
+        parts += f" + stream pool {size(pool)}"
+    parts += f" + runtime {size(workspace_bytes())}"
     if vram > budgets.vram:
-        raise DoesNotFit("vram", vram, budgets.vram, f"{model.label} weights {weights['gpu'] / GIB:.2f} + KV "
-                         f"{kv['gpu'] / GIB:.2f} at {positions} positions; {budgets.vram_source}")
+        raise DoesNotFit("vram", vram, budgets.vram, f"{model.label} weights {size(weights['gpu'])} + KV "
+                         f"{size(kv['gpu'])} at {positions} positions; {budgets.vram_source}")
     if ram > budgets.ram:
         raise DoesNotFit("ram", ram, budgets.ram, f"{parts}; {budgets.ram_source}")
     ceilings = {"gpu": _rate(bw.gpu, read["gpu"]), "cpu": _rate(bw.ram, read["cpu"] + read["disk"]),
@@ -249,17 +254,23 @@ def stream_pool(model: ModelBytes, layers: tuple[str, ...], head: str, vision: s
     """Bytes of the read-ahead pool: the largest window of `ahead + 1` consecutive streamed units of the decoder's
     cycle (streamed layers, then the head), or of the vision tower's (its non-block parts plus blocks), whichever
     is larger (the vision stream runs while the decoder's is idle)."""
-    cycle = [size for size, tier in zip(model.layers, layers, strict=True) if tier == "disk"]
+    cycle = [nbytes for nbytes, tier in zip(model.layers, layers, strict=True) if tier == "disk"]
     if head == "disk":
         cycle.append(model.head_unit)
-    window = min(ahead + 1, len(cycle))
-    decoder = max((sum(cycle[(i + k) % len(cycle)] for k in range(window)) for i in range(len(cycle))), default=0)
-    tower = model.vision_rest + min(ahead + 1, model.vision_depth) * model.vision_block if vision == "disk" else 0
-    return max(decoder, tower)
+    tower = model.vision_rest + window_bytes([model.vision_block] * model.vision_depth, ahead, cyclic=False) \
+        if vision == "disk" else 0
+    return max(window_bytes(cycle, ahead, cyclic=True), tower)
+
+
+def window_bytes(units: list[int], ahead: int, cyclic: bool) -> int:
+    """The most bytes `ahead + 1` consecutive units of a stream hold (wrapping around when `cyclic`)."""
+    width = min(ahead + 1, len(units))
+    starts = range(len(units)) if cyclic else range(len(units) - width + 1)
+    return max((sum(units[(i + k) % len(units)] for k in range(width)) for i in starts), default=0)
 
 
 def plan(mode: str, model: ModelBytes, positions: int, budgets: Budgets, bw: Bandwidths, *,
-         gpu_layers: int | None = None, ahead: int = STREAM_AHEAD) -> MemoryPlan:
+         gpu_layers: int | None = None, resident_layers: int | None = None, ahead: int = STREAM_AHEAD) -> MemoryPlan:
     """The placement of `mode` (see the module's docstring); raises DoesNotFit when it exceeds a budget."""
     n = len(model.layers)
     if mode == "cpu":
@@ -271,7 +282,7 @@ def plan(mode: str, model: ModelBytes, positions: int, budgets: Budgets, bw: Ban
     if mode == "cuda_partial":
         return _plan_partial(model, positions, budgets, bw, gpu_layers)
     if mode == "ssd_stream":
-        return _plan_stream(model, positions, budgets, bw, ahead)
+        return _plan_stream(model, positions, budgets, bw, ahead, resident_layers)
     raise ValueError(f"unknown memory mode {mode!r}; modes are {MODES}")
 
 
@@ -284,10 +295,10 @@ def _plan_partial(model: ModelBytes, positions: int, budgets: Budgets, bw: Bandw
     used = model.vision if vision == "gpu" else 0
     if gpu_layers is None:
         count = 0
-        for size in model.layers:
-            if used + size + model.kv(positions) > vram:
+        for nbytes in model.layers:
+            if used + nbytes + model.kv(positions) > vram:
                 break
-            used += size + model.kv(positions)
+            used += nbytes + model.kv(positions)
             count += 1
     else:
         count = max(0, min(gpu_layers, n))
@@ -298,12 +309,18 @@ def _plan_partial(model: ModelBytes, positions: int, budgets: Budgets, bw: Bandw
                    layers=layers)
 
 
-def _plan_stream(model: ModelBytes, positions: int, budgets: Budgets, bw: Bandwidths, ahead: int) -> MemoryPlan:
-    """Everything resident, then give up residency part by part (see the module docstring) until it fits."""
+def _plan_stream(model: ModelBytes, positions: int, budgets: Budgets, bw: Bandwidths, ahead: int,
+                 resident_layers: int | None) -> MemoryPlan:
+    """Everything resident (or the first `resident_layers` layers only), then give up residency part by part (see
+    the module docstring) until it fits."""
     n = len(model.layers)
-    tiers: dict[str, Any] = {"vision": "cpu", "embed": "cpu", "head": "cpu", "layers": ["cpu"] * n}
+    forced = n if resident_layers is None else max(0, min(resident_layers, n))
+    tiers: dict[str, Any] = {"vision": "cpu", "embed": "cpu", "head": "cpu",
+                             "layers": ["cpu" if i < forced else "disk" for i in range(n)]}
     order: list[tuple[str, int | None]] = ([("embed", None)] if model.head else []) + [("vision", None)]
-    order += [("layers", i) for i in reversed(range(n))] + [("head", None)]
+    if resident_layers is None:
+        order += [("layers", i) for i in reversed(range(n))]
+    order += [("head", None)]
     last: DoesNotFit | None = None
     for step in [None, *order]:
         if step is not None:
@@ -325,10 +342,6 @@ def _plan_stream(model: ModelBytes, positions: int, budgets: Budgets, bw: Bandwi
     raise last
 
 
-def _fmt_gib(n: int) -> str:
-    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
-
-
 def fixes(mode: str, model: ModelBytes, positions: int, budgets: Budgets, bw: Bandwidths,
           alternatives: Mapping[str, ModelBytes], **kwargs: Any) -> list[str]:
     """What would make `mode` fit, in this order: a smaller weight format (`alternatives`: label -> bytes, e.g.
@@ -340,8 +353,8 @@ def fixes(mode: str, model: ModelBytes, positions: int, budgets: Budgets, bw: Ba
         except DoesNotFit:
             continue
         need = fitted.vram if mode == "cuda_full" else fitted.ram
-        found.append(f"use {label}: {alt.weights / GIB:.1f} GiB of weights, "
-                     f"{need / GIB:.1f} GiB of {'VRAM' if mode == 'cuda_full' else 'RAM'} in all")
+        found.append(f"use {label}: {size(alt.weights)} of weights, "
+                     f"{size(need)} of {'VRAM' if mode == 'cuda_full' else 'RAM'} in all")
         break
     for smaller in range((positions - 1) // CONTEXT_STEP * CONTEXT_STEP, 0, -CONTEXT_STEP):
         try:
@@ -359,7 +372,7 @@ def fixes(mode: str, model: ModelBytes, positions: int, budgets: Budgets, bw: Ba
             speed = (f"~{streamed.ceiling:.1f} tok/s at most" if streamed.ceiling
                      else "speed unknown: add hardware.measure=true")
             found.append(f"use memory=ssd_stream ({speed}, "
-                         f"{_fmt_gib(streamed.read_per_token['disk'])} read from disk per token)")
+                         f"{size(streamed.read_per_token['disk'])} read from disk per token)")
     return found
 
 
@@ -371,6 +384,6 @@ def plan_or_refuse(mode: str, model: ModelBytes, positions: int, budgets: Budget
     except DoesNotFit as exc:
         found = fixes(mode, model, positions, budgets, bw, alternatives or {}, **kwargs)
         knob = "memory.vram_budget_gb" if exc.memory == "vram" else "memory.ram_budget_gb"
-        found.append(f"free memory or raise {knob} to {exc.need / GIB:.1f}")
+        found.append(f"free memory or raise {knob} to {math.ceil(exc.need / GIB * 100) / 100:g}")
         raise ConfigError(f"memory={mode} does not fit: {exc}", "; or ".join(found)) from None
 

@@ -142,14 +142,14 @@ def check_kv_cache(plugin: KVCacheBackend, reference: KVCacheBackend, device: to
 
 
 def check_memory(plugin: MemoryManager, reference: MemoryManager) -> float:
-    """A placement for the run's model: one device per decoder layer, each a device torch knows."""
+    """A placement for the run's model: one device per decoder layer, each a device torch knows. (The reference
+    places everything in RAM, which the plugin's budget may not hold: only the layer count is compared.)"""
     model = model_bytes(plugin.facts)        # in the weight format of the run's kernels plugin
     sizes = (list(model.layers), model.vision, model.embed, model.head)
     with failures_as_selftest_error(f"{type(plugin).__name__} self-test"):
         placement = plugin.place(*sizes)
-        want = reference.place(*sizes)
-        if len(placement.layers) != len(want.layers):
-            raise SelfTestError(f"placed {len(placement.layers)} decoder layers; the model has {len(want.layers)}")
+        if len(placement.layers) != len(model.layers):
+            raise SelfTestError(f"placed {len(placement.layers)} decoder layers; the model has {len(model.layers)}")
         for device in (placement.vision, placement.embed, placement.head, *placement.layers):
             torch.device(device)
     return 0.0

@@ -1,0 +1,219 @@
+"""Page residency of memory-mapped weights (Linux): where a tensor's bytes live in which file, and the system calls
+that read them in ahead of use (MADV_POPULATE_READ after POSIX_FADV_WILLNEED) and give them back after use
+(MADV_DONTNEED on the mapping, POSIX_FADV_DONTNEED on the file's page cache).
+
+Weights the loader maps (the checkpoint's safetensors, the quantised cache) are private read-only file mappings:
+dropping their pages loses nothing, the next access reads them from the file again.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import errno
+import mmap
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+PAGE = mmap.PAGESIZE
+MADV_DONTNEED = 4
+MADV_POPULATE_READ = 22          # Linux 5.14+: fault the range in, EFAULT instead of SIGBUS past the end of a file
+MAPS = "/proc/self/maps"
+
+
+def supported() -> list[str]:
+    """Why page residency cannot be managed here; empty when it can (Linux with /proc/self/maps and madvise)."""
+    if not sys.platform.startswith("linux"):
+        return [f"needs Linux (madvise, posix_fadvise, /proc/self/maps); this is {sys.platform}"]
+    if not os.path.exists(MAPS):
+        return [f"needs {MAPS}"]
+    return []
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+if _libc is not None:
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _libc.madvise.restype = ctypes.c_int
+    _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    _libc.mincore.restype = ctypes.c_int
+
+
+def madvise(address: int, length: int, advice: int) -> None:
+    """madvise(2) on a page-aligned range (the GIL is released during the call); OSError on failure."""
+    assert _libc is not None
+    if _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), advice) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def resident_pages(address: int, length: int) -> int:
+    """How many pages of the page-aligned range are in the page cache (mincore(2))."""
+    assert _libc is not None
+    pages = (length + PAGE - 1) // PAGE
+    vec = (ctypes.c_ubyte * pages)()
+    if _libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(length), vec) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return sum(v & 1 for v in vec)
+
+
+@dataclass(frozen=True)
+class FileMapping:
+    start: int
+    end: int
+    offset: int          # file offset of `start`
+    path: str
+
+
+def file_mappings() -> list[FileMapping]:
+    """This process's mappings of regular files, sorted by address."""
+    found = []
+    with open(MAPS, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            fields = line.split(maxsplit=5)
+            if len(fields) < 6 or not fields[5].startswith("/"):
+                continue
+            path = fields[5].rstrip("\n")
+            if path.endswith(" (deleted)"):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            found.append(FileMapping(start, end, int(fields[2], 16), path))
+    found.sort(key=lambda m: m.start)
+    return found
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A page-aligned range of a file mapping: `length` bytes at `address`, the file's bytes at `offset`."""
+
+    address: int
+    length: int
+    path: str
+    offset: int
+
+
+def tensor_span(t: torch.Tensor) -> tuple[int, int]:
+    """(first byte address, byte length) that the tensor's elements occupy."""
+    if t.numel() == 0:
+        return t.data_ptr(), 0
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), (last + 1) * t.element_size()
+
+
+def _merge(extents: list[Extent]) -> list[Extent]:
+    out: list[Extent] = []
+    for e in sorted(extents, key=lambda e: (e.path, e.address)):
+        if out and out[-1].path == e.path and e.address <= out[-1].address + out[-1].length \
+                and e.offset - e.address == out[-1].offset - out[-1].address:
+            last = out[-1]
+            end = max(last.address + last.length, e.address + e.length)
+            out[-1] = Extent(last.address, end - last.address, last.path, last.offset)
+        else:
+            out.append(e)
+    return out
+
+
+@dataclass(frozen=True)
+class Residency:
+    """Where a set of tensors' bytes live: page-aligned file extents covering every byte (rounded outward), and the
+    bytes found in no file mapping.
+
+    Giving back the edge pages too is harmless (a neighbouring tensor that uses one faults it in again) and
+    needed: the page cache keeps large folios, and a folio any page of which is still mapped cannot be evicted."""
+
+    extents: tuple[Extent, ...]
+    mapped: int
+    anonymous: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.length for e in self.extents)
+
+
+def residency(tensors: Iterable[torch.Tensor], maps: list[FileMapping] | None = None) -> Residency:
+    """The file extents backing `tensors` (each byte range counted once)."""
+    maps = file_mappings() if maps is None else maps
+    starts = [m.start for m in maps]
+    found, seen = [], set()
+    mapped = anonymous = 0
+    for t in tensors:
+        if t.device.type != "cpu":
+            continue
+        address, length = tensor_span(t)
+        if length == 0 or (address, length) in seen:
+            continue
+        seen.add((address, length))
+        i = bisect.bisect_right(starts, address) - 1
+        if i < 0 or address + length > maps[i].end:
+            anonymous += length
+            continue
+        m = maps[i]
+        mapped += length
+        lo, hi = address - address % PAGE, -(-(address + length) // PAGE) * PAGE
+        found.append(Extent(lo, hi - lo, m.path, m.offset + lo - m.start))
+    return Residency(tuple(_merge(found)), mapped, anonymous)
+
+
+class Pager:
+    """Reads extents of the files in `paths` into memory and gives them back. `drop_page_cache` also evicts the
+    pages from the page cache after use (POSIX_FADV_DONTNEED), so streamed weights hold no RAM between uses. The
+    files are opened once here (OSError when one is gone); load and release may run on different threads."""
+
+    def __init__(self, paths: Iterable[str], drop_page_cache: bool = True) -> None:
+        self.drop_page_cache = drop_page_cache
+        self._fds: dict[str, int] = {}
+        self._populate = True
+        try:
+            for path in sorted(set(paths)):
+                self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            self.close()
+            raise
+
+    def _fd(self, path: str) -> int:
+        return self._fds[path]
+
+    def load(self, extents: Iterable[Extent]) -> int:
+        """Read the extents' pages in and map them (blocking); returns the bytes read. OSError when the file cannot
+        deliver them (e.g. truncated: EFAULT, never SIGBUS)."""
+        total = 0
+        for e in extents:
+            os.posix_fadvise(self._fd(e.path), e.offset, e.length, os.POSIX_FADV_WILLNEED)
+            if self._populate:
+                try:
+                    madvise(e.address, e.length, MADV_POPULATE_READ)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self._populate = False       # kernel before 5.14: read-ahead only, compute faults the rest
+            total += e.length
+        return total
+
+    def release(self, extents: Iterable[Extent]) -> None:
+        """Unmap the extents' pages from this process and, with drop_page_cache, evict them from the page cache."""
+        for e in extents:
+            madvise(e.address, e.length, MADV_DONTNEED)
+            if self.drop_page_cache:
+                os.posix_fadvise(self._fd(e.path), e.offset, e.length, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+
+
+def drop_file_cache(path: str | os.PathLike[str]) -> None:
+    """Evict a whole file's pages from the page cache (POSIX_FADV_DONTNEED; no root needed). Pages some process
+    still maps stay."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

@@ -1,0 +1,80 @@
+"""Decoder layers (and, if need be, the head, the vision tower and the embedding table) beyond the RAM budget stay on
+disk and are streamed ahead of compute: the SSD as the last tier.
+
+The planner (qvl_pipeline.memory_plan) keeps resident what the RAM budget holds — first the output head and the
+leading layers, the vision tower and the embedding table only when there is room — and leaves the rest on disk,
+in the files the weights are mapped from: the quantised cache for int8/int4 (fewer bytes to read), the checkpoint's
+safetensors for an unquantised run. A background thread reads the next units into a small fixed pool while the
+current one computes and each unit's pages are given back after use (MADV_DONTNEED, and POSIX_FADV_DONTNEED for the
+page cache), so the process stays within memory.ram_budget_gb. The weights are the same tensors as in a resident run:
+outputs are identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qvl_pipeline.memory_plan import STREAM_AHEAD
+from qvl_pipeline.slots import Fidelity, RunFacts
+from qvl_pipeline.slots.memory import MemoryManager, ModelParts, Placement, fits, plan_for
+from qvl_plugins.memory.paging import supported
+from qvl_plugins.memory.streaming import Streaming, attach_streaming
+
+
+@dataclass(frozen=True)
+class SsdStreamOptions:
+    ahead: int = STREAM_AHEAD              # units read ahead of the one computing (the pool holds this many + 1)
+    resident_layers: int | None = None     # null: as many leading decoder layers as the RAM budget holds
+    drop_page_cache: bool = True           # evict streamed pages from the page cache after use, not only from the
+                                           # process (false: the kernel keeps them while RAM is free)
+
+    def __post_init__(self) -> None:
+        if self.ahead < 1:
+            raise ValueError(f"ahead must be ≥ 1, got {self.ahead}")
+        if self.resident_layers is not None and self.resident_layers < 0:
+            raise ValueError(f"resident_layers must be ≥ 0 or null, got {self.resident_layers}")
+
+
+class SsdStreamMemory(MemoryManager):
+    fidelity = Fidelity.EXACT
+    summary = ("what the RAM budget cannot hold stays on disk (quantised cache or checkpoint files) and is read "
+               "ahead of compute into a small pool, then given back: runs any model size within memory.ram_budget_gb")
+    Options = SsdStreamOptions
+    mode = "ssd_stream"
+
+    def __init__(self, facts: RunFacts, options: SsdStreamOptions | None = None, *, name: str = "") -> None:
+        super().__init__(facts, options, name=name)
+        self.streaming: Streaming | None = None
+
+    @classmethod
+    def validate(cls, facts: RunFacts, options: SsdStreamOptions) -> list[str]:
+        """Usable on Linux when the plan fits the budgets and, if it leaves anything on disk, the weights are read
+        from files as they are used (a quantised format with its cache, or the checkpoint's own dtype)."""
+        reasons = supported() or fits(facts, "ssd_stream", ahead=options.ahead,
+                                      resident_layers=options.resident_layers)
+        if reasons:
+            return reasons
+        plan = plan_for(facts, "ssd_stream", ahead=options.ahead, resident_layers=options.resident_layers)
+        if Placement.from_plan(plan).on_disk and not facts.weight_format.file_backed:
+            return [f"the {facts.weight_format.name} weights are converted in memory while loading, so nothing can "
+                    "stay on disk; use a quantised kernels plugin with its cache on, or kernels=torch_native"]
+        return []
+
+    def planner_options(self) -> dict[str, object]:
+        return {"ahead": self.options.ahead, "resident_layers": self.options.resident_layers}
+
+    def attach(self, parts: ModelParts, placement: Placement) -> None:
+        """Hook the prefetcher onto the parts the placement leaves on disk."""
+        if self.streaming is not None:
+            self.streaming.close()
+            self.streaming = None
+        if not placement.on_disk:
+            return
+        assert placement.plan is not None
+        head_on_disk = "head" in placement.on_disk
+        self.streaming = attach_streaming(
+            layers=[(i, parts.layers[i]) for i in placement.streamed_layers],
+            head=parts.head, head_tensors=(parts.head or parts.embed) if head_on_disk else None,
+            head_trigger=parts.norm, vision=parts.vision if "vision" in placement.on_disk else None,
+            vision_blocks=list(parts.vision_blocks), pool=placement.plan.pool, ahead=self.options.ahead,
+            drop_page_cache=self.options.drop_page_cache)
