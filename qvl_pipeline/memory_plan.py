@@ -20,7 +20,7 @@ bytes also read from RAM by the CPU (the prefetcher reads ahead while any layer 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,10 +256,18 @@ def stream_pool(model: ModelBytes, layers: tuple[str, ...], head: str, vision: s
     is larger (the vision stream runs while the decoder's is idle)."""
     cycle = [nbytes for nbytes, tier in zip(model.layers, layers, strict=True) if tier == "disk"]
     if head == "disk":
-        cycle.append(model.head_unit)
+        pieces = head_pieces(model.head_unit, model.layers)
+        cycle += [math.ceil(model.head_unit / pieces)] * pieces
     tower = model.vision_rest + window_bytes([model.vision_block] * model.vision_depth, ahead, cyclic=False) \
         if vision == "disk" else 0
     return max(window_bytes(cycle, ahead, cyclic=True), tower)
+
+
+def head_pieces(head_unit: int, layers: Sequence[int]) -> int:
+    """How many row ranges a head streamed from disk is read in: about a decoder layer's bytes each, so it does not
+    widen the pool."""
+    largest = max(layers, default=0)
+    return max(1, math.ceil(head_unit / largest)) if largest else 1
 
 
 def window_bytes(units: list[int], ahead: int, cyclic: bool) -> int:

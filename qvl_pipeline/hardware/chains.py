@@ -28,7 +28,7 @@ def cpu_chains(hw: HardwareProfile) -> Chains:
         "attention": ("sdpa", "chunked", "eager"),
         "rotary": ("cached", "reference"),
         "kernels": (*quantised, *exact),
-        "memory": ("cpu",),
+        "memory": ("cpu", "ssd_stream"),      # what the RAM budget cannot hold is streamed from disk
         "kv_cache": ("int8", "static"),
     }
 
@@ -43,7 +43,7 @@ def gpu_chains(hw: HardwareProfile) -> Chains:
         # Pascal (sm_6x) has no bf16 and runs fp16 maths at 1/64 rate: fp16 storage, fp32 compute.
         "kernels": ("torch_native", "int8_weight_only", "fp32_compute") if ampere
         else ("fp16_store", "int8_weight_only", "fp32_compute", "torch_native"),
-        "memory": ("cuda_full", "cuda_partial", "cpu"),
+        "memory": ("cuda_full", "cuda_partial", "cpu", "ssd_stream"),
         "kv_cache": ("int8", "static"),
     }
 

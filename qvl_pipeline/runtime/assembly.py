@@ -149,7 +149,8 @@ def place(model: Qwen3VL, memory: MemoryManager) -> Placement:
         model.lm_head.to(placement.head)
     memory.attach(ModelParts(vision=body.visual, vision_blocks=tuple(body.visual.blocks),
                              embed=body.language_model.embed_tokens, layers=tuple(layers),
-                             norm=body.language_model.norm, head=model.lm_head), placement)
+                             norm=body.language_model.norm, head=model.lm_head,
+                             replace_head=lambda head: setattr(model, "lm_head", head)), placement)
     return placement
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -72,6 +73,8 @@ class ModelParts:
     layers: tuple[nn.Module, ...]
     norm: nn.Module
     head: nn.Module | None            # None: the embedding table is the head (tied, not quantised)
+    # Puts another module in the head's place (e.g. the same head computed in row ranges); None: not replaceable.
+    replace_head: Callable[[nn.Module], None] | None = None
 
 
 def bandwidths(hw: HardwareProfile) -> Bandwidths:

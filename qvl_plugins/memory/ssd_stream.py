@@ -14,10 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qvl_pipeline.memory_plan import STREAM_AHEAD
+from torch import nn
+
+from qvl_pipeline.memory_plan import STREAM_AHEAD, head_pieces
 from qvl_pipeline.slots import Fidelity, RunFacts
 from qvl_pipeline.slots.memory import MemoryManager, ModelParts, Placement, fits, plan_for
 from qvl_plugins.memory.paging import supported
+from qvl_plugins.memory.row_chunks import split_head
 from qvl_plugins.memory.streaming import Streaming, attach_streaming
 
 
@@ -64,17 +67,28 @@ class SsdStreamMemory(MemoryManager):
         return {"ahead": self.options.ahead, "resident_layers": self.options.resident_layers}
 
     def attach(self, parts: ModelParts, placement: Placement) -> None:
-        """Hook the prefetcher onto the parts the placement leaves on disk."""
+        """Hook the prefetcher onto the parts the placement leaves on disk; a head on disk is split into row ranges
+        of about a decoder layer's bytes each (streamed whole when its kernels do not split exactly)."""
         if self.streaming is not None:
             self.streaming.close()
             self.streaming = None
         if not placement.on_disk:
             return
-        assert placement.plan is not None
-        head_on_disk = "head" in placement.on_disk
+        plan = placement.plan
+        assert plan is not None and plan.model is not None
+        head: list[nn.Module] = []
+        tied = None
+        if "head" in placement.on_disk:
+            split = split_head(parts.head, parts.embed, head_pieces(plan.model.head_unit, plan.model.layers))
+            if split is not None:
+                assert parts.replace_head is not None
+                parts.replace_head(split)
+                head = list(split.pieces)
+            elif parts.head is not None:
+                head = [parts.head]
+            else:
+                tied = (parts.embed, parts.norm)
         self.streaming = attach_streaming(
-            layers=[(i, parts.layers[i]) for i in placement.streamed_layers],
-            head=parts.head, head_tensors=(parts.head or parts.embed) if head_on_disk else None,
-            head_trigger=parts.norm, vision=parts.vision if "vision" in placement.on_disk else None,
-            vision_blocks=list(parts.vision_blocks), pool=placement.plan.pool, ahead=self.options.ahead,
-            drop_page_cache=self.options.drop_page_cache)
+            layers=[(i, parts.layers[i]) for i in placement.streamed_layers], head=head, tied_head=tied,
+            vision=parts.vision if "vision" in placement.on_disk else None, vision_blocks=list(parts.vision_blocks),
+            pool=plan.pool, ahead=self.options.ahead, drop_page_cache=self.options.drop_page_cache)

@@ -332,20 +332,23 @@ def _post(fn: Callable[[], None]) -> Callable[..., None]:
     return lambda module, args, output: fn()
 
 
-def attach_streaming(*, layers: list[tuple[int, nn.Module]], head: nn.Module | None, head_tensors: nn.Module | None,
-                     head_trigger: nn.Module | None, vision: nn.Module | None, vision_blocks: list[nn.Module],
-                     pool: int, ahead: int, drop_page_cache: bool,
+def attach_streaming(*, layers: list[tuple[int, nn.Module]], head: list[nn.Module],
+                     tied_head: tuple[nn.Module, nn.Module] | None, vision: nn.Module | None,
+                     vision_blocks: list[nn.Module], pool: int, ahead: int, drop_page_cache: bool,
                      pager_factory: Callable[[list[str], bool], Pager] = Pager) -> Streaming:
     """Hook streaming onto the modules that stay on disk.
 
-    layers: (index, module) of the streamed decoder layers in order. The head is streamed when `head_tensors` is
-    given: with hooks on `head` when it is its own module, else (a tied head computed from the embedding table)
-    taken when `head_trigger` (the final norm) runs and given back when the next unit is taken. `vision`: the tower
-    when it stays on disk (its blocks stream one by one, the rest is held while it runs)."""
+    layers: (index, module) of the streamed decoder layers in order. head: the modules computing the output head
+    (its row ranges, or the whole head), each streamed as a unit after the layers. tied_head: (embedding table,
+    final norm) for a tied head computed from the table without a module of its own: taken when the final norm
+    runs, given back when the next unit is taken. vision: the tower when it stays on disk (its blocks stream one by
+    one, the rest is held while it runs)."""
     maps = file_mappings()
     decoder_units = [make_unit(f"decoder layer {i}", module_tensors(m), maps) for i, m in layers]
-    if head_tensors is not None:
-        decoder_units.append(make_unit("the output head", module_tensors(head_tensors), maps))
+    names = ["the output head"] if len(head) == 1 else [f"output head rows part {k}" for k in range(len(head))]
+    decoder_units += [make_unit(name, module_tensors(m), maps) for name, m in zip(names, head, strict=True)]
+    if tied_head is not None:
+        decoder_units.append(make_unit("the output head (the embedding table)", module_tensors(tied_head[0]), maps))
     block_units: list[Unit] = []
     rest: Unit | None = None
     if vision is not None:
@@ -365,18 +368,13 @@ def attach_streaming(*, layers: list[tuple[int, nn.Module]], head: nn.Module | N
     blocks = Stream(block_units, prefetcher, cyclic=False, ahead=ahead) if block_units else None
     streaming = Streaming(prefetcher, decoder, blocks, rest)
     hooks = streaming.handles
-    for k, (_, module) in enumerate(layers):
+    for k, module in enumerate([m for _, m in layers] + head):
         hooks.append(module.register_forward_pre_hook(_pre(lambda k=k: decoder.enter(k))))
         hooks.append(module.register_forward_hook(_post(lambda k=k: decoder.leave(k))))
-    if head_tensors is not None:
+    if tied_head is not None:
         assert decoder is not None
-        k = len(layers)
-        if head is not None:
-            hooks.append(head.register_forward_pre_hook(_pre(lambda: decoder.enter(k))))
-            hooks.append(head.register_forward_hook(_post(lambda: decoder.leave(k))))
-        else:
-            assert head_trigger is not None
-            hooks.append(head_trigger.register_forward_pre_hook(_pre(lambda: decoder.enter(k))))
+        k = len(decoder_units) - 1
+        hooks.append(tied_head[1].register_forward_pre_hook(_pre(lambda: decoder.enter(k))))
     if vision is not None and rest is not None:
         def vision_start() -> None:
             if decoder is not None:

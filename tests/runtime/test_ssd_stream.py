@@ -21,6 +21,7 @@ from qvl_pipeline.memory_plan import GIB, stream_pool, workspace_bytes
 from qvl_pipeline.slots.memory import model_bytes
 from qvl_plugins.memory import ssd_stream
 from qvl_plugins.memory.paging import PAGE, Pager, resident_pages, supported
+from qvl_plugins.memory.row_chunks import ChunkedHead
 
 pytestmark = [pytest.mark.skipif(bool(supported()), reason="; ".join(supported()) or "-"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -29,15 +30,17 @@ PROMPT = "Tell me about the lighthouse."
 TOKENS = 10
 
 
-def write_small_checkpoint(seed: int = 3) -> str:
-    """A float32 checkpoint big enough that each decoder layer spans hundreds of pages (≈2.4 MiB each)."""
+def write_small_checkpoint(seed: int = 3, intermediate: int = 512, tied: bool = False) -> str:
+    """A float32 checkpoint big enough that each decoder layer spans hundreds of pages (≈2.4 MiB each; with
+    intermediate=64, ≈0.8 MiB: less than the 1 MiB head, which then streams in two row ranges)."""
     from qvl_pipeline.model.config import ModelConfig
     from qvl_pipeline.model.qwen3_vl import skeleton
     from qvl_pipeline.runtime.demo import ensure_demo_checkpoint
 
     hf = copy.deepcopy(load_config([]).model.hf_config)
-    hf["text_config"].update(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                             head_dim=64, num_hidden_layers=4)
+    hf["tie_word_embeddings"] = tied
+    hf["text_config"].update(hidden_size=256, intermediate_size=intermediate, num_attention_heads=4,
+                             num_key_value_heads=2 if intermediate > 64 else 1, head_dim=64, num_hidden_layers=4)
     hf["text_config"]["rope_parameters"]["mrope_section"] = [16, 8, 8]
     hf["vision_config"].update(hidden_size=64, intermediate_size=128, out_hidden_size=256, depth=3)
     folder = ensure_demo_checkpoint(hf, seed, lambda cfg: skeleton(ModelConfig.from_hf_dict(cfg)))
@@ -88,9 +91,19 @@ def memory_plugin(pipe: Pipeline):
     return pipe.run_plan.resolver.resolve("memory")
 
 
-@pytest.mark.parametrize("kernels", ["torch_native", "int8_weight_only"])
-def test_streamed_run_matches_the_resident_run(small_folder, kernels, monkeypatch):
+@pytest.fixture(scope="module")
+def small_folders(small_folder):
+    return {"layers": small_folder, "head split": write_small_checkpoint(5, intermediate=64),
+            "tied head split": write_small_checkpoint(6, intermediate=64, tied=True)}
+
+
+@pytest.mark.parametrize(("kernels", "shape"), [
+    ("torch_native", "layers"), ("int8_weight_only", "layers"), ("torch_native", "head split"),
+    ("int8_weight_only", "head split"), ("torch_native", "tied head split"), ("int8_weight_only", "tied head split"),
+])
+def test_streamed_run_matches_the_resident_run(small_folders, kernels, shape, monkeypatch):
     monkeypatch.setenv("QVL_CACHE_DIR", os.environ["QVL_CACHE_DIR"])
+    small_folder = small_folders[shape]
     resident = Pipeline.from_overrides([*base(small_folder, kernels), "memory=cpu"])
     want = resident.generate(PROMPT, max_new_tokens=TOKENS, temperature=0)
     want_image = resident.generate(PROMPT, resident.demo_images() or [], max_new_tokens=3, temperature=0)
@@ -101,6 +114,8 @@ def test_streamed_run_matches_the_resident_run(small_folder, kernels, monkeypatc
     placement = pipe.loaded.placement
     n = len(placement.layers)
     assert placement.on_disk == {"vision", "embed", "head", *(f"layers.{i}" for i in range(n))}
+    if shape.endswith("split"):
+        assert isinstance(pipe.model.lm_head, ChunkedHead) and len(pipe.model.lm_head.pieces) == 2
     got = pipe.generate(PROMPT, max_new_tokens=TOKENS, temperature=0)
     assert got["token_ids"] == want["token_ids"]
     got_logits = pipe.first_logits(PROMPT)
