@@ -115,20 +115,23 @@ class RunFacts:
 
 
 def context_budget(model: ModelFacts, hardware: HardwareProfile, *, requested: int | None,
-                   profile_budget: int | None) -> ContextFacts:
+                   profile_budget: int | None, ram_budget: int | None = None) -> ContextFacts:
     """The context in force (pure): an explicit request, else the profile's budget, else what a KV cache may
-    take of the RAM left after the weights — never more than the model's max_position_embeddings."""
+    take of the RAM (or of `ram_budget` bytes, memory.ram_budget_gb, when set) left after the weights — never more
+    than the model's max_position_embeddings."""
     limit = model.config.text.max_position_embeddings
     if requested is not None:
         return ContextFacts(min(limit, requested), f"generate.max_context={requested}"
                             + (f" (model maximum {limit})" if requested > limit else ""))
     if profile_budget is not None:
         return ContextFacts(min(limit, profile_budget), f"hardware profile {hardware.name} budget")
-    spare = max(0.0, hardware.ram_gb * GIB - model.weight_bytes)
+    ram = hardware.ram_gb * GIB if ram_budget is None else min(hardware.ram_gb * GIB, ram_budget)
+    spare = max(0.0, ram - model.weight_bytes)
     per_position = model.kv_bytes_per_position
     positions = int(KV_RAM_SHARE * spare // per_position) // CONTEXT_STEP * CONTEXT_STEP
     positions = min(limit, max(MIN_CONTEXT, positions))
-    return ContextFacts(positions, f"{KV_RAM_SHARE:.0%} of the {spare / GIB:.1f} GiB of RAM left after the weights "
+    return ContextFacts(positions, f"{KV_RAM_SHARE:.0%} of the {spare / GIB:.1f} GiB of "
+                                   f"{'RAM' if ram_budget is None else 'memory.ram_budget_gb'} left after the weights "
                                    f"at {per_position / 1024:.1f} KiB per position (model maximum {limit}); "
                                    "the cache grows on demand up to it")
 

@@ -99,10 +99,11 @@ def run_facts(report: HardwareReport, model: ModelFacts, generate: GenerateConfi
               opt: OptConfig, memory: MemorySlotConfig) -> RunFacts:
     """RunFacts: machine, model, the context a request may use, the pixel budget and the memory budgets."""
     profile_context = report.profile.budgets.get("max_context") if opt.use_budgets else None
+    budgets = memory_budgets(memory, report.profile)
     context: ContextFacts = context_budget(model, report.profile, requested=generate.max_context,
-                                           profile_budget=profile_context)
-    return RunFacts(report.profile, model, context, pixel_budget(processing, opt, report),
-                    budgets=memory_budgets(memory, report.profile))
+                                           profile_budget=profile_context,
+                                           ram_budget=budgets.ram if memory.ram_budget_gb is not None else None)
+    return RunFacts(report.profile, model, context, pixel_budget(processing, opt, report), budgets=budgets)
 
 
 def checkpoint_folder(model: ModelFacts) -> Path:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -36,7 +36,7 @@ class Placement:
     head: str
     layers: tuple[str, ...]
     on_disk: frozenset[str] = frozenset()
-    plan: MemoryPlan | None = None
+    plan: MemoryPlan | None = field(default=None, compare=False)
 
     @classmethod
     def from_plan(cls, memory_plan: MemoryPlan) -> Placement:

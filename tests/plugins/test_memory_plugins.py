@@ -120,3 +120,11 @@ def test_the_8b_plan_fits_the_laptop(opt):
     text = render_plan(plan)
     assert "memory plan (memory=" in text and "on i5_sm61_nvme as described" in text
     assert "decode ceiling:" in text
+
+
+def test_an_explicit_ram_budget_bounds_the_default_context():
+    free = make_container(load_config(["model=qwen3_vl_2b", "hardware=i5_sm61_nvme", "opt=minimal"])).core.facts()
+    tight = make_container(load_config(["model=qwen3_vl_2b", "hardware=i5_sm61_nvme", "opt=minimal",
+                                        "memory.ram_budget_gb=6"])).core.facts()
+    assert tight.context.positions < free.context.positions
+    assert "memory.ram_budget_gb" in tight.context.reason
