@@ -46,16 +46,17 @@ def model_section(facts: RunFacts, memory: MemoryManager) -> dict[str, Any]:
             "memory": None if memory_plan is None else memory_plan.to_dict()}
 
 
-def described_memory(report: HardwareReport, memory: MemoryManager) -> dict[str, Any] | None:
+def described_memory(report: HardwareReport, memory: MemoryManager, explicit: bool) -> dict[str, Any] | None:
     """The memory plan on the named profile's own machine when its GPU is not usable here (this machine plans for
-    the CPU): the first entry of the profile's memory chain that fits there (built-in plugins are named after the
-    planner's modes), with the weight format chosen here."""
+    the CPU): the explicitly chosen plugin's, else the first entry of the profile's memory chain that fits there
+    (built-in plugins are named after the planner's modes), with the weight format chosen here."""
     described = report.described
     if described is None or described.gpu is None or not described.cuda_usable or memory.facts.hardware.cuda_usable:
         return None
     budgets = derive_budgets(described.ram_gb, described.gpu.vram_gb, memory.facts.memory_budgets.knobs)
     there = replace(memory.facts, hardware=described, budgets=budgets)
-    for name in described.chains.get("memory", ()):
+    names = (memory.mode,) if explicit and memory.mode else described.chains.get("memory", ())
+    for name in names:
         if name not in MODES:
             continue
         try:
@@ -81,7 +82,8 @@ class RunPlan:
         memory = self.resolver.resolve("memory")
         assert isinstance(memory, MemoryManager)
         model = model_section(self.facts, memory)
-        model["memory_on_profile"] = described_memory(self.report, memory)
+        explicit = self.resolver.decisions["memory"].how == "explicit"
+        model["memory_on_profile"] = described_memory(self.report, memory, explicit)
         if loaded is not None:
             model["loaded"] = {"report": str(loaded.report), "seconds": round(loaded.seconds, 3),
                                "placement": loaded.placement.summary()}
@@ -119,17 +121,17 @@ def render_memory(mem: Mapping[str, Any], where: str = "") -> list[str]:
     lines = [f"  memory plan{where} (memory={mem['mode']}, {mem['weights']} weights, KV for {mem['positions']} "
              "positions):"]
     vision, embed, head = parts["vision"], parts["embed"], parts["head"]
-    lines.append(f"    {'vision tower':<16}{vision['tier']:<6}{_size(vision['gib']):>10}  "
+    lines.append(f"    {'vision tower':<18}{vision['tier']:<6}{_size(vision['gib']):>10}  "
                  + ("read block by block for each image" if vision["tier"] == "disk" else _TIER_NOTES[vision["tier"]]))
     if not embed["is_head"]:
-        lines.append(f"    {'embeddings':<16}{embed['tier']:<6}{_size(embed['gib']):>10}  "
+        lines.append(f"    {'embeddings':<18}{embed['tier']:<6}{_size(embed['gib']):>10}  "
                      + ("rows read as tokens use them" if embed["tier"] == "disk" else _TIER_NOTES[embed["tier"]]))
     for run in parts["layers"]:
         name = f"layer {run['first']}" if run["first"] == run["last"] else f"layers {run['first']}-{run['last']}"
         note = "streamed from disk ahead of compute" if run["tier"] == "disk" else _TIER_NOTES[run["tier"]]
-        lines.append(f"    {name:<16}{run['tier']:<6}{_size(run['gib']):>10}  {note}")
+        lines.append(f"    {name:<18}{run['tier']:<6}{_size(run['gib']):>10}  {note}")
     head_name = "head (embedding)" if embed["is_head"] else "output head"
-    lines.append(f"    {head_name:<16}{head['tier']:<6}{_size(head['gib']):>10}  "
+    lines.append(f"    {head_name:<18}{head['tier']:<6}{_size(head['gib']):>10}  "
                  + ("streamed from disk each token" if head["tier"] == "disk" else _TIER_NOTES[head["tier"]]))
     kv = mem["kv_gib"]
     lines.append(f"    RAM {_size(mem['ram_gib'])} of {_size(b['ram_gib'])} ({b['ram_source']}): KV cache "

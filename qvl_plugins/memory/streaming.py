@@ -123,10 +123,11 @@ def _worker(shared: _Shared) -> None:
             if error is not None:
                 unit.state, unit.error = State.FAILED, error
             else:
-                unit.state = State.READY
                 shared.stats.bytes_read += nbytes
                 shared.stats.read_seconds += seconds
                 shared.stats.units_read += 1
+                if not evict:                 # an evicted unit stays LOADING until it is given back
+                    unit.state = State.READY
             shared.cond.notify_all()
         if evict:
             try:
@@ -218,7 +219,7 @@ class Prefetcher:
                 s.cond.notify_all()
                 return
             if unit.state is State.LOADING:
-                unit.evict = True
+                unit.evict = True             # the thread gives it back once read (then it is IDLE)
                 return
             if unit.state not in (State.READY, State.IN_USE):
                 return
