@@ -36,6 +36,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "torch_native": "qvl_plugins.kernels.torch_native:TorchNativeKernels",
         "fp32_compute": "qvl_plugins.kernels.fp32_compute:Fp32ComputeKernels",
         "fp16_store": "qvl_plugins.kernels.fp16_store:Fp16StoreFp32ComputeKernels",
+        "int8_dynamic": "qvl_plugins.kernels.int8_dynamic:Int8DynamicKernels",
         "int8_weight_only": "qvl_plugins.kernels.int8_weight_only:Int8WeightOnlyKernels",
         "int4_weight_only": "qvl_plugins.kernels.int4_weight_only:Int4WeightOnlyKernels",
     },

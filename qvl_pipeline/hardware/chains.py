@@ -20,9 +20,10 @@ def cpu_chains(hw: HardwareProfile) -> Chains:
     # fast exact path; elsewhere fp32 compute is (it validates only when the fp32 copy fits in RAM).
     exact = ("torch_native", "fp32_compute") if native_bf16(hw) else ("fp32_compute", "torch_native")
     # ATen's int4 CPU GEMV is vectorised well only with AVX-512; on AVX2 it is compute bound and decoded slower
-    # than int8 (measured, 2 threads, AVX2 emulated: int4 8.9 tok/s, int8 11.1 tok/s for 2B).
-    quantised = ("int4_weight_only", "int8_weight_only") if hw.has_isa("avx512f") \
-        else ("int8_weight_only", "int4_weight_only")
+    # than int8 (measured, 2 threads, AVX2 emulated: int4 8.9 tok/s, int8 11.1 tok/s for 2B). int8_dynamic (the
+    # native integer GEMV) before ATen's int8 GEMV; it validates only where the native kernel builds.
+    int8 = ("int8_dynamic", "int8_weight_only")
+    quantised = ("int4_weight_only", *int8) if hw.has_isa("avx512f") else (*int8, "int4_weight_only")
     return {
         # Measured on a 2-core AVX-512 VM, 1024-token prefill: torch's fused CPU SDPA 3.4x faster than chunked.
         "attention": ("sdpa", "chunked", "eager"),
