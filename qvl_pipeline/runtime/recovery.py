@@ -100,7 +100,9 @@ class Recovery:
         release_step(error)
         how = (f"memory {before.name} gave a smaller GPU share" if memory is before
                else f"memory slot moved from {before.name} to {memory.name}")
-        return f"{how}: {placement_changes(current, running)} (KV caches moved with their layers, contents kept)"
+        if running == current:
+            return f"{how}; no part changed device"
+        return f"{how}: moved {placement_changes(current, running)}; KV caches moved with their layers, contents kept"
 
     def _smaller(self, memory: MemoryManager, current: Placement,
                  error: BaseException) -> tuple[MemoryManager, Placement]:
