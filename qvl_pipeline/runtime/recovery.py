@@ -96,7 +96,12 @@ class Recovery:
         move_parts(model, target)
         running = memory.attach(layers, target)
         self.loaded.placement = running
-        self.caches.relocate()
+        try:
+            self.caches.relocate()
+        except NotImplementedError as exc:
+            raise PluginError(f"kv_cache plugin {self.caches.backend.name!r} cannot move its cache after the layers "
+                              "moved (its KVCache has no relocate())",
+                              "implement KVCache.relocate in that plugin, or choose kv_cache=static") from exc
         release_step(error)
         how = (f"memory {before.name} gave a smaller GPU share" if memory is before
                else f"memory slot moved from {before.name} to {memory.name}")

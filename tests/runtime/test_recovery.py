@@ -264,3 +264,27 @@ def test_cuda_partial_out_of_memory_moves_layers_and_their_cache_to_the_cpu():
     assert [d.type for d in pipe.model.layer_devices()] == [torch.device(d).type for d in layers]
     [event] = result["plan"]["runtime_recoveries"]
     assert "partial_oom gave a smaller GPU share" in event["action"] and "cuda -> cpu" in event["action"]
+
+
+def test_a_cache_that_cannot_follow_its_layers_is_a_plugin_error_naming_the_fix():
+    from qvl_pipeline.slots import KVCache
+    from qvl_plugins.kv_cache.static import StaticCache, StaticKVCache
+
+    class Unmovable(StaticKVCache):
+        relocate = KVCache.relocate                  # the interface's: not implemented (a third-party cache)
+
+    class UnmovableCache(StaticCache):
+        fidelity = Fidelity.EXACT
+
+        def create(self, shape, dtype, devices):
+            return Unmovable(shape, dtype, devices)
+
+    container = make_container(load_config([*BASE[:-1], "hardware.chains.memory=[oom_once,cpu]",
+                                            "hardware.chains.kv_cache=[unmovable]"]))
+    registry = PluginRegistry(discover=None)
+    registry.register("memory", "oom_once", OomOnce)
+    registry.register("kv_cache", "unmovable", UnmovableCache)
+    container.core.registry.override(registry)
+    with pytest.raises(PluginError, match="'unmovable' cannot move its cache") as info:
+        Pipeline.from_container(container).generate("Describe.", max_new_tokens=4)
+    assert "kv_cache=static" in info.value.hint
