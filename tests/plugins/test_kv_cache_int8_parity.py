@@ -56,9 +56,10 @@ def test_teacher_forced_logits_and_greedy_choices_agree_with_the_static_cache(pi
     assert caches[0].length == caches[1].length == len(ids) + STEPS
 
 
+@pytest.mark.parametrize("hardware", ["auto", "cpu_avx2", "i5_sm61_nvme"])
 @pytest.mark.parametrize(("opt", "chosen"), [("minimal", "static"), ("moderate", "static"), ("aggressive", "int8")])
-def test_int8_kv_is_admitted_only_at_opt_aggressive(opt, chosen):
-    container = make_container(load_config([f"opt={opt}", "hardware=cpu_avx2"]))
+def test_int8_kv_is_admitted_only_at_opt_aggressive(opt, chosen, hardware):
+    container = make_container(load_config([f"opt={opt}", f"hardware={hardware}"]))
     decision = container.core.plan().to_dict()["slots"]["kv_cache"]
     assert decision["candidates"][0] == "int8" and decision["chosen"] == chosen
     if chosen != "int8":
