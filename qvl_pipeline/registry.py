@@ -44,6 +44,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "cpu": "qvl_plugins.memory.cpu:CpuMemory",
         "cuda_full": "qvl_plugins.memory.cuda_full:CudaFullMemory",
         "cuda_partial": "qvl_plugins.memory.cuda_partial:CudaPartialMemory",
+        "cuda_offload_stream": "qvl_plugins.memory.cuda_offload_stream:CudaOffloadStreamMemory",
     },
     "kv_cache": {
         "static": "qvl_plugins.kv_cache.static:StaticCache",

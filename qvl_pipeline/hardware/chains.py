@@ -44,7 +44,9 @@ def gpu_chains(hw: HardwareProfile) -> Chains:
         # Pascal (sm_6x) has no bf16 and runs fp16 maths at 1/64 rate: fp16 storage, fp32 compute.
         "kernels": ("torch_native", "int8_weight_only", "fp32_compute") if ampere
         else ("fp16_store", "int8_weight_only", "fp32_compute", "torch_native"),
-        "memory": ("cuda_full", "cuda_partial", "cpu"),
+        # Streaming every layer from pinned RAM beats partial residency only on a host link faster than the CPU's
+        # RAM (cuda_offload_stream validates that from pcie_gb_s); otherwise its rejection says why.
+        "memory": ("cuda_full", "cuda_offload_stream", "cuda_partial", "cpu"),
         "kv_cache": ("int8", "static"),
     }
 

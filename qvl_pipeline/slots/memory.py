@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from qvl_pipeline.slots.base import Plugin
+from qvl_pipeline.slots.memory_share import smaller_gpu_share
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,22 @@ class MemoryManager(Plugin):
     def device(self) -> torch.device:
         """The device where requests start (inputs, sampler)."""
         return torch.device("cpu")
+
+    # ---- at run time (defaults: nothing moves while running; see qvl_pipeline/runtime/recovery.py) -------------
+    def attach(self, layers: Sequence[torch.nn.Module], placement: Placement) -> Placement:
+        """Called once the parts sit where `place` said: a plugin that moves weights while running (streaming)
+        hooks into the decoder layers here. Returns the placement as the layers compute (their KV caches go there)."""
+        return placement
+
+    def detach(self, layers: Sequence[torch.nn.Module]) -> None:
+        """Undo `attach` before the placement changes (after an out-of-memory): weights back where `place` put
+        them, hooks removed."""
+
+    def shrink(self, placement: Placement) -> Placement | None:
+        """After an out-of-memory (CUDA, or a MemoryBudgetExceeded this plugin raised): a placement with a smaller
+        GPU share than the running `placement`, or None when there is none (the slot then moves down its chain).
+        Default: the trailing half of the GPU decoder layers go to the CPU, then the vision tower and head."""
+        return smaller_gpu_share(placement)
 
     def self_test(self, reference: Plugin) -> None:
         from qvl_pipeline.slots.checks import check_memory
