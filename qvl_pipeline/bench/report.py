@@ -31,7 +31,7 @@ def with_ceiling(row: Mapping[str, Any], bandwidth_gb_s: float) -> dict[str, Any
     tps = row["decode_tokens_per_s"]
     out.update(bytes_per_token=per_token, bytes_per_token_gb=round(per_token / GB, 6),
                ceiling_tokens_per_s=round(ceiling, 3) if ceiling else None,
-               fraction_of_ceiling=round(tps / ceiling, 4) if ceiling and tps else None)
+               fraction_of_ceiling=float(f"{tps / ceiling:.4g}") if ceiling and tps else None)
     return out
 
 
@@ -42,12 +42,13 @@ def _cell(value: Any, spec: str, width: int) -> str:
 
 
 def _format_bytes(by_dtype: Mapping[str, int]) -> str:
-    return " + ".join(f"{dtype} {n / GB:.3f} GB" for dtype, n in sorted(by_dtype.items(), key=lambda kv: -kv[1]))
+    return " + ".join(f"{dtype} {n / GB:.3g} GB" for dtype, n in sorted(by_dtype.items(), key=lambda kv: -kv[1]))
 
 
 def render_speed(report: Mapping[str, Any]) -> list[str]:
     work = report["work"]
-    lines = [f"bench: {report['checkpoint']['source']}, {report['checkpoint']['parameters'] / 1e9:.3f} B parameters; "
+    lines = [f"{report['checkpoint']['source']}, {report['checkpoint']['parameters'] / 1e6:,.1f} M parameters "
+             f"({report['checkpoint']['stored_dtype']}); "
              f"{work['image']} ({work['image_size']}) + {work['prompt']!r}; {work['tokens']} new tokens greedy; "
              f"median of {work['rounds']} round(s) after a warm-up",
              f"RAM copy bandwidth (measured): {report['ram_bandwidth_gb_s']:g} GB/s; decode ceiling = bandwidth / "
