@@ -32,6 +32,9 @@ from qvl_pipeline.slots import AttentionBackend, KernelsBackend, RotaryBackend
 PREFILL_ROWS = 256             # positions of a typical prompt: one image (~200 tokens) and a question
 DECODE_TOKENS = 128            # tokens of a typical answer
 DECODE_CONTEXT = PREFILL_ROWS + DECODE_TOKENS // 2    # keys a decode step attends to, on average
+# Relative speed difference below which two candidates count as equally fast (a shared machine's run-to-run noise
+# is 10-30 %; a difference of a few % says nothing): the profile's order then stands.
+NOISE_MARGIN = 0.1
 MAX_ITERS = 200                # calls per measurement at most (a slow candidate stops at min_time)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -193,11 +196,17 @@ def measure_rotary(plugin: RotaryBackend, facts: RunFacts, dtype: torch.dtype, m
                     {"per": f"decoder forward ({layers} layers)", "dtype": str(dtype).removeprefix("torch.")})
 
 
-def ordered_chain(chain: Sequence[str], scores: Mapping[str, float]) -> tuple[str, ...]:
-    """The chain with its measured entries sorted by score (fastest first) into the places measured entries held;
-    entries without a score keep their place, so the result is a permutation of `chain` (pure)."""
+def ordered_chain(chain: Sequence[str], scores: Mapping[str, float], margin: float = NOISE_MARGIN) -> tuple[str, ...]:
+    """The chain with its measured entries ranked by score into the places measured entries held; entries without
+    a score keep their place, so the result is a permutation of `chain` (pure). A measured entry moves ahead of an
+    earlier one only when it is faster by more than `margin` (a relative difference): nearer than that, the
+    measurement cannot tell them apart and the profile's order stands."""
     places = [i for i, name in enumerate(chain) if name in scores]
-    ranked = sorted((name for name in chain if name in scores), key=lambda name: scores[name])
+    ranked: list[str] = []
+    for name in (n for n in chain if n in scores):
+        ahead_of = next((i for i, other in enumerate(ranked) if scores[other] > scores[name] * (1 + margin)),
+                        len(ranked))
+        ranked.insert(ahead_of, name)
     out = list(chain)
     for place, name in zip(places, ranked, strict=True):
         out[place] = name

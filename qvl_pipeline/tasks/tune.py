@@ -3,8 +3,9 @@ profile whose chains are ordered by measured speed: <user conf dir>/hardware/<tu
 facts with a comment block citing every measurement, and `tuned:` notes that task=plan prints.
 
 Candidates are the entries of the running profile's chain that the opt level admits, that validate on this
-machine and pass their self-test (the resolver's own screening). Measured entries are sorted fastest first into the
-places measured entries held; every other entry keeps its place, so each chain stays a permutation of the profile's.
+machine and pass their self-test (the resolver's own screening). Measured entries are ranked fastest first into the
+places measured entries held (one moves ahead of an earlier one only when faster by more than the noise margin);
+every other entry keeps its place, so each chain stays a permutation of the profile's.
 memory and kv_cache keep the profile's order: they trade memory, not speed.
 """
 
@@ -30,6 +31,7 @@ from qvl_pipeline.bench.slot_speed import (
     DECODE_CONTEXT,
     DECODE_TOKENS,
     DTYPES,
+    NOISE_MARGIN,
     PREFILL_ROWS,
     Measured,
     decoder_linears,
@@ -242,8 +244,9 @@ def run(config: RootConfig, container: RootContainer, results_dir: Path | None =
         f"Tuned hardware profile {name}: written by `python -m qvl_pipeline task=tune` on {date}, from "
         f"hardware={report.target} opt={config.opt.level}, at the shapes of the {decoder} of {model.source}.",
         f"Use it with hardware={name} (python -m qvl_pipeline hardware={name} task=plan shows what it chooses).",
-        "Facts copied from the running profile; chains ordered by measured speed, fastest first (entries that were "
-        "not measured keep their place).",
+        "Facts copied from the running profile; chains ordered by measured speed, fastest first: an entry moves "
+        f"ahead of an earlier one only when more than {NOISE_MARGIN:.0%} faster; entries that were not measured keep "
+        "their place.",
         f"Cost of a candidate: one request, a {PREFILL_ROWS}-position prefill plus {DECODE_TOKENS} decoded tokens "
         f"(decode attention over {DECODE_CONTEXT} keys); each measurement is the best call of "
         f"{config.tune.min_time:g} s of repeated calls, the best of {PASSES} interleaved passes.",

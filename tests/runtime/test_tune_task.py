@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qvl_pipeline.bench.slot_speed import Measured, ordered_chain
+from qvl_pipeline.bench.slot_speed import NOISE_MARGIN, Measured, ordered_chain
 from qvl_pipeline.config.load import PROFILE_NAME, load_config
 from qvl_pipeline.container import make_container
 from qvl_pipeline.errors import ConfigError
@@ -72,13 +72,19 @@ def test_unmeasured_entries_keep_their_place(tuned):
 
 
 def test_measured_candidates_are_ordered_by_their_score(tuned):
-    text, _, _, results, _ = tuned
+    text, running, _, results, _ = tuned
     profile = profile_from_dict(yaml.safe_load(text))
     for slot in MEASURED:
         measured = results[slot].measured
         assert len(measured) >= 2, slot                       # this CPU has at least two usable ones per slot
-        order = [name for name in profile.chains[slot] if name in {m.plugin for m in measured}]
-        assert order == [m.plugin for m in sorted(measured, key=lambda m: m.score)]
+        scores = {m.plugin: m.score for m in measured}
+        order = [name for name in profile.chains[slot] if name in scores]
+        assert order == [n for n in ordered_chain(running.chains[slot], scores) if n in scores]
+        # An entry ahead of another is never slower by more than the noise margin.
+        for i, first in enumerate(order):
+            for later in order[i + 1:]:
+                assert scores[first] <= scores[later] * (1 + NOISE_MARGIN) or \
+                    running.chains[slot].index(first) < running.chains[slot].index(later)
         assert all(m.score > 0 and m.decode_ms > 0 and m.prefill_ms > 0 for m in measured)
 
 
@@ -167,6 +173,10 @@ def test_ordered_chain_sorts_measured_entries_into_their_places():
     assert ordered_chain(chain, {"a": 3.0, "c": 1.0, "d": 2.0}) == ("c", "b", "d", "a")
     assert ordered_chain(chain, {}) == chain
     assert ordered_chain(chain, {"b": 1.0}) == chain
+    # Within the noise margin the profile's order stands; beyond it the faster one goes first.
+    assert ordered_chain(chain, {"a": 1.05, "b": 1.0}) == chain
+    assert ordered_chain(chain, {"a": 1.05, "b": 1.0}, margin=0.0) == ("b", "a", "c", "d")
+    assert ordered_chain(chain, {"a": 1.5, "b": 1.0}) == ("b", "a", "c", "d")
 
 
 def test_a_candidate_that_fails_while_measured_keeps_its_place():
