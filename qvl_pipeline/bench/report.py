@@ -66,7 +66,8 @@ def render_speed(report: Mapping[str, Any]) -> list[str]:
                                                   for (key, _, spec), w in zip(COLUMNS, widths, strict=True)))
         weights = row["weights_read_per_token"]
         notes.append(f"  {name}: kernels {row['kernels']}: {_format_bytes(weights['by_dtype'])} per token; "
-                     f"prompt {row['prompt_tokens']} tokens")
+                     f"prompt {row['prompt_tokens']} tokens; RSS right after load {row['rss_after_load_gib']:.2f} GiB "
+                     "(weights mapped but not yet read do not count)")
         short = [r for r in row["rounds"] if r["new_tokens"] < work["tokens"]]
         if short:
             notes.append(f"  {name}: !! stopped early in {len(short)} round(s) ({short[0]['new_tokens']} tokens, "

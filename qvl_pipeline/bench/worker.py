@@ -38,6 +38,13 @@ def peak_rss_gib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)
 
 
+def rss_gib() -> float:
+    """This process's resident memory now (GiB)."""
+    import psutil
+
+    return round(psutil.Process().memory_info().rss / 1024**3, 3)
+
+
 def config_to_dict(config: RootConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
@@ -110,6 +117,7 @@ def ours(spec: dict[str, Any]) -> dict[str, Any]:
     progress("qvl-pipeline: loading")
     pipe = Pipeline.from_container(container)
     plan = pipe.plan
+    loaded_rss = rss_gib()
     prompt, images, tokens = spec["prompt"], [spec["image"]], spec["tokens"]
     progress(f"qvl-pipeline: loaded in {pipe.load_s:.2f} s; warm-up ({WARMUP_TOKENS} tokens)")
     feature_cache = pipe.model.feature_cache
@@ -136,7 +144,8 @@ def ours(spec: dict[str, Any]) -> dict[str, Any]:
         if pipe.model.lm_head is not None else [lm.embed_tokens.weight]
     out: dict[str, Any] = {
         "system": f"qvl-pipeline opt={config.opt.level}", "load_s": round(pipe.load_s, 4),
-        "peak_rss_gib": peak_rss_gib(), "prompt_tokens": result["prompt_tokens"], "rounds": rounds,
+        "rss_after_load_gib": loaded_rss, "peak_rss_gib": peak_rss_gib(), "prompt_tokens": result["prompt_tokens"],
+        "rounds": rounds,
         **summarise(rounds), "weights_read_per_token": weights_read_per_token(lm.layers, lm.norm, head),
         "kernels": plan["slots"]["kernels"]["chosen"],
         "plugins": {slot: decision["chosen"] for slot, decision in plan["slots"].items()}, "plan": plan,
@@ -173,6 +182,7 @@ def reference(spec: dict[str, Any]) -> dict[str, Any]:
     model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16,
                                                             attn_implementation="sdpa").eval()
     load_s = time.perf_counter() - start
+    loaded_rss = rss_gib()
     vision = ImageProcessor.from_folder(folder)([spec["image"]])
     ids = torch.tensor([build_prompt(Tokenizer.from_folder(folder), ChatTemplate.from_folder(folder), spec["prompt"],
                                      image_tokens=vision.token_counts()).input_ids])
@@ -216,7 +226,8 @@ def reference(spec: dict[str, Any]) -> dict[str, Any]:
         progress(f"transformers: round {i + 1}/{spec['rounds']}: TTFT {rounds[-1]['ttft_s']:.2f} s, decode "
                  f"{rounds[-1]['decode_tokens_per_s']:.2f} tok/s")
     lm = model.model.language_model
-    return {"system": "transformers bf16 sdpa", "load_s": round(load_s, 4), "peak_rss_gib": peak_rss_gib(),
+    return {"system": "transformers bf16 sdpa", "load_s": round(load_s, 4), "rss_after_load_gib": loaded_rss,
+            "peak_rss_gib": peak_rss_gib(),
             "prompt_tokens": int(ids.shape[1]), "rounds": rounds, **summarise(rounds),
             "weights_read_per_token": weights_read_per_token(lm.layers, lm.norm, list(model.lm_head.parameters())),
             "kernels": "transformers bf16"}

@@ -90,7 +90,7 @@ class BenchConfig:
     `model`'s shape); ranges are checked in config/load.py."""
 
     tokens: int = 32               # new tokens per measured generate
-    rounds: int = 2                # measured generates per system (after one short warm-up); medians are reported
+    rounds: int = 3                # measured generates per system (after one short warm-up); medians are reported
     compare: str = "none"          # none | transformers (the reference, bf16 + sdpa, in its own process)
     model: str = "qwen3_vl_2b"     # model preset whose shape the random checkpoint has when model.path is not set
     image: str | None = None       # null: a generated 448x448 picture (written once in the cache folder)
