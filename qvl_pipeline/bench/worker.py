@@ -148,6 +148,7 @@ def ours(spec: dict[str, Any]) -> dict[str, Any]:
         "rounds": rounds,
         **summarise(rounds), "weights_read_per_token": weights_read_per_token(lm.layers, lm.norm, head),
         "kernels": plan["slots"]["kernels"]["chosen"],
+        "pixels": {"min_pixels": pipe.images.config.min_pixels, "max_pixels": pipe.images.config.max_pixels},
         "plugins": {slot: decision["chosen"] for slot, decision in plan["slots"].items()}, "plan": plan,
     }
     if spec["accuracy"]:
@@ -167,7 +168,8 @@ def ours(spec: dict[str, Any]) -> dict[str, Any]:
 
 def reference(spec: dict[str, Any]) -> dict[str, Any]:
     """Qwen3VLForConditionalGeneration in bf16 with sdpa attention, fed the same ids and pixels as this project
-    (its own processors are not used: the prompt is identical by construction). Times are stamped by a logits
+    (its own processors are not used: the prompt is identical by construction; spec["pixels"] is the pixel budget
+    this project's run used). Times are stamped by a logits
     processor (the first call ends the prefill) and by hooks around the vision tower."""
     from transformers import LogitsProcessor, LogitsProcessorList, Qwen3VLForConditionalGeneration
 
@@ -183,7 +185,7 @@ def reference(spec: dict[str, Any]) -> dict[str, Any]:
                                                             attn_implementation="sdpa").eval()
     load_s = time.perf_counter() - start
     loaded_rss = rss_gib()
-    vision = ImageProcessor.from_folder(folder)([spec["image"]])
+    vision = ImageProcessor.from_folder(folder, **spec["pixels"])([spec["image"]])    # ours' pixel budget
     ids = torch.tensor([build_prompt(Tokenizer.from_folder(folder), ChatTemplate.from_folder(folder), spec["prompt"],
                                      image_tokens=vision.token_counts()).input_ids])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),

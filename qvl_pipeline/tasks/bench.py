@@ -147,7 +147,7 @@ def run(config: RootConfig, container: RootContainer, results_dir: Path | None =
     if bench.compare == REFERENCE:
         if transformers_available():
             progress(f"{REFERENCE} (bf16, sdpa) in a fresh process: load, warm-up, {bench.rounds} round(s)")
-            systems[REFERENCE] = run_worker("reference", spec, REFERENCE)
+            systems[REFERENCE] = run_worker("reference", {**spec, "pixels": systems[OURS]["pixels"]}, REFERENCE)
         else:
             note = ("transformers is not installed: bench.compare=transformers skipped (pip install transformers, "
                     "or the project's test extra)")
