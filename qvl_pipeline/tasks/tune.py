@@ -92,7 +92,7 @@ def usable(resolver: Resolver, slot: str, self_test: bool) -> tuple[list[Plugin]
     as instances with their configured options; and the reason for each entry that does not."""
     plugins, reasons = [], {}
     for name in resolver.chain(slot):
-        spec, options, why = resolver._screen(slot, name)
+        spec, options, why = resolver._screen(slot, name)     # the resolver's own screening: fidelity, validate
         if why:
             reasons[name] = "; ".join(why)
             continue
@@ -102,13 +102,15 @@ def usable(resolver: Resolver, slot: str, self_test: bool) -> tuple[list[Plugin]
             if self_test:
                 plugin.self_test(resolver.reference(slot))
         except Exception as exc:
-            reasons[name] = f"self-test failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            reasons[name] = f"could not be built or failed its self-test: {type(exc).__name__}: {first}"
             continue
         plugins.append(plugin)
     return plugins, reasons
 
 
 def tune_slot(slot: str, resolver: Resolver, measure: Callable[[Plugin], Measured], self_test: bool) -> SlotTuning:
+    """Measure the slot's usable candidates in PASSES interleaved passes (each keeps its best) and rank them."""
     chain = resolver.chain(slot)
     plugins, unmeasured = usable(resolver, slot, self_test)
     best: dict[str, Measured] = {}
