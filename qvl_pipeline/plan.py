@@ -137,6 +137,8 @@ def render_plan(plan: Mapping[str, Any]) -> str:
         lines.append(f"  differs: {diff}")
     for note in hw["notes"]:
         lines.append(f"  note: {note}")
+    for measured in facts["tuned"]:
+        lines.append(f"  tuned: {measured}")
     lines.append("slots:")
     for slot, decision in plan["slots"].items():
         how = "explicit choice" if decision["how"] == "explicit" else f"chain {decision['candidates']}"
