@@ -85,12 +85,12 @@ def against_exact(mine: Answer, config: RootConfig, prompt: str, images: Sequenc
 
 def tiny_accuracy(config: RootConfig, prompt: str) -> dict[str, Any]:
     """The level's plugins vs the exact path on the tiny demo model (task=validate's parity configuration)."""
-    from qvl_pipeline.tasks.validate import _demo_config
+    from qvl_pipeline.tasks.validate import demo_config
 
-    mine_pipe = Pipeline.from_container(make_container(_demo_config(config)))
+    mine_pipe = Pipeline.from_container(make_container(demo_config(config)))
     images = mine_pipe.demo_images()
     mine = answer(mine_pipe, prompt, images)
     chosen = {slot: decision["chosen"] for slot, decision in mine_pipe.plan["slots"].items()}
-    exact_pipe = Pipeline.from_container(make_container(_demo_config(reference_config(config))))
+    exact_pipe = Pipeline.from_container(make_container(demo_config(reference_config(config))))
     result = agreement(mine, answer(exact_pipe, prompt, images))
     return {"model": "tiny demo (task=validate's parity config)", "plugins": chosen, **result.to_dict()}

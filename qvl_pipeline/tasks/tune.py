@@ -92,7 +92,7 @@ def usable(resolver: Resolver, slot: str, self_test: bool) -> tuple[list[Plugin]
     as instances with their configured options; and the reason for each entry that does not."""
     plugins, reasons = [], {}
     for name in resolver.chain(slot):
-        spec, options, why = resolver._screen(slot, name)     # the resolver's own screening: fidelity, validate
+        spec, options, why = resolver.screen(slot, name)     # the resolver's own screening: fidelity, validate
         if why:
             reasons[name] = "; ".join(why)
             continue
