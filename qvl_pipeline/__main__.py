@@ -25,7 +25,7 @@ from qvl_pipeline.errors import (
     describe_unexpected,
 )
 
-TASKS = ("generate", "chat", "plan", "probe", "validate")
+TASKS = ("generate", "chat", "plan", "probe", "validate", "bench", "tune")
 REEXEC_GUARD = "QVL_EMULATION_APPLIED"
 _ORIGINAL_ARGS: list[str] = []     # the command line as typed (the emulation re-exec passes it on unchanged)
 _TASK_STARTED: list[bool] = []     # set once Hydra hands over: an OSError before that is about the run folder
@@ -129,6 +129,12 @@ def run_task(cfg: Any) -> int:
     if task == "validate":
         from qvl_pipeline.tasks import validate
         return validate.run(config, container, results)
+    if task == "bench":
+        from qvl_pipeline.tasks import bench
+        return bench.run(config, container, results)
+    if task == "tune":
+        from qvl_pipeline.tasks import tune
+        return tune.run(config, container, results)
     from qvl_pipeline.tasks import generate
     return generate.run(config, container, results)
 

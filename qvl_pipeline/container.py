@@ -66,8 +66,6 @@ class CoreContainer(containers.DeclarativeContainer):
     # The model holds guards, never the plugins: a runtime failure re-points a guard to the next chain entry.
     attention_guard = providers.Singleton(guard, "attention", attention)
     rotary_guard = providers.Singleton(guard, "rotary", rotary)
-    recovery = providers.Singleton(Recovery, resolver, providers.Dict(attention=attention_guard,
-                                                                      rotary=rotary_guard))
     plan = providers.Singleton(RunPlan, hardware_report, facts, resolver, config.provided.opt.level)
 
 
@@ -140,7 +138,11 @@ class RootContainer(containers.DeclarativeContainer):
         stop_ids=providers.Singleton(stop_token_ids, providers.Callable(read_generation_config, folder), tokenizer),
         images=vision.image_processor, videos=vision.video_processor.provider)
 
-    engine = providers.Singleton(Engine, loaded.provided.model, core.recovery)
+    # Runtime recovery re-points the guards, moves the placed model and the live KV caches, and notes it in the plan.
+    recovery = providers.Singleton(Recovery, core.resolver, providers.Dict(attention=core.attention_guard,
+                                                                           rotary=core.rotary_guard),
+                                   loaded, kv_caches, core.plan)
+    engine = providers.Singleton(Engine, loaded.provided.model, recovery)
     pipeline = providers.Singleton(Pipeline, config, loaded=loaded, processors=processors, caches=kv_caches,
                                    engine=engine, plan=core.plan, facts=core.facts, started=started)
 

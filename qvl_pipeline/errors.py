@@ -76,3 +76,8 @@ class PluginRuntimeError(RuntimeError):
     def __init__(self, slot: str, plugin: str, error: BaseException) -> None:
         super().__init__(f"{slot} plugin {plugin!r} failed: {type(error).__name__}: {error}")
         self.slot, self.plugin, self.error = slot, plugin, error
+
+
+class MemoryBudgetExceeded(RuntimeError):
+    """A memory plugin's budget (VRAM or RAM) would be exceeded by a step. Raised while running; the runtime
+    recovers from it like from a CUDA out-of-memory (a smaller GPU share, or the memory slot's next plugin)."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
+
+import torch
 
 from qvl_pipeline.errors import ConfigError
 from qvl_pipeline.facts import RunFacts
@@ -12,10 +14,33 @@ from qvl_pipeline.hardware.build import HardwareReport
 from qvl_pipeline.memory_plan import MODES, derive_budgets
 from qvl_pipeline.model.sizing import FORMAT_BYTES
 from qvl_pipeline.resolver import Resolver
-from qvl_pipeline.slots import MemoryManager
-from qvl_pipeline.slots.memory import Placement, model_bytes, plan_for
+from qvl_pipeline.slots import CacheShape, KernelsBackend, KVCacheBackend, MemoryManager, Placement
+from qvl_pipeline.slots.memory import model_bytes, plan_for
+from qvl_pipeline.slots.memory_share import layer_devices_summary
 
 GIB = 1024 ** 3
+
+
+def kv_section(facts: RunFacts, backend: KVCacheBackend, layer_devices: Sequence[str],
+               dtype: torch.dtype) -> dict[str, Any]:
+    """Where each layer's KV cache lives, its storage format, and its size per position and at the full context."""
+    text = facts.model.config.text
+    positions = facts.context.positions
+    shape = CacheShape(layers=text.num_hidden_layers, batch=1, kv_heads=text.num_key_value_heads,
+                       head_dim=text.head_dim, max_len=positions)
+    per_position = backend.bytes_per_position(shape, dtype)
+    return {"plugin": backend.name, "format": backend.storage(dtype), "placement": layer_devices_summary(layer_devices),
+            "bytes_per_position": per_position, "gib_at_context": round(per_position * positions / GIB, 6)}
+
+
+def predicted_placement(facts: RunFacts, memory: MemoryManager) -> Placement:
+    """Where the memory plugin would put the run's model before loading: the planner's placement when the plugin
+    follows it, else its own `place` on the sizes in the chosen kernels plugin's weight format."""
+    memory_plan = memory.plan()
+    if memory_plan is not None:
+        return Placement.from_plan(memory_plan)
+    sizes = model_bytes(memory.facts)
+    return memory.place(list(sizes.layers), sizes.vision, sizes.embed, sizes.head)
 
 
 def model_section(facts: RunFacts, memory: MemoryManager) -> dict[str, Any]:
@@ -33,11 +58,7 @@ def model_section(facts: RunFacts, memory: MemoryManager) -> dict[str, Any]:
                         "read_per_token_gib": round(per_token * nbytes / GIB, 6),
                         "cpu_ceiling_tokens_per_s": round(ceiling, 2) if ceiling else None}
     memory_plan = memory.plan()
-    if memory_plan is not None:
-        placement = Placement.from_plan(memory_plan)
-    else:
-        sizes = model_bytes(memory.facts)
-        placement = memory.place(list(sizes.layers), sizes.vision, sizes.embed, sizes.head)
+    placement = predicted_placement(facts, memory)
     return {"source": model.source, "folder": str(model.folder) if model.folder else None, "demo": model.demo,
             "dtype": model.stored_dtype,
             "parameters": {"vision": counts.vision, "text": counts.text, "total": counts.total,
@@ -75,6 +96,11 @@ class RunPlan:
         self.facts = facts
         self.resolver = resolver
         self.opt_level = opt_level
+        self.recoveries: list[dict[str, str]] = []      # what the runtime did after failures while running
+
+    def record_recovery(self, where: str, failure: str, action: str) -> None:
+        """Note a runtime recovery: the step that failed, the failure, and what was changed to go on."""
+        self.recoveries.append({"where": where, "failure": failure, "action": action})
 
     def to_dict(self, loaded: Any = None) -> dict[str, Any]:
         """The plan as plain data; `loaded` (a LoadedModel) adds what loading measured and the real placement."""
@@ -84,9 +110,17 @@ class RunPlan:
         model = model_section(self.facts, memory)
         explicit = self.resolver.decisions["memory"].how == "explicit"
         model["memory_on_profile"] = described_memory(self.report, memory, explicit)
+        kv_backend = self.resolver.resolve("kv_cache")
+        assert isinstance(kv_backend, KVCacheBackend)
         if loaded is not None:
             model["loaded"] = {"report": str(loaded.report), "seconds": round(loaded.seconds, 3),
                                "placement": loaded.placement.summary()}
+            kv = kv_section(self.facts, kv_backend, loaded.placement.layers, loaded.model.dtype)
+        else:
+            kernels = self.resolver.resolve("kernels")
+            assert isinstance(kernels, KernelsBackend)
+            dtype = kernels.compute_dtype(getattr(torch, self.facts.model.stored_dtype))
+            kv = kv_section(self.facts, kv_backend, predicted_placement(self.facts, memory).layers, dtype)
         context = self.facts.context
         return {
             "hardware": self.report.to_dict(),
@@ -94,6 +128,8 @@ class RunPlan:
             "slots": slots,
             "model": model,
             "context": {"positions": context.positions, "reason": context.reason},
+            "kv_cache": kv,
+            "runtime_recoveries": list(self.recoveries),
             "processing": {"max_pixels": self.facts.pixels.max_pixels, "max_pixels_source": self.facts.pixels.reason},
             "registry_problems": list(self.resolver.registry.problems),
         }
@@ -173,6 +209,8 @@ def render_plan(plan: Mapping[str, Any]) -> str:
         lines.append(f"  differs: {diff}")
     for note in hw["notes"]:
         lines.append(f"  note: {note}")
+    for measured in facts["tuned"]:
+        lines.append(f"  tuned: {measured}")
     lines.append("slots:")
     for slot, decision in plan["slots"].items():
         how = "explicit choice" if decision["how"] == "explicit" else f"chain {decision['candidates']}"
@@ -200,6 +238,11 @@ def render_plan(plan: Mapping[str, Any]) -> str:
         lines.append(f"    {fmt:<26}{_size(row['total_gib']):>12}{_size(row['read_per_token_gib']):>12}   "
                      + (f"{ceiling:.1f} tok/s" if ceiling else "n/a (add hardware.measure=true)"))
     lines.append(f"context: {plan['context']['positions']} positions ({plan['context']['reason']})")
+    kv = plan["kv_cache"]
+    lines.append(f"kv cache: {kv['format']}; {kv['placement']}; {kv['bytes_per_position'] / 1024:.1f} KiB per "
+                 f"position, {_size(kv['gib_at_context'])} at the full context")
+    for event in plan["runtime_recoveries"]:
+        lines.append(f"  recovered at {event['where']}: {event['failure']} -> {event['action']}")
     proc = plan["processing"]
     lines.append(f"images: max_pixels {proc['max_pixels'] or 'uncapped'} ({proc['max_pixels_source']})")
     for problem in plan["registry_problems"]:

@@ -36,6 +36,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "torch_native": "qvl_plugins.kernels.torch_native:TorchNativeKernels",
         "fp32_compute": "qvl_plugins.kernels.fp32_compute:Fp32ComputeKernels",
         "fp16_store": "qvl_plugins.kernels.fp16_store:Fp16StoreFp32ComputeKernels",
+        "int8_dynamic": "qvl_plugins.kernels.int8_dynamic:Int8DynamicKernels",
         "int8_weight_only": "qvl_plugins.kernels.int8_weight_only:Int8WeightOnlyKernels",
         "int4_weight_only": "qvl_plugins.kernels.int4_weight_only:Int4WeightOnlyKernels",
     },
@@ -43,6 +44,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "cpu": "qvl_plugins.memory.cpu:CpuMemory",
         "cuda_full": "qvl_plugins.memory.cuda_full:CudaFullMemory",
         "cuda_partial": "qvl_plugins.memory.cuda_partial:CudaPartialMemory",
+        "cuda_offload_stream": "qvl_plugins.memory.cuda_offload_stream:CudaOffloadStreamMemory",
         "ssd_stream": "qvl_plugins.memory.ssd_stream:SsdStreamMemory",
     },
     "kv_cache": {

@@ -189,7 +189,7 @@ class Resolver:
         decision.how, decision.candidates = "chain", list(chain)
         for position in range(start, len(chain)):
             name = chain[position]
-            spec, options, reasons = self._screen(slot, name)
+            spec, options, reasons = self.screen(slot, name)
             if reasons:
                 decision.rejected.append(Rejection(name, reasons))
                 continue
@@ -207,7 +207,7 @@ class Resolver:
                           + "\n".join(lines),
                           f"pick a plugin explicitly ({slot}=NAME), a wider opt level, or another hardware profile")
 
-    def _screen(self, slot: str, name: str) -> tuple[PluginSpec | None, Any, list[str]]:
+    def screen(self, slot: str, name: str) -> tuple[PluginSpec | None, Any, list[str]]:
         """(spec, options, reasons it is unusable); a broken plugin is rejected, never crashes the run."""
         if not self.registry.has(slot, name):
             return None, None, [f"not installed (known {slot} plugins: {', '.join(self.registry.names(slot))})"]

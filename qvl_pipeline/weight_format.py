@@ -86,7 +86,7 @@ def builtin_format(kernels: str, options: Any, stored_dtype: str) -> WeightForma
     if kernels == "fp16_store":
         half = float_coding("float16")
         return WeightFormat("fp16 linears", half, half, stored.other_bytes, file_backed=stored_dtype == "float16")
-    if kernels == "int8_weight_only":
+    if kernels in ("int8_weight_only", "int8_dynamic"):          # the same stored weights, other decode kernels
         fmt = int8_suggestion(stored_dtype)
         return replace(fmt, head=fmt.head if options.quantize_head else stored.head, file_backed=options.cache)
     if kernels == "int4_weight_only":

@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -45,9 +46,9 @@ def open_option_overrides(overrides: Sequence[str]) -> list[str]:
 # User text: taken literally from `key=VALUE` (everything after the first `=`), never parsed by Hydra's override
 # grammar nor interpolated by OmegaConf. The list keys take `[a.png,b.png]` (an element may be quoted to hold a
 # comma) or a single path.
-USER_TEXT_KEYS = ("prompt", "prompt_file", "image", "model.path", "results_dir")
+USER_TEXT_KEYS = ("prompt", "prompt_file", "image", "model.path", "results_dir", "bench.image")
 USER_TEXT_LISTS = ("images", "video")
-_NULLABLE = frozenset({"prompt_file", "image", "model.path", "results_dir"})
+_NULLABLE = frozenset({"prompt_file", "image", "model.path", "results_dir", "bench.image"})
 _USER_TEXT = re.compile(r"^(\+{0,2})(" + "|".join(re.escape(k) for k in USER_TEXT_KEYS + USER_TEXT_LISTS)
                         + r")=(.*)\Z", re.S)
 QUOTING_HINT = ("quote the value for Hydra, e.g. key='a, b' (in a shell: \"key='a, b'\"); "
@@ -216,6 +217,28 @@ def typed(cfg: DictConfig) -> RootConfig:
 
 OUTPUT_FORMATS = ("text", "json")
 MODEL_SEED_LIMIT = 2**32        # the demo weights derive per-tensor seeds from it (must stay within 64 bits)
+BENCH_COMPARE = ("none", "transformers")
+BENCH_MAX_TOKENS = 4096
+BENCH_MAX_ROUNDS = 100
+TUNE_MAX_MIN_TIME = 10.0         # seconds per measurement
+PROFILE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+CONF_DIR_ENV = "QVL_CONF_DIR"   # the user's config folder; config.yaml puts it on Hydra's search path
+
+
+def user_conf_dir() -> Path:
+    """The user's config folder on Hydra's search path: $QVL_CONF_DIR, else ./conf (as config.yaml says)."""
+    return Path(os.environ.get(CONF_DIR_ENV) or "conf")
+
+
+def group_options(group: str, *, packaged_only: bool = False) -> list[str]:
+    """The option names of a config group: the packaged ones (qvl_pipeline/conf/<group>/*.yaml) and, unless
+    `packaged_only`, the user's (<user conf dir>/<group>/*.yaml)."""
+    from importlib.resources import files
+
+    names = {entry.name[:-5] for entry in (files(CONFIG_MODULE) / group).iterdir() if entry.name.endswith(".yaml")}
+    if not packaged_only:
+        names |= {path.stem for path in (user_conf_dir() / group).glob("*.yaml")}
+    return sorted(names)
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str, fix: str = "") -> None:
@@ -256,10 +279,35 @@ def validate_config(config: RootConfig) -> None:
                  "a number of GiB > 0 (or null: from the machine's memory)")
     _require(math.isfinite(mem.reserve_gb) and mem.reserve_gb >= 0, "memory.reserve_gb", mem.reserve_gb,
              "a number of GiB ≥ 0")
+    _validate_bench_and_tune(config)
     try:
         check_budgets(config.hardware.budgets)
     except ProfileError as exc:
         raise ConfigError(str(exc), "fix that budget in the hardware profile or on the command line") from None
+
+
+def _validate_bench_and_tune(config: RootConfig) -> None:
+    """The ranges of the bench and tune sections (task=bench, task=tune)."""
+    bench, tune = config.bench, config.tune
+    _require(1 <= bench.tokens <= BENCH_MAX_TOKENS, "bench.tokens", bench.tokens,
+             f"an integer in [1, {BENCH_MAX_TOKENS}]")
+    _require(1 <= bench.rounds <= BENCH_MAX_ROUNDS, "bench.rounds", bench.rounds,
+             f"an integer in [1, {BENCH_MAX_ROUNDS}]")
+    _require(bench.compare in BENCH_COMPARE, "bench.compare", bench.compare, " or ".join(BENCH_COMPARE))
+    presets = group_options("model")
+    _require(bench.model in presets, "bench.model", bench.model, f"a model preset: {', '.join(presets)}")
+    _require(bench.image is None or bool(bench.image.strip()), "bench.image", bench.image,
+             "a picture's path (or null: a generated 448x448 picture)")
+    _require(math.isfinite(tune.min_time) and 0 < tune.min_time <= TUNE_MAX_MIN_TIME, "tune.min_time",
+             tune.min_time, f"a number of seconds in (0, {TUNE_MAX_MIN_TIME:g}]")
+    if tune.name is not None:
+        _require(bool(PROFILE_NAME.match(tune.name)), "tune.name", tune.name,
+                 "a name of letters, digits and underscores that starts with a letter (it becomes the file name "
+                 "and hardware=<name>)")
+        taken = group_options("hardware", packaged_only=True)
+        _require(tune.name not in taken, "tune.name", tune.name,
+                 f"a name other than the packaged profiles' ({', '.join(taken)})",
+                 "choose a new name, e.g. tune.name=my_laptop")
 
 
 def load_config(overrides: Sequence[str] = ()) -> RootConfig:

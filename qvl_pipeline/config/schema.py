@@ -24,6 +24,7 @@ class HardwareConfig:
     budgets: dict[str, Any] = field(default_factory=dict)
     chains: dict[str, list[str]] = field(default_factory=dict)
     probed: bool = False
+    tuned: list[str] = field(default_factory=list)   # task=tune: the measurements that ordered the chains
 
 
 @dataclass
@@ -98,6 +99,28 @@ class GenerateConfig:
 
 
 @dataclass
+class BenchConfig:
+    """task=bench: one image + the prompt, `tokens` new tokens greedy, on model.path (else a random checkpoint of
+    `model`'s shape); ranges are checked in config/load.py."""
+
+    tokens: int = 32               # new tokens per measured generate
+    rounds: int = 3                # measured generates per system (after one short warm-up); medians are reported
+    compare: str = "none"          # none | transformers (the reference, bf16 + sdpa, in its own process)
+    model: str = "qwen3_vl_2b"     # model preset whose shape the random checkpoint has when model.path is not set
+    image: str | None = None       # null: a generated 448x448 picture (written once in the cache folder)
+    accuracy: bool = True          # greedy agreement and logit error vs opt=minimal (tiny config + this checkpoint)
+
+
+@dataclass
+class TuneConfig:
+    """task=tune: measure each slot's usable candidates and write conf/hardware/<name>.yaml."""
+
+    name: str | None = None        # profile name (and file name); null: tuned_<host name>
+    overwrite: bool = False        # true: replace an existing conf/hardware/<name>.yaml
+    min_time: float = 0.1          # seconds of repeated calls per measurement (the best call counts)
+
+
+@dataclass
 class RootConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     opt: OptConfig = field(default_factory=OptConfig)
@@ -111,6 +134,8 @@ class RootConfig:
     processing: ProcessingConfig = field(default_factory=ProcessingConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     prompt: str = "Describe this image."     # taken literally from the command line (never interpolated)
     prompt_file: str | None = None   # the prompt is this UTF-8 file's text (`-`: standard input); wins over prompt
     image: str | None = None

@@ -1,5 +1,5 @@
 """The decode loop: prefill, sample, decode step by step over the KV cache; streamed, stoppable, and
-retried from preserved state when a plugin fails at run time."""
+retried from preserved state when a plugin fails or memory runs out at run time."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import torch
 
-from qvl_pipeline.errors import NumericsError, PluginError, PluginRuntimeError
+from qvl_pipeline.errors import MemoryBudgetExceeded, NumericsError, PluginError, PluginRuntimeError
 from qvl_pipeline.generation.sampling import Sampler
 from qvl_pipeline.model.fusion import Fused
 from qvl_pipeline.model.qwen3_vl import Qwen3VL
@@ -19,8 +19,23 @@ from qvl_pipeline.slots import KVCache
 MAX_RECOVERIES = 8
 T = TypeVar("T")
 
-# Called with a runtime failure; moves that slot along its chain (raises PluginError when exhausted).
-Recover = Callable[[PluginRuntimeError], None]
+# Out-of-memory failures a step may raise outside any slot guard (a linear's weights, a cache buffer, a memory
+# plugin's budget check); torch.cuda.OutOfMemoryError is torch.OutOfMemoryError on current torch.
+OUT_OF_MEMORY: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError, MemoryBudgetExceeded)
+# What a step may fail with and still be retried after a recovery.
+RETRYABLE: tuple[type[BaseException], ...] = (PluginRuntimeError, *OUT_OF_MEMORY)
+
+# Called with a runtime failure and the step it interrupted: moves the failing slot along its chain or shrinks the
+# GPU share, and says what it did (raises PluginError when a chain is exhausted, the failure when nothing applies).
+Recover = Callable[[BaseException, str], str]
+
+
+def describe_failure(failure: BaseException) -> str:
+    """One line for a runtime failure."""
+    if isinstance(failure, PluginRuntimeError):
+        return str(failure)
+    lines = str(failure).strip().splitlines()
+    return f"{type(failure).__name__}: {lines[0] if lines else ''}"
 
 
 @dataclass
@@ -50,16 +65,17 @@ def feed(model: Qwen3VL, fused: Fused, start: int, cache: KVCache) -> torch.Tens
 
 
 def with_recovery(step: Callable[[], T], recover: Recover, log: list[str],
-                  before_retry: Callable[[], None] = lambda: None) -> T:
-    """Run `step`; after a plugin's runtime failure, move that slot along its chain, restore state, retry."""
+                  before_retry: Callable[[], None] = lambda: None, where: str = "a step") -> T:
+    """Run `step`; after a runtime failure (a plugin's, or out of memory) restore state, let `recover` move a slot
+    along its chain or shrink the GPU share, and retry. `log` gets one line per recovery."""
     for _ in range(MAX_RECOVERIES):
         try:
             return step()
-        except PluginRuntimeError as failure:
-            log.append(str(failure))
+        except RETRYABLE as failure:
+            log.append(f"{where}: {describe_failure(failure)}")
             before_retry()
-            recover(failure)
-    raise PluginError(f"gave up after {MAX_RECOVERIES} runtime fallbacks: {log[-1]}",
+            log[-1] += f"; {recover(failure, where)}"
+    raise PluginError(f"gave up after {MAX_RECOVERIES} runtime recoveries: {log[-1]}",
                       "choose plugins explicitly (see task=plan) or report the failing plugin")
 
 
@@ -116,7 +132,7 @@ class Engine:
         all finite (NaN/Inf weights or an overflowing dtype would otherwise emit token 0 forever, or crash the
         sampler): the step is rerun once from the same state to name the first decoder layer that goes wrong."""
         length = cache.length                    # preserved state: what the cache held before the step
-        logits = with_recovery(step, self.recover, outcome.recoveries, lambda: cache.truncate(length))
+        logits = with_recovery(step, self.recover, outcome.recoveries, lambda: cache.truncate(length), where)
         if _all_finite(logits):
             return logits
         cache.truncate(length)

@@ -20,9 +20,10 @@ def cpu_chains(hw: HardwareProfile) -> Chains:
     # fast exact path; elsewhere fp32 compute is (it validates only when the fp32 copy fits in RAM).
     exact = ("torch_native", "fp32_compute") if native_bf16(hw) else ("fp32_compute", "torch_native")
     # ATen's int4 CPU GEMV is vectorised well only with AVX-512; on AVX2 it is compute bound and decoded slower
-    # than int8 (measured, 2 threads, AVX2 emulated: int4 8.9 tok/s, int8 11.1 tok/s for 2B).
-    quantised = ("int4_weight_only", "int8_weight_only") if hw.has_isa("avx512f") \
-        else ("int8_weight_only", "int4_weight_only")
+    # than int8 (measured, 2 threads, AVX2 emulated: int4 8.9 tok/s, int8 11.1 tok/s for 2B). int8_dynamic (the
+    # native integer GEMV) before ATen's int8 GEMV; it validates only where the native kernel builds.
+    int8 = ("int8_dynamic", "int8_weight_only")
+    quantised = ("int4_weight_only", *int8) if hw.has_isa("avx512f") else (*int8, "int4_weight_only")
     return {
         # Measured on a 2-core AVX-512 VM, 1024-token prefill: torch's fused CPU SDPA 3.4x faster than chunked.
         "attention": ("sdpa", "chunked", "eager"),
@@ -43,7 +44,9 @@ def gpu_chains(hw: HardwareProfile) -> Chains:
         # Pascal (sm_6x) has no bf16 and runs fp16 maths at 1/64 rate: fp16 storage, fp32 compute.
         "kernels": ("torch_native", "int8_weight_only", "fp32_compute") if ampere
         else ("fp16_store", "int8_weight_only", "fp32_compute", "torch_native"),
-        "memory": ("cuda_full", "cuda_partial", "cpu", "ssd_stream"),
+        # Streaming every layer from pinned RAM beats partial residency only on a host link faster than the CPU's
+        # RAM (cuda_offload_stream validates that from pcie_gb_s); otherwise its rejection says why.
+        "memory": ("cuda_full", "cuda_offload_stream", "cuda_partial", "cpu", "ssd_stream"),
         "kv_cache": ("int8", "static"),
     }
 

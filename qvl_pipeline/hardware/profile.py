@@ -113,6 +113,8 @@ class HardwareProfile:
     description: str = ""
     # True when the facts were measured on this machine (hardware=auto), False for a named target.
     probed: bool = False
+    # task=tune: one line per measured slot citing the measurements that ordered its chain (and when).
+    tuned: tuple[str, ...] = ()
 
     def has_isa(self, flag: str) -> bool:
         return flag in self.cpu.isa
@@ -140,6 +142,7 @@ class HardwareProfile:
         if self.gpu is not None:
             data["gpu"]["compute_capability"] = list(self.gpu.compute_capability)
         data["chains"] = {slot: list(chain) for slot, chain in self.chains.items()}
+        data["tuned"] = list(self.tuned)
         return data
 
 
@@ -235,4 +238,5 @@ def profile_from_dict(data: dict[str, Any]) -> HardwareProfile:
         budgets=budgets,
         description=_coerce(data.get("description", ""), "str", "hardware.description"),
         probed=bool(data.get("probed", False)),
+        tuned=_coerce(data.get("tuned") or (), "tuple[str, ...]", "hardware.tuned"),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,14 +134,19 @@ def _bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
-def place(model: Qwen3VL, memory: MemoryManager) -> Placement:
-    """Ask the memory plugin where each part goes (by its real, prepared size), move it there, and let the plugin
-    attach what moves weights while running (memory=ssd_stream's prefetcher)."""
+def part_sizes(model: Qwen3VL) -> tuple[list[int], int, int, int]:
+    """The real, prepared bytes of each part: (per decoder layer, vision tower, embeddings, head) — what
+    `MemoryManager.place` takes."""
+    body = model.model
+    head = 0 if model.lm_head is None else _bytes(model.lm_head)
+    return ([_bytes(layer) for layer in body.language_model.layers], _bytes(body.visual),
+            _bytes(body.language_model.embed_tokens), head)
+
+
+def move_parts(model: Qwen3VL, placement: Placement) -> None:
+    """Move each part to its device in `placement` (the final norm goes with the last decoder layer)."""
     body = model.model
     layers = list(body.language_model.layers)
-    head = 0 if model.lm_head is None else _bytes(model.lm_head)
-    placement = memory.place([_bytes(layer) for layer in layers], _bytes(body.visual),
-                             _bytes(body.language_model.embed_tokens), head)
     body.visual.to(placement.vision)
     body.language_model.embed_tokens.to(placement.embed)
     for layer, device in zip(layers, placement.layers, strict=True):
@@ -148,11 +154,24 @@ def place(model: Qwen3VL, memory: MemoryManager) -> Placement:
     body.language_model.norm.to(placement.layers[-1] if placement.layers else placement.head)
     if model.lm_head is not None:
         model.lm_head.to(placement.head)
-    memory.attach(ModelParts(vision=body.visual, vision_blocks=tuple(body.visual.blocks),
-                             embed=body.language_model.embed_tokens, layers=tuple(layers),
-                             norm=body.language_model.norm, head=model.lm_head,
-                             replace_head=lambda head: setattr(model, "lm_head", head)), placement)
-    return placement
+
+
+def model_parts(model: Qwen3VL) -> ModelParts:
+    """The parts the memory plugin's run-time hooks see: the decoder layers (as the sequence), the vision tower and
+    its blocks, the embeddings, the final norm and the head (which a plugin may replace, e.g. by row ranges)."""
+    body = model.model
+    return ModelParts(layers=tuple(body.language_model.layers), vision=body.visual,
+                      vision_blocks=tuple(body.visual.blocks), embed=body.language_model.embed_tokens,
+                      norm=body.language_model.norm, head=model.lm_head,
+                      replace_head=lambda head: setattr(model, "lm_head", head))
+
+
+def place(model: Qwen3VL, memory: MemoryManager) -> Placement:
+    """Ask the memory plugin where each part goes (by its real, prepared size), move it there and let the plugin
+    attach its run-time hooks (memory=ssd_stream's prefetcher); returns where the parts compute."""
+    placement = memory.place(*part_sizes(model))
+    move_parts(model, placement)
+    return memory.attach(model_parts(model), placement)
 
 
 def load_model(skeleton_model: Qwen3VL, folder: Path, kernels: Any, memory: MemoryManager, dtype: str,
@@ -199,12 +218,26 @@ def video_processor(folder: Path, pixels: PixelFacts, processing: ProcessingConf
 
 
 class KVCaches:
-    """Creates request caches shaped for the model, each layer's buffers on the device that layer computes on."""
+    """Creates request caches shaped for the model, each layer's buffers on the device that layer computes on, and
+    keeps track of the live ones so a placement change at run time can move them (`relocate`)."""
 
     def __init__(self, backend: KVCacheBackend, loaded: LoadedModel) -> None:
         self.backend = backend
+        self.loaded = loaded
         self.model = loaded.model
-        self.devices = tuple(torch.device(d) for d in loaded.placement.layers)
+        self.live: weakref.WeakSet[KVCache] = weakref.WeakSet()      # request and conversation caches in use
+
+    @property
+    def devices(self) -> tuple[torch.device, ...]:
+        """Where each decoder layer computes now (the placement can change after an out-of-memory)."""
+        return tuple(torch.device(d) for d in self.loaded.placement.layers)
 
     def create(self, max_len: int) -> KVCache:
-        return self.backend.create(self.model.cache_shape(1, max_len), self.model.dtype, self.devices)
+        cache = self.backend.create(self.model.cache_shape(1, max_len), self.model.dtype, self.devices)
+        self.live.add(cache)
+        return cache
+
+    def relocate(self) -> None:
+        """Move every live cache's layers to where the layers compute now, keeping their contents."""
+        for cache in list(self.live):
+            cache.relocate(self.devices)

@@ -13,7 +13,7 @@ import torch
 
 from qvl_pipeline.config.schema import RootConfig
 from qvl_pipeline.errors import ConfigError, InputError
-from qvl_pipeline.facts import CONTEXT_STEP, RunFacts
+from qvl_pipeline.facts import CONTEXT_STEP, ContextFacts, RunFacts
 from qvl_pipeline.generation.engine import Engine, Outcome, with_recovery
 from qvl_pipeline.generation.sampling import Sampler, SamplingParams
 from qvl_pipeline.model.fusion import Fused
@@ -63,6 +63,26 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
+
+
+def check_context(prompt: int, max_new: int, context: ContextFacts, model_limit: int, *, chat: bool) -> None:
+    """Refuse, before any compute, a request whose prompt (for a chat: the whole conversation so far with this
+    message) plus max_new_tokens needs more positions than the context holds; the message names the numbers and
+    each way out."""
+    needed = prompt + max_new
+    if needed <= context.positions:
+        return
+    what = "this turn" if chat else "this request"
+    prompt_part = f"{prompt} tokens of conversation including this message" if chat else f"{prompt} prompt tokens"
+    fixes = (["/reset to start a new conversation (in Python: a new Conversation)", "a shorter message"] if chat
+             else ["a shorter prompt or fewer/smaller images (processing.max_pixels=...)"])
+    if prompt < context.positions:
+        fixes.append(f"fewer new tokens (generate.max_new_tokens={context.positions - prompt} fits)")
+    if needed <= model_limit:
+        fixes.append(f"a longer context (generate.max_context={needed}, memory permitting)")
+    limit = f" (the model holds at most {model_limit} positions)" if needed > model_limit else ""
+    raise InputError(f"{what} needs {needed} positions ({prompt_part} + generate.max_new_tokens={max_new}) but "
+                     f"the context holds {context.positions} ({context.reason})", "; or ".join(fixes) + limit)
 
 
 class Pipeline:
@@ -163,17 +183,14 @@ class Pipeline:
         assert self.model is not None
         sampler, max_new = self._sampler(overrides)
         context = self.facts.context.positions
-        if len(input_ids) >= context:
-            raise InputError(f"the prompt has {len(input_ids)} tokens but the context holds {context} "
-                             f"({self.facts.context.reason})",
-                             "shorten the prompt, use fewer/smaller images (processing.max_pixels=...), "
-                             "or raise generate.max_context")
+        check_context(len(input_ids), max_new, self.facts.context,
+                      self.facts.model.config.text.max_position_embeddings, chat=conversation is not None)
         recoveries: list[str] = []
         fused, vision_s = with_recovery(lambda: self._fuse(input_ids, vision, clips), self.engine.recover,
-                                        recoveries)
+                                        recoveries, where="the vision encoder and prompt embedding")
         start = 0
         cache = conversation.cache if conversation is not None else None
-        needed = min(context, len(input_ids) + max_new)
+        needed = len(input_ids) + max_new                # ≤ context (check_context)
         if cache is not None:
             start = min(_common_prefix(conversation.cached_ids, input_ids), len(input_ids) - 1)
             cache.truncate(start)

@@ -47,6 +47,9 @@ class KVCache:
     def grow(self, max_len: int) -> None:
         raise NotImplementedError
 
+    def relocate(self, devices: Sequence[torch.device | str]) -> None:
+        raise NotImplementedError
+
     def nbytes(self) -> int:
         raise NotImplementedError
 
@@ -57,6 +60,10 @@ def check_devices(shape: CacheShape, devices: Sequence[torch.device | str]) -> N
         raise ValueError(f"a KV cache of {shape.layers} layers needs one device per layer, got {len(devices)}")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 class KVCacheBackend(Plugin):
     """Creates KVCache objects for requests; layer i's buffers live on devices[i]."""
 
@@ -65,6 +72,14 @@ class KVCacheBackend(Plugin):
 
     def create(self, shape: CacheShape, dtype: torch.dtype, devices: Sequence[torch.device | str]) -> KVCache:
         raise NotImplementedError
+
+    def storage(self, dtype: torch.dtype) -> str:
+        """How keys and values are stored for a model computing in `dtype` (the plan states it)."""
+        return f"keys/values in {dtype_name(dtype)}"
+
+    def bytes_per_position(self, shape: CacheShape, dtype: torch.dtype) -> int:
+        """Bytes one position takes in every layer (keys and values) at `shape.batch` sequences."""
+        return 2 * shape.layers * shape.batch * shape.kv_heads * shape.head_dim * dtype.itemsize
 
     def self_test(self, reference: Plugin) -> None:
         from qvl_pipeline.slots.checks import check_kv_cache

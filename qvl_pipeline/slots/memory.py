@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, overload
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from qvl_pipeline.facts import RunFacts
 from qvl_pipeline.hardware.profile import HardwareProfile
 from qvl_pipeline.memory_plan import Bandwidths, MemoryPlan, ModelBytes, plan_or_refuse
 from qvl_pipeline.slots.base import Plugin
+from qvl_pipeline.slots.memory_share import smaller_gpu_share
 from qvl_pipeline.weight_format import (
     FLOAT_BYTES,
     WeightFormat,
@@ -64,17 +65,34 @@ class Placement:
 
 
 @dataclass(frozen=True)
-class ModelParts:
-    """The model's parts as the memory slot sees them, in the order a request runs them (built by the assembly)."""
+class ModelParts(Sequence[nn.Module]):
+    """What `MemoryManager.attach`/`detach` get: the decoder layers — iterating, indexing and len() see exactly
+    them, so a plugin that moves layers treats this as the layer list — and the model's other parts as attributes,
+    for plugins that move more (ssd_stream). Built by the assembly; in the order a request runs them."""
 
-    vision: nn.Module
-    vision_blocks: tuple[nn.Module, ...]
-    embed: nn.Module
     layers: tuple[nn.Module, ...]
-    norm: nn.Module
-    head: nn.Module | None            # None: the embedding table is the head (tied, not quantised)
+    vision: nn.Module | None = None
+    vision_blocks: tuple[nn.Module, ...] = ()
+    embed: nn.Module | None = None
+    norm: nn.Module | None = None
+    head: nn.Module | None = None     # None: the embedding table is the head (tied, not quantised)
     # Puts another module in the head's place (e.g. the same head computed in row ranges); None: not replaceable.
-    replace_head: Callable[[nn.Module], None] | None = None
+    replace_head: Callable[[nn.Module | None], None] | None = None
+
+    @overload
+    def __getitem__(self, index: int) -> nn.Module: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[nn.Module, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> nn.Module | tuple[nn.Module, ...]:
+        return self.layers[index]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self.layers)
 
 
 def bandwidths(hw: HardwareProfile) -> Bandwidths:
@@ -136,8 +154,9 @@ class MemoryManager(Plugin):
     """Plans placement from the model's per-part sizes and the machine's budgets.
 
     A plugin that follows the planner names its `mode` (see qvl_pipeline.memory_plan) and gets `plan()` and a
-    `place()` from it; one with its own rules overrides `place()` and leaves `mode` None. `attach()` runs once the
-    parts are on their devices, for plugins that move weights while the model runs (streaming from disk).
+    `place()` from it; one with its own rules overrides `place()` and leaves `mode` None. `attach()`/`detach()` run
+    around a placement for plugins that move weights while the model runs (streaming); `shrink()` answers an
+    out-of-memory.
     """
 
     slot = "memory"
@@ -161,9 +180,23 @@ class MemoryManager(Plugin):
         sizes = measured_bytes(self.facts, layer_bytes, vision_bytes, embed_bytes, head_bytes)
         return Placement.from_plan(plan_for(self.facts, self.mode, sizes, **self.planner_options()))
 
-    def attach(self, parts: ModelParts, placement: Placement) -> None:
-        """Called once the parts are on their devices: start whatever moves weights while the model runs.
-        Default: nothing moves."""
+    # ---- at run time (defaults: nothing moves while running; see qvl_pipeline/runtime/recovery.py) -------------
+    def attach(self, layers: Sequence[nn.Module], placement: Placement) -> Placement:
+        """Called once the parts sit where `place` said: a plugin that moves weights while running (streaming)
+        hooks into them here. `layers` is the decoder layers — a ModelParts from the assembly, which also names the
+        vision tower, embeddings, final norm and head. Returns the placement as the layers compute (their KV caches
+        go there)."""
+        return placement
+
+    def detach(self, layers: Sequence[nn.Module]) -> None:
+        """Undo `attach` before the placement changes (after an out-of-memory): weights back where `place` put
+        them, hooks removed."""
+
+    def shrink(self, placement: Placement) -> Placement | None:
+        """After an out-of-memory (CUDA, or a MemoryBudgetExceeded this plugin raised): a placement with a smaller
+        GPU share than the running `placement`, or None when there is none (the slot then moves down its chain).
+        Default: the trailing half of the GPU decoder layers go to the CPU, then the vision tower and head."""
+        return smaller_gpu_share(placement)
 
     def device(self) -> torch.device:
         """The device where requests start (inputs, sampler)."""

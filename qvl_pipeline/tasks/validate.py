@@ -51,7 +51,7 @@ def self_tests(container: RootContainer) -> list[Check]:
     return checks
 
 
-def _demo_config(config: RootConfig, **changes: Any) -> RootConfig:
+def demo_config(config: RootConfig, **changes: Any) -> RootConfig:
     """The same run on the tiny demo model (no checkpoint needed), with `changes` to the opt level or slots."""
     tiny = ModelConfig(name="tiny", demo=True, dtype="auto", hf_config=_tiny_hf())
     return dataclasses.replace(config, model=tiny, progress=False, **changes)
@@ -68,13 +68,13 @@ def end_to_end(config: RootConfig) -> Check:
     from qvl_pipeline.runtime.pipeline import Pipeline
 
     start = time.perf_counter()
-    mine = Pipeline.from_container(make_container(_demo_config(config)))
+    mine = Pipeline.from_container(make_container(demo_config(config)))
     # The same run with every slot on its reference plugin (what opt=minimal picks), budgets unchanged, so the
     # comparison isolates what the chosen plugins change.
     resolver = mine.run_plan.resolver
     references = {slot: dataclasses.replace(getattr(config, slot), choice=SLOTS[slot].reference) for slot in SLOTS}
     opt = dataclasses.replace(config.opt, level="minimal", max_fidelity="reference")
-    reference = Pipeline.from_container(make_container(_demo_config(config, opt=opt, **references)))
+    reference = Pipeline.from_container(make_container(demo_config(config, opt=opt, **references)))
     agree = total = 0
     worst = 0.0
     for prompt in PROMPTS:

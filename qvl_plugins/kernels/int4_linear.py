@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qvl_plugins.kernels.int8_linear import frozen
+from qvl_plugins.kernels.native_gemv import Int4Decode, native_dtype_ok
 from qvl_plugins.kernels.quantize import (
     block_rows,
     dequantize_int4,
@@ -78,11 +79,12 @@ class Int4Linear(nn.Module):
     Frozen parameters weight_int4 [out, in / 2] uint8 (codes, in `layout`) and weight_scale_zero
     [in / group, out, 2] bf16; bias as given. Kernel, chosen when the weights are set or moved (never per call):
     on CPU with the ATen layout, ATen's int4 GEMM (activations rounded to bf16, fp32 accumulation, bf16 result);
+    on CPU with the plain layout and a native `decode` GEMV, that kernel for inputs of up to decode.max_rows rows;
     elsewhere the plain codes are widened to the activations' dtype a block of output rows at a time and multiplied.
     """
 
     def __init__(self, weight_int4: torch.Tensor, weight_scale_zero: torch.Tensor, bias: torch.Tensor | None, *,
-                 in_features: int, group: int, layout: str) -> None:
+                 in_features: int, group: int, layout: str, decode: Int4Decode | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features, self.group = weight_int4.shape[0], in_features, group
         if weight_int4.shape != (self.out_features, in_features // 2):
@@ -91,11 +93,12 @@ class Int4Linear(nn.Module):
         self.weight_scale_zero = frozen(weight_scale_zero.contiguous())           # [in / group, out, 2]
         self.bias = None if bias is None else frozen(bias)                        # [out]
         self.layout = layout
+        self.decode = decode if decode is not None and decode.usable(in_features, group) else None
         self._select_kernel()
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, group: int, use_aten: bool,
-                 release_source: bool = False) -> Int4Linear:
+                 release_source: bool = False, decode: Int4Decode | None = None) -> Int4Linear:
         """From a float weight [out, in], quantised a block of rows at a time; ATen's layout when `use_aten` and
         the kernel takes this shape, else the plain layout."""
         out_f, in_f = weight.shape
@@ -103,7 +106,8 @@ class Int4Linear(nn.Module):
         packed, scale_zero = quantize_int4_groups(weight.detach(), group, pack=_aten_pack if aten else pack_nibbles,
                                                   row_multiple=ATEN_ROW_TILE if aten else 1,
                                                   release_source=release_source)
-        return cls(packed, scale_zero, bias, in_features=in_f, group=group, layout=aten_layout() if aten else PLAIN)
+        return cls(packed, scale_zero, bias, in_features=in_f, group=group, layout=aten_layout() if aten else PLAIN,
+                   decode=decode)
 
     def to_plain(self) -> None:
         """Convert the codes to the plain layout (for a device or process without this ATen layout)."""
@@ -119,6 +123,7 @@ class Int4Linear(nn.Module):
         if self.layout != PLAIN and not (on_cpu and self.layout == aten_layout()):
             self.to_plain()
         self._aten = self.layout != PLAIN
+        self._native = self.decode if on_cpu and self.layout == PLAIN else None
         self._dequant_rows = max(1, CPU_DEQUANT_BLOCK // self.in_features) if on_cpu else self.out_features
 
     def _apply(self, fn: Any, recurse: bool = True) -> Int4Linear:
@@ -135,6 +140,8 @@ class Int4Linear(nn.Module):
 
     @property
     def kernel(self) -> str:
+        if self._native is not None:
+            return f"{self._native.name} (decode), dequant"
         return "int4pack_mm" if self._aten else "dequant"
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -145,7 +152,13 @@ class Int4Linear(nn.Module):
         return dequantize_int4(unpack_nibbles(codes), self.weight_scale_zero, self.group, slice(None), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:            # x: [..., in] -> [..., out]
-        if self._aten:
+        rows = x.numel() // self.in_features
+        if self._native is not None and rows <= self._native.max_rows and native_dtype_ok(x.dtype):
+            a = x.reshape(rows, self.in_features)
+            if not a.is_contiguous():
+                a = a.contiguous()
+            y = self._native(a, self.weight_int4, self.weight_scale_zero, self.group).view(*x.shape[:-1], -1)
+        elif self._aten:
             a = x.reshape(-1, self.in_features)
             if a.dtype != torch.bfloat16 or not a.is_contiguous():
                 a = a.to(torch.bfloat16, memory_format=torch.contiguous_format)

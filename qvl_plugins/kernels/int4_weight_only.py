@@ -20,6 +20,7 @@ from qvl_pipeline.slots.kernels import KernelsBackend
 from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, relative_error, self_test_devices
 from qvl_plugins.kernels.int4_linear import ATEN_GROUP_SIZES, INT4PACK_MM, Int4Linear
 from qvl_plugins.kernels.int8_weight_only import COMPUTE_DTYPES, QuantizableLinear, cache_binding, default_pack_rows
+from qvl_plugins.kernels.native_gemv import Int4Decode, Int8Decode, native_for
 from qvl_plugins.kernels.quantized_model import Int4Format, Int8Format, LinearFormat, find_targets, quantize_model
 
 # 4-bit weights cannot meet APPROXIMATE's 5e-2 per layer: on Gaussian weights the relative error of a 16-level
@@ -27,6 +28,7 @@ from qvl_plugins.kernels.quantized_model import Int4Format, Int8Format, LinearFo
 # against this bound and the kernel against the dequantised weights at NEAR.
 INT4_WEIGHT_ERROR = 0.12
 SELF_TEST_SHAPE = (256, 48)        # in_features a multiple of every group size, out_features of 16
+NATIVE_GROUP = 32                  # the group size the native decode GEMV takes
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class Int4Options:
     head_bits: Literal[4, 8] = 8                 # the output head (also a tied one) in int8 or int4
     pack_max_rows: int | None = None             # int8 head: rows up to which its GEMV is used (None: see int8)
     compute_dtype: str = "float32"               # activations' dtype: float32 | bfloat16 | float16 | stored
+    decode_kernel: Literal["native", "aten"] = "native"   # native: the project's int4 x int8 GEMV (group 32,
+                                                 # activations quantised per 64) where it builds, else ATen's
     cache: bool = True                           # keep the quantised weights on disk for fast restarts
     cache_dir: str = ""                          # "" = $QVL_CACHE_DIR or ~/.cache/qvl_pipeline
 
@@ -50,8 +54,9 @@ class Int4Options:
 
 class Int4WeightOnlyKernels(KernelsBackend):
     fidelity = Fidelity.APPROXIMATE
-    summary = ("int4 weights per group of inputs with a scale and zero each (ATen int4 GEMM on AVX2/AVX-512 CPUs, "
-               "dequantised elsewhere), int8 head: about 1/6 of fp32's bytes per token")
+    summary = ("int4 weights per group of inputs with a scale and zero each, int8 head: about 1/6 of fp32's bytes "
+               "per token; decode through the project's native int4 x int8 GEMV (or ATen's int4 GEMM), prefill "
+               "through the widened weights")
 
     Options = Int4Options
 
@@ -59,12 +64,18 @@ class Int4WeightOnlyKernels(KernelsBackend):
         super().__init__(facts, options, name=name)
         dtype = self.options.compute_dtype
         self._compute = None if dtype == "stored" else COMPUTE_DTYPES[dtype]
-        # ATen's int4 GEMM is vectorised for AVX2 and AVX-512 only; elsewhere the dequant path is used.
-        self.use_aten = INT4PACK_MM is not None and (self.hw.has_isa("avx2") or self.hw.has_isa("avx512f"))
-        pack_cpu = self.hw.has_isa("avx2") or self.hw.has_isa("avx512f")
-        self._int4 = Int4Format(group=self.options.group_size, use_aten=self.use_aten)
+        vector = self.hw.has_isa("avx2") or self.hw.has_isa("avx512f")
+        build = native_for(facts, self.options.cache_dir) if self.options.decode_kernel == "native" and vector else None
+        native = build is not None and build.available and self.options.group_size == NATIVE_GROUP
+        # ATen's int4 GEMM is vectorised for AVX2 and AVX-512 only; elsewhere the dequant path is used. With the
+        # native decode GEMV the plain layout is kept (prefill widens it).
+        self.use_aten = not native and INT4PACK_MM is not None and vector
+        self.decode_kernel = "native" if native else ("aten" if self.use_aten else "dequant")
+        self._int4 = Int4Format(group=self.options.group_size, use_aten=self.use_aten,
+                                decode=Int4Decode(build) if native else None)
         pack_rows = default_pack_rows(self.hw) if self.options.pack_max_rows is None else self.options.pack_max_rows
-        self._int8 = Int8Format(pack_cpu=pack_cpu, pack_max_rows=pack_rows)
+        self._int8 = Int8Format(pack_cpu=vector, pack_max_rows=pack_rows,
+                                decode=Int8Decode(build, "int8") if native else None)
 
     def linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return QuantizableLinear(in_features, out_features, bias=bias)

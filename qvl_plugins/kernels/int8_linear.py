@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qvl_plugins.kernels.native_gemv import Int8Decode, native_dtype_ok
 from qvl_plugins.kernels.quantize import quantize_int8_rows
 
 # ATen's CPU int8 × bf16 GEMV (torch ≥ 2.4): vector code for AVX2/AVX-512 and bf16 activations only (fp32 and fp16
@@ -39,14 +40,15 @@ class Int8Linear(nn.Module):
     """y = x · (q · scale)ᵀ + bias. Frozen parameters weight_int8 [out, in] int8 and weight_scale [out] fp32 (kept
     as parameters so code that asks a layer's device from its parameters works); bias as given.
 
-    Kernel, chosen when the weights are set or moved (never per call): on CPU with `pack_cpu` and in_features % 16
-    == 0, inputs of up to `pack_max_rows` rows go through ATen's int8 GEMV (activations and scales rounded to
-    bf16, fp32 accumulation, bf16 result); everything else multiplies by the int8 weight widened to the activations'
+    Kernel, chosen when the weights are set or moved (never per call): on CPU, inputs of up to `pack_max_rows`
+    rows go through the native decode GEMV when one is given and takes the shape (`decode`, native_gemv.py), else,
+    with `pack_cpu` and in_features % 16 == 0, through ATen's int8 GEMV (activations and scales rounded to bf16,
+    fp32 accumulation, bf16 result); everything else multiplies by the int8 weight widened to the activations'
     dtype, block by block of output rows on CPU, whole on a GPU.
     """
 
     def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, *,
-                 pack_cpu: bool, pack_max_rows: int) -> None:
+                 pack_cpu: bool, pack_max_rows: int, decode: Int8Decode | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight_int8.shape
         self.weight_int8 = frozen(aligned(weight_int8))                 # [out, in] int8
@@ -54,19 +56,22 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else frozen(bias)              # [out]
         self.pack_cpu = pack_cpu and INT8PACK_MM is not None and self.in_features % PACK_ALIGN == 0
         self.pack_max_rows = pack_max_rows
+        self.decode = decode if decode is not None and decode.usable(self.in_features) else None
         self._select_kernel()
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, pack_cpu: bool, pack_max_rows: int,
-                 release_source: bool = False) -> Int8Linear:
+                 release_source: bool = False, decode: Int8Decode | None = None) -> Int8Linear:
         """From a float weight [out, in], quantised a block of rows at a time (see quantize_int8_rows)."""
         q, scale = quantize_int8_rows(weight.detach(), release_source=release_source)
-        return cls(q, scale, bias, pack_cpu=pack_cpu, pack_max_rows=pack_max_rows)
+        return cls(q, scale, bias, pack_cpu=pack_cpu, pack_max_rows=pack_max_rows, decode=decode)
 
     def _select_kernel(self) -> None:
-        """The GEMV's bf16 scales (None: no GEMV on this device) and the dequant path's rows per block."""
+        """The decode GEMV on this device (native, ATen with its bf16 scales, or none) and the dequant path's rows
+        per block."""
         on_cpu = self.weight_int8.device.type == "cpu"
-        use_pack = self.pack_cpu and on_cpu
+        self._native = self.decode if on_cpu else None
+        use_pack = self.pack_cpu and on_cpu and self._native is None
         self._pack_scale: torch.Tensor | None = self.weight_scale.to(torch.bfloat16) if use_pack else None
         self._dequant_rows = max(1, CPU_DEQUANT_BLOCK // self.in_features) if on_cpu else self.out_features
 
@@ -77,11 +82,18 @@ class Int8Linear(nn.Module):
 
     @property
     def kernel(self) -> str:
+        if self._native is not None:
+            return self._native.name
         return "int8pack_mm" if self._pack_scale is not None else "dequant"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:            # x: [..., in] -> [..., out]
         rows = x.numel() // self.in_features
-        if self._pack_scale is not None and rows <= self.pack_max_rows:
+        if self._native is not None and rows <= self.pack_max_rows and native_dtype_ok(x.dtype):
+            a = x.reshape(rows, self.in_features)
+            if not a.is_contiguous():
+                a = a.contiguous()
+            y = self._native(a, self.weight_int8, self.weight_scale).view(*x.shape[:-1], -1)
+        elif self._pack_scale is not None and rows <= self.pack_max_rows:
             a = x.reshape(rows, self.in_features)
             if a.dtype != torch.bfloat16 or a.data_ptr() % ACT_ALIGN or not a.is_contiguous():
                 a = a.to(torch.bfloat16, copy=True)                                   # fresh, hence aligned

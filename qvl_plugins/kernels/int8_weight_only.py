@@ -19,6 +19,7 @@ from qvl_pipeline.slots.checks import check_kernels
 from qvl_pipeline.slots.kernels import KernelsBackend
 from qvl_pipeline.slots.selftest import self_test_devices
 from qvl_plugins.kernels.int8_linear import Int8Linear
+from qvl_plugins.kernels.native_gemv import Int8Decode
 from qvl_plugins.kernels.quantize import quantize_int8_rows
 from qvl_plugins.kernels.quantized_model import CacheBinding, Int8Format, find_targets, quantize_model
 
@@ -94,13 +95,17 @@ class Int8WeightOnlyKernels(KernelsBackend):
     def linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return QuantizableLinear(in_features, out_features, bias=bias)
 
+    def decode_gemv(self) -> Int8Decode | None:
+        """The native decode GEMV the layers use (None: ATen's int8 GEMV)."""
+        return None
+
     def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
         return stored if self._compute is None else self._compute
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Swap every QuantizableLinear for an Int8Linear under the same name, and give the output head (also a
         tied one) an int8 copy when quantize_head; through the disk cache when the run has a checkpoint folder."""
-        fmt = Int8Format(pack_cpu=self.pack_cpu, pack_max_rows=self.pack_max_rows)
+        fmt = Int8Format(pack_cpu=self.pack_cpu, pack_max_rows=self.pack_max_rows, decode=self.decode_gemv())
         targets = find_targets(model, lambda m: isinstance(m, QuantizableLinear), lambda name, m: fmt,
                                fmt if self.quantize_head else None)
         binding = cache_binding(self.facts, self.options.cache, self.options.cache_dir) if len(targets) > 1 else None

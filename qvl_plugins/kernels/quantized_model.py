@@ -20,6 +20,7 @@ from torch import nn
 from qvl_pipeline.checkpoint.quant_cache import QuantCache, SourceCheckpoint, cache_key
 from qvl_plugins.kernels.int4_linear import PLAIN, Int4Linear, aten_int4_usable, aten_layout
 from qvl_plugins.kernels.int8_linear import Int8Linear
+from qvl_plugins.kernels.native_gemv import Int4Decode, Int8Decode
 from qvl_plugins.kernels.quantize import reused_block_buffers, trim_heap
 
 HEAD = "lm_head"
@@ -51,6 +52,7 @@ class Int8Format:
 
     pack_cpu: bool
     pack_max_rows: int
+    decode: Int8Decode | None = None          # the native decode GEMV (not part of the stored tensors)
     name: str = "int8_per_channel"
 
     def params(self) -> dict[str, Any]:
@@ -58,6 +60,7 @@ class Int8Format:
 
     def quantize(self, weight: torch.Tensor, bias: torch.Tensor | None, release_source: bool) -> nn.Module:
         return Int8Linear.quantize(weight, bias, pack_cpu=self.pack_cpu, pack_max_rows=self.pack_max_rows,
+                                   decode=self.decode,
                                    release_source=release_source)
 
     def state(self, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -69,7 +72,7 @@ class Int8Format:
 
     def restore(self, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None, in_features: int) -> nn.Module:
         return Int8Linear(state["weight_int8"], state["weight_scale"], bias, pack_cpu=self.pack_cpu,
-                          pack_max_rows=self.pack_max_rows)
+                          pack_max_rows=self.pack_max_rows, decode=self.decode)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class Int4Format:
 
     group: int
     use_aten: bool
+    decode: Int4Decode | None = None          # the native decode GEMV (plain layout; not part of the stored tensors)
     name: str = "int4_group_asym"
 
     def params(self) -> dict[str, Any]:
@@ -90,7 +94,7 @@ class Int4Format:
 
     def quantize(self, weight: torch.Tensor, bias: torch.Tensor | None, release_source: bool) -> nn.Module:
         return Int4Linear.quantize(weight, bias, group=self.group, use_aten=self.use_aten,
-                                   release_source=release_source)
+                                   release_source=release_source, decode=self.decode)
 
     def state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         return {"weight_int4": module.weight_int4, "weight_scale_zero": module.weight_scale_zero}
@@ -102,7 +106,7 @@ class Int4Format:
     def restore(self, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None, in_features: int) -> nn.Module:
         out_features = state["weight_int4"].shape[0]
         return Int4Linear(state["weight_int4"], state["weight_scale_zero"], bias, in_features=in_features,
-                          group=self.group, layout=self._layout(out_features, in_features))
+                          group=self.group, layout=self._layout(out_features, in_features), decode=self.decode)
 
 
 @dataclass

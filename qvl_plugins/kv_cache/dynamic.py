@@ -9,7 +9,7 @@ import torch
 
 from qvl_pipeline.slots import Fidelity, Plugin
 from qvl_pipeline.slots.checks import check_kv_cache
-from qvl_pipeline.slots.kv_cache import CacheShape, KVCache, KVCacheBackend, check_devices
+from qvl_pipeline.slots.kv_cache import CacheShape, KVCache, KVCacheBackend, check_devices, dtype_name
 from qvl_plugins.kv_cache.capacity import check_capacity
 
 
@@ -61,6 +61,12 @@ class DynamicKVCache(KVCache):
         if max_len > self.shape.max_len:
             self.shape = replace(self.shape, max_len=max_len)
 
+    def relocate(self, devices: Sequence[torch.device | str]) -> None:
+        check_devices(self.shape, devices)
+        self.devices = tuple(torch.device(d) for d in devices)
+        self.keys = [None if t is None else t.to(d) for t, d in zip(self.keys, self.devices, strict=True)]
+        self.values = [None if t is None else t.to(d) for t, d in zip(self.values, self.devices, strict=True)]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
@@ -82,6 +88,9 @@ class DynamicCache(KVCacheBackend):
 
     def create(self, shape: CacheShape, dtype: torch.dtype, devices: Sequence[torch.device | str]) -> KVCache:
         return DynamicKVCache(shape, dtype, devices, self.options.initial_len)
+
+    def storage(self, dtype: torch.dtype) -> str:
+        return f"keys/values in {dtype_name(dtype)}, buffers doubled on demand from {self.options.initial_len} slots"
 
     def self_test(self, reference: Plugin) -> None:
         check_kv_cache(self, reference)

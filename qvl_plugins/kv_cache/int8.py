@@ -8,9 +8,11 @@ from dataclasses import replace
 import torch
 
 from qvl_pipeline.slots import Fidelity
-from qvl_pipeline.slots.kv_cache import CacheShape, KVCache, KVCacheBackend, check_devices
+from qvl_pipeline.slots.kv_cache import CacheShape, KVCache, KVCacheBackend, check_devices, dtype_name
 from qvl_plugins.kv_cache.capacity import check_capacity
 from qvl_plugins.kv_cache.static import grown
+
+SCALE_BYTES = 4          # one fp32 scale per (batch, head, position) row of keys and of values
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +58,11 @@ class Int8KVCacheStore(KVCache):
             buffers[:] = [grown(t, max_len, self.length) for t in buffers]
         self.shape = replace(self.shape, max_len=max_len)
 
+    def relocate(self, devices: Sequence[torch.device | str]) -> None:
+        check_devices(self.shape, devices)
+        for buffers in (self.keys, self.values, self.key_scales, self.value_scales):
+            buffers[:] = [t.to(device) for t, device in zip(buffers, devices, strict=True)]
+
     def nbytes(self) -> int:
         tensors = self.keys + self.values + self.key_scales + self.value_scales
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -68,3 +75,9 @@ class Int8KVCache(KVCacheBackend):
 
     def create(self, shape: CacheShape, dtype: torch.dtype, devices: Sequence[torch.device | str]) -> KVCache:
         return Int8KVCacheStore(shape, dtype, devices)
+
+    def storage(self, dtype: torch.dtype) -> str:
+        return f"keys/values in int8 with one fp32 scale per (token, head), read back as {dtype_name(dtype)}"
+
+    def bytes_per_position(self, shape: CacheShape, dtype: torch.dtype) -> int:
+        return 2 * shape.layers * shape.batch * shape.kv_heads * (shape.head_dim + SCALE_BYTES)

@@ -50,6 +50,11 @@ class StaticKVCache(KVCache):
         self.values = [grown(t, max_len, self.length) for t in self.values]
         self.shape = replace(self.shape, max_len=max_len)
 
+    def relocate(self, devices: Sequence[torch.device | str]) -> None:
+        check_devices(self.shape, devices)
+        self.keys = [t.to(device) for t, device in zip(self.keys, devices, strict=True)]
+        self.values = [t.to(device) for t, device in zip(self.values, devices, strict=True)]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 

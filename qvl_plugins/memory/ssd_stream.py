@@ -12,10 +12,12 @@ outputs are identical.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
+from qvl_pipeline.errors import ConfigError
 from qvl_pipeline.memory_plan import STREAM_AHEAD, head_pieces
 from qvl_pipeline.slots import Fidelity, RunFacts
 from qvl_pipeline.slots.memory import MemoryManager, ModelParts, Placement, fits, plan_for
@@ -48,6 +50,7 @@ class SsdStreamMemory(MemoryManager):
     def __init__(self, facts: RunFacts, options: SsdStreamOptions | None = None, *, name: str = "") -> None:
         super().__init__(facts, options, name=name)
         self.streaming: Streaming | None = None
+        self._replaced_head: tuple[Callable[[nn.Module | None], None], nn.Module | None] | None = None
 
     @classmethod
     def validate(cls, facts: RunFacts, options: SsdStreamOptions) -> list[str]:
@@ -66,29 +69,44 @@ class SsdStreamMemory(MemoryManager):
     def planner_options(self) -> dict[str, object]:
         return {"ahead": self.options.ahead, "resident_layers": self.options.resident_layers}
 
-    def attach(self, parts: ModelParts, placement: Placement) -> None:
-        """Hook the prefetcher onto the parts the placement leaves on disk; a head on disk is split into row ranges
-        of about a decoder layer's bytes each (streamed whole when its kernels do not split exactly)."""
-        if self.streaming is not None:
-            self.streaming.close()
-            self.streaming = None
+    def attach(self, layers: Sequence[nn.Module], placement: Placement) -> Placement:
+        """Hook the prefetcher onto the parts the placement leaves on disk (`layers` is the assembly's ModelParts);
+        a head on disk is split into row ranges of about a decoder layer's bytes each (streamed whole when its
+        kernels do not split exactly). The parts compute where the placement says."""
+        self.detach(layers)
         if not placement.on_disk:
-            return
-        plan = placement.plan
-        assert plan is not None and plan.model is not None
+            return placement
+        if not isinstance(layers, ModelParts):
+            raise ConfigError("memory=ssd_stream needs the model's parts (vision tower, embeddings, head) to stream "
+                              "them; it was handed the decoder layers only", "use memory=cpu")
+        parts, plan = layers, placement.plan
+        assert plan is not None and plan.model is not None and parts.embed is not None and parts.norm is not None
         head: list[nn.Module] = []
         tied = None
         if "head" in placement.on_disk:
             split = split_head(parts.head, parts.embed, head_pieces(plan.model.head_unit, plan.model.layers))
-            if split is not None:
-                assert parts.replace_head is not None
+            if split is not None and parts.replace_head is not None:
                 parts.replace_head(split)
+                self._replaced_head = (parts.replace_head, parts.head)
                 head = list(split.pieces)
             elif parts.head is not None:
                 head = [parts.head]
             else:
                 tied = (parts.embed, parts.norm)
+        vision = parts.vision if "vision" in placement.on_disk else None
         self.streaming = attach_streaming(
             layers=[(i, parts.layers[i]) for i in placement.streamed_layers], head=head, tied_head=tied,
-            vision=parts.vision if "vision" in placement.on_disk else None, vision_blocks=list(parts.vision_blocks),
-            pool=plan.pool, ahead=self.options.ahead, drop_page_cache=self.options.drop_page_cache)
+            vision=vision, vision_blocks=list(parts.vision_blocks), pool=plan.pool, ahead=self.options.ahead,
+            drop_page_cache=self.options.drop_page_cache)
+        return placement
+
+    def detach(self, layers: Sequence[nn.Module]) -> None:
+        """Stop streaming: hooks removed, the thread stopped, the head back as it was loaded (pages already given
+        back are read again on use, from the same files)."""
+        if self.streaming is not None:
+            self.streaming.close()
+            self.streaming = None
+        if self._replaced_head is not None:
+            replace_head, original = self._replaced_head
+            replace_head(original)
+            self._replaced_head = None

@@ -22,7 +22,7 @@ OPTIONS = [(g, f.stem) for g in FILE_GROUPS for f in sorted((CONF / g).glob("*.y
 PROFILES = sorted(f.stem for f in (CONF / "hardware").glob("*.yaml"))
 OPT_LEVELS = sorted(f.stem for f in (CONF / "opt").glob("*.yaml"))
 CUDA_ONLY = {("attention", "sdpa_mem_efficient"), ("attention", "sdpa_flash"), ("memory", "cuda_full"),
-             ("memory", "cuda_partial")}
+             ("memory", "cuda_partial"), ("memory", "cuda_offload_stream")}
 
 
 def test_every_option_file_starts_with_a_comment():

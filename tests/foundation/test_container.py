@@ -131,7 +131,7 @@ def test_the_default_path_on_a_bf16_checkpoint_does_not_upcast(tmp_path):
     shutil.copytree(folder, bf16)
     (bf16 / "config.json").write_text(json.dumps(config))
     pipe = make_container(load_config([f"model.path={bf16}", "progress=false"])).pipeline()
-    assert pipe.plan["slots"]["kernels"]["chosen"] == "int8_weight_only"
+    assert pipe.plan["slots"]["kernels"]["chosen"] in ("int8_dynamic", "int8_weight_only")   # no compiler: ATen
     upcast = [name for name, t in [*pipe.model.named_parameters(), *pipe.model.named_buffers()]
               if t.dtype == torch.float32 and t.dim() > 1]
     assert upcast == []                   # no fp32 matrix: bf16 embeddings, int8 linears (fp32 per-row scales only)

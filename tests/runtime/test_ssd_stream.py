@@ -228,3 +228,24 @@ def test_a_file_truncated_mid_run_is_one_error(small_folder, tmp_path):
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("memory=ssd_stream could not read decoder layer 0"), run.stderr[-2000:]
     assert "quantized" in lines[-1]
+
+
+def test_detach_restores_the_head_and_stops_streaming(small_folders, monkeypatch):
+    """What runtime recovery does before moving parts: the head is the loaded one again, no hook fires, and the
+    model still computes the same logits (pages given back are read again from the same files)."""
+    from qvl_pipeline.runtime.assembly import model_parts
+
+    monkeypatch.setenv("QVL_CACHE_DIR", os.environ["QVL_CACHE_DIR"])
+    pipe = streamed_pipeline(small_folders["head split"], "torch_native")
+    want = pipe.first_logits(PROMPT)
+    memory = memory_plugin(pipe)
+    assert isinstance(pipe.model.lm_head, ChunkedHead)
+    prefetcher = memory.streaming.prefetcher
+    memory.detach(model_parts(pipe.model))
+    assert memory.streaming is None and not isinstance(pipe.model.lm_head, ChunkedHead)
+    assert all(not layer._forward_pre_hooks for layer in pipe.model.model.language_model.layers)
+    read = prefetcher.stats.units_read
+    assert torch.equal(pipe.first_logits(PROMPT), want) and prefetcher.stats.units_read == read
+    memory.attach(model_parts(pipe.model), pipe.loaded.placement)          # and back
+    assert isinstance(pipe.model.lm_head, ChunkedHead)
+    assert torch.equal(pipe.first_logits(PROMPT), want)

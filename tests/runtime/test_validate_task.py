@@ -20,7 +20,9 @@ def test_default_choices_validate(capsys):
     config = load_config(["task=validate", "progress=false"])
     assert validate.run(config, make_container(config)) == 0
     out = capsys.readouterr().out
-    assert "kernels=int8_weight_only self-test vs torch_native" in out and "6 passed, 0 failed" in out
+    assert ("kernels=int8_dynamic self-test vs torch_native" in out
+            or "kernels=int8_weight_only self-test vs torch_native" in out)       # the latter without a compiler
+    assert "6 passed, 0 failed" in out
 
 
 def test_a_plugin_that_disagrees_with_its_reference_fails_validation(capsys):

@@ -1,0 +1,478 @@
+/* Weight-only quantised GEMV for decode (a few rows of activations against a large int8 / int4 weight).
+ *
+ * Built at first use by qvl_plugins/kernels/native_gemv.py with the C compiler for the vector ISA the run may use
+ * (-mavx512f -mavx512bw, or -mavx2 -mfma, or plain C), OpenMP bound to the libgomp torch already loaded, and
+ * called through ctypes. Maths: fp32 accumulation of the exact dequantised weight times the fp32 activations;
+ * activations and results may be bf16 (converted here, round to nearest even) or fp32.
+ *
+ *   int8: y[m, n] = scale[n] * sum_k w[n, k] * x[m, k]                     w [N, K] int8, scale [N] fp32
+ *   int4: y[m, n] = sum_k ((q[n, k] - 8) * s[g, n] + z[g, n]) * x[m, k]   g = k / group,
+ *         q [N, K/2] uint8 (column 2j in the low nibble of byte j, 2j+1 in the high), sz [K/group, N, 2] bf16
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define ROWS 4      /* weight rows computed together: independent accumulators hide the FMA latency */
+
+#if defined(__AVX2__)
+static inline float hsum256(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* x [M, K] (bf16 or fp32) -> fp32 copy. */
+static float *activations_f32(const void *x, int x_bf16, int64_t M, int64_t K) {
+    float *xf = (float *)aligned_alloc(64, (size_t)((M * K * 4 + 63) / 64 * 64));
+    if (!xf) return NULL;
+    if (x_bf16) {
+        const uint16_t *xb = (const uint16_t *)x;
+        for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(xb[i]);
+    } else {
+        memcpy(xf, x, (size_t)(M * K * 4));
+    }
+    return xf;
+}
+
+static inline void store(void *y, int y_bf16, int64_t i, float v) {
+    if (y_bf16) ((uint16_t *)y)[i] = f32_to_bf16(v);
+    else ((float *)y)[i] = v;
+}
+
+#if defined(__AVX512F__)
+#define LANES 16
+typedef __m512 vf;
+static inline vf vzero(void) { return _mm512_setzero_ps(); }
+static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vset1(float a) { return _mm512_set1_ps(a); }
+static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+/* LANES int8 -> fp32 */
+static inline vf i8_to_vf(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+/* LANES bytes -> their low and high nibbles as fp32 */
+static inline void u4_to_vf(const uint8_t *p, vf *lo, vf *hi) {
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    *lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+#elif defined(__AVX2__)
+#define LANES 8
+typedef __m256 vf;
+static inline vf vzero(void) { return _mm256_setzero_ps(); }
+static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vset1(float a) { return _mm256_set1_ps(a); }
+static inline float vsum(vf a) { return hsum256(a); }
+static inline vf i8_to_vf(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline void u4_to_vf(const uint8_t *p, vf *lo, vf *hi) {
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    *lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+    *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+#else
+#define LANES 1
+typedef float vf;
+static inline vf vzero(void) { return 0.0f; }
+static inline vf vload(const float *p) { return *p; }
+static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
+static inline vf vmul(vf a, vf b) { return a * b; }
+static inline vf vset1(float a) { return a; }
+static inline float vsum(vf a) { return a; }
+static inline vf i8_to_vf(const int8_t *p) { return (float)*p; }
+static inline void u4_to_vf(const uint8_t *p, vf *lo, vf *hi) { *lo = (float)(*p & 15); *hi = (float)(*p >> 4); }
+#endif
+
+const char *qvl_gemv_isa(void) {
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__)
+    return "avx2";
+#else
+    return "scalar";
+#endif
+}
+
+/* The vector width in fp32 lanes: int8 needs K % LANES == 0, int4 needs group % (2 * LANES) == 0. */
+int qvl_gemv_lanes(void) { return LANES; }
+
+int qvl_int8_gemv(const int8_t *w, const float *scale, const void *x, int x_bf16, void *y, int y_bf16,
+                  int64_t M, int64_t N, int64_t K, int threads) {
+    if (K % LANES) return 1;
+    float *xf = activations_f32(x, x_bf16, M, K);
+    if (!xf) return 2;
+    int64_t blocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t n0 = b * ROWS;
+        if (n0 + ROWS <= N) {
+            const int8_t *w0 = w + n0 * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+            for (int64_t m = 0; m < M; m++) {
+                const float *xm = xf + m * K;
+                vf a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+                for (int64_t k = 0; k < K; k += LANES) {
+                    vf xv = vload(xm + k);
+                    a0 = vfma(i8_to_vf(w0 + k), xv, a0);
+                    a1 = vfma(i8_to_vf(w1 + k), xv, a1);
+                    a2 = vfma(i8_to_vf(w2 + k), xv, a2);
+                    a3 = vfma(i8_to_vf(w3 + k), xv, a3);
+                }
+                store(y, y_bf16, m * N + n0, vsum(a0) * scale[n0]);
+                store(y, y_bf16, m * N + n0 + 1, vsum(a1) * scale[n0 + 1]);
+                store(y, y_bf16, m * N + n0 + 2, vsum(a2) * scale[n0 + 2]);
+                store(y, y_bf16, m * N + n0 + 3, vsum(a3) * scale[n0 + 3]);
+            }
+        } else {
+            for (int64_t n = n0; n < N; n++) {
+                for (int64_t m = 0; m < M; m++) {
+                    vf a = vzero();
+                    for (int64_t k = 0; k < K; k += LANES) a = vfma(i8_to_vf(w + n * K + k), vload(xf + m * K + k), a);
+                    store(y, y_bf16, m * N + n, vsum(a) * scale[n]);
+                }
+            }
+        }
+    }
+    free(xf);
+    return 0;
+}
+
+/* One int4 row against one activation row: xd holds x regrouped per chunk of 2*LANES columns as
+ * [even columns (LANES), odd columns (LANES)], xs the per-group sums of x. */
+static inline float int4_row(const uint8_t *q, const uint16_t *sz, int64_t N, int64_t n, const float *xd,
+                             const float *xs, int64_t K, int64_t group) {
+    const int64_t chunk = 2 * LANES, groups = K / group;
+    vf acc = vzero();
+    float offset = 0.0f;
+    for (int64_t g = 0; g < groups; g++) {
+        float s = bf16_to_f32(sz[(g * N + n) * 2]), z = bf16_to_f32(sz[(g * N + n) * 2 + 1]);
+        vf t = vzero();
+        for (int64_t c = g * group; c < (g + 1) * group; c += chunk) {
+            vf lo, hi;
+            u4_to_vf(q + c / 2, &lo, &hi);
+            t = vfma(lo, vload(xd + c), t);
+            t = vfma(hi, vload(xd + c + LANES), t);
+        }
+        acc = vfma(t, vset1(s), acc);
+        offset += (z - 8.0f * s) * xs[g];
+    }
+    return vsum(acc) + offset;
+}
+
+int qvl_int4_gemv(const uint8_t *q, const uint16_t *sz, int64_t group, const void *x, int x_bf16, void *y,
+                  int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t chunk = 2 * LANES, groups = K / group;
+    if (group % chunk || K % group) return 1;
+    float *xf = activations_f32(x, x_bf16, M, K);
+    float *xd = (float *)aligned_alloc(64, (size_t)((M * K * 4 + 63) / 64 * 64));
+    float *xs = (float *)malloc((size_t)(M * groups * 4));
+    if (!xf || !xd || !xs) { free(xf); free(xd); free(xs); return 2; }
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = xf + m * K;
+        float *dm = xd + m * K;
+        for (int64_t c = 0; c < K; c += chunk)
+            for (int64_t j = 0; j < LANES; j++) {
+                dm[c + j] = xm[c + 2 * j];
+                dm[c + LANES + j] = xm[c + 2 * j + 1];
+            }
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.0f;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) s += xm[k];
+            xs[m * groups + g] = s;
+        }
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *qn = q + n * (K / 2);
+        for (int64_t m = 0; m < M; m++)
+            store(y, y_bf16, m * N + n, int4_row(qn, sz, N, n, xd + m * K, xs + m * groups, K, group));
+    }
+    free(xf);
+    free(xd);
+    free(xs);
+    return 0;
+}
+
+/* ---- int8 weights x int8 activations (llama.cpp Q8_0 style) ------------------------------------------------
+ * Activations are quantised per block of ABLOCK columns (symmetric, scale = max|x| / 127, round to nearest):
+ *   y[m, n] = scale[n] * sum_b sx[m, b] * sum_{k in b} w[n, k] * xq[m, k]
+ * Integer dot products: AVX512-VNNI vpdpbusd (weights made unsigned by +128, the offset removed once per row of
+ * activations), or AVX2 vpmaddubsw with the sign moved onto the weights, or plain C. Weights must lie in
+ * [-127, 127] (the project's int8 quantiser's range). */
+#define ABLOCK 64
+
+/* xq [M, K] int8, sx [M, K / ABLOCK] fp32, and per row m: offset[m] = 128 * sum_b sx[m, b] * sum_{k in b} xq */
+static void quantize_activations(const float *xf, int64_t M, int64_t K, int8_t *xq, float *sx, float *offset) {
+    const int64_t blocks = K / ABLOCK;
+    for (int64_t m = 0; m < M; m++) {
+        float off = 0.0f;
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *xb = xf + m * K + b * ABLOCK;
+            float amax = 0.0f;
+            for (int64_t k = 0; k < ABLOCK; k++) { float a = xb[k] < 0 ? -xb[k] : xb[k]; if (a > amax) amax = a; }
+            float s = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int32_t sum = 0;
+            for (int64_t k = 0; k < ABLOCK; k++) {
+                float v = xb[k] * inv;
+                int32_t q = (int32_t)(v < 0 ? v - 0.5f : v + 0.5f);      /* round half away from zero */
+                q = q > 127 ? 127 : (q < -127 ? -127 : q);
+                xq[m * K + b * ABLOCK + k] = (int8_t)q;
+                sum += q;
+            }
+            sx[m * blocks + b] = s;
+            off += 128.0f * s * (float)sum;
+        }
+        offset[m] = off;
+    }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define A8_ISA "avx512_vnni"
+/* sum over lanes of sum_b sx[b] * dot_b(w + 128, xq): one row, one activation row */
+static inline __m512 a8_block(const int8_t *w, const int8_t *xq, __m512 acc, float s) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i wu = _mm512_xor_si512(_mm512_loadu_si512((const void *)w), flip);
+    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, _mm512_loadu_si512((const void *)xq));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s), acc);
+}
+#define A8_ZERO _mm512_setzero_ps()
+#define A8_SUM(a) _mm512_reduce_add_ps(a)
+#define A8_OFFSET 1
+typedef __m512 af;
+#elif defined(__AVX2__)
+#define A8_ISA "avx2"
+static inline __m256 a8_half(const int8_t *w, const int8_t *xq) {
+    __m256i x = _mm256_loadu_si256((const __m256i *)xq);
+    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x),
+                                     _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)w), x));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+static inline __m256 a8_block(const int8_t *w, const int8_t *xq, __m256 acc, float s) {
+    return _mm256_fmadd_ps(_mm256_add_ps(a8_half(w, xq), a8_half(w + 32, xq + 32)), _mm256_set1_ps(s), acc);
+}
+#define A8_ZERO _mm256_setzero_ps()
+#define A8_SUM(a) hsum256(a)
+#define A8_OFFSET 0
+typedef __m256 af;
+#else
+#define A8_ISA "scalar"
+static inline float a8_block(const int8_t *w, const int8_t *xq, float acc, float s) {
+    int32_t d = 0;
+    for (int k = 0; k < ABLOCK; k++) d += (int32_t)w[k] * (int32_t)xq[k];
+    return acc + s * (float)d;
+}
+#define A8_ZERO 0.0f
+#define A8_SUM(a) (a)
+#define A8_OFFSET 0
+typedef float af;
+#endif
+
+const char *qvl_a8_isa(void) { return A8_ISA; }
+int qvl_a8_block(void) { return ABLOCK; }
+
+int qvl_int8_gemv_a8(const int8_t *w, const float *scale, const void *x, int x_bf16, void *y, int y_bf16,
+                     int64_t M, int64_t N, int64_t K, int threads) {
+    if (K % ABLOCK) return 1;
+    const int64_t blocks = K / ABLOCK;
+    float *xf = activations_f32(x, x_bf16, M, K);
+    int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
+    float *sx = (float *)malloc((size_t)(M * blocks * 4));
+    float *offset = (float *)malloc((size_t)(M * 4));
+    if (!xf || !xq || !sx || !offset) { free(xf); free(xq); free(sx); free(offset); return 2; }
+    quantize_activations(xf, M, K, xq, sx, offset);
+    const int64_t row_blocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t rb = 0; rb < row_blocks; rb++) {
+        int64_t n0 = rb * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *xm = xq + m * K;
+            const float *sm = sx + m * blocks;
+            float off = A8_OFFSET ? offset[m] : 0.0f;
+            if (rows == ROWS) {
+                const int8_t *w0 = w + n0 * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+                af a0 = A8_ZERO, a1 = A8_ZERO, a2 = A8_ZERO, a3 = A8_ZERO;
+                for (int64_t b = 0; b < blocks; b++) {
+                    int64_t k = b * ABLOCK;
+                    a0 = a8_block(w0 + k, xm + k, a0, sm[b]);
+                    a1 = a8_block(w1 + k, xm + k, a1, sm[b]);
+                    a2 = a8_block(w2 + k, xm + k, a2, sm[b]);
+                    a3 = a8_block(w3 + k, xm + k, a3, sm[b]);
+                }
+                store(y, y_bf16, m * N + n0, (A8_SUM(a0) - off) * scale[n0]);
+                store(y, y_bf16, m * N + n0 + 1, (A8_SUM(a1) - off) * scale[n0 + 1]);
+                store(y, y_bf16, m * N + n0 + 2, (A8_SUM(a2) - off) * scale[n0 + 2]);
+                store(y, y_bf16, m * N + n0 + 3, (A8_SUM(a3) - off) * scale[n0 + 3]);
+            } else {
+                for (int64_t n = n0; n < n0 + rows; n++) {
+                    af a = A8_ZERO;
+                    for (int64_t b = 0; b < blocks; b++) a = a8_block(w + n * K + b * ABLOCK, xm + b * ABLOCK, a, sm[b]);
+                    store(y, y_bf16, m * N + n, (A8_SUM(a) - off) * scale[n]);
+                }
+            }
+        }
+    }
+    free(xf); free(xq); free(sx); free(offset);
+    return 0;
+}
+
+/* ---- int4 weights x int8 activations ---------------------------------------------------------------------------
+ * y[m, n] = sum_g s[g, n] * sum_{k in g} (q[n, k] - 8) * x[m, k] + z[g, n] * sum_{k in g} x[m, k]
+ * with x ~ sx[m, b] * xq in the first term only (activations quantised per block of ABLOCK = 64 columns, each
+ * block two weight groups of 32; the centred codes keep the rounding error small) and the exact group sums in the
+ * second. The codes are unsigned (0..15), so vpdpbusd takes them as they are; the -8 is applied through the
+ * integer group sums of xq.
+ * The activations are regrouped per block like the nibbles: [even columns (32) | odd columns (32)].
+ * Needs group == 32 (the project's default), K % 64 == 0. */
+#define QGROUP 32
+
+/* xq regrouped per 64-column block, sx [M, K/64], xsum [M, K/32] (exact group sums of x), xqsum [M, K/32]
+ * (group sums of xq times the block's scale) */
+static void regroup_activations(const float *xf, int64_t M, int64_t K, int8_t *xq, float *sx, float *xsum,
+                                float *xqsum) {
+    const int64_t blocks = K / ABLOCK;
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *xb = xf + m * K + b * ABLOCK;
+            int8_t *qb = xq + m * K + b * ABLOCK;
+            float amax = 0.0f, s0 = 0.0f, s1 = 0.0f;
+            for (int64_t k = 0; k < ABLOCK; k++) {
+                float a = xb[k] < 0 ? -xb[k] : xb[k];
+                if (a > amax) amax = a;
+                if (k < QGROUP) s0 += xb[k]; else s1 += xb[k];
+            }
+            float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int32_t q0 = 0, q1 = 0;
+            for (int64_t j = 0; j < ABLOCK / 2; j++)
+                for (int64_t h = 0; h < 2; h++) {
+                    float v = xb[2 * j + h] * inv;
+                    int32_t q = (int32_t)(v < 0 ? v - 0.5f : v + 0.5f);
+                    q = q > 127 ? 127 : (q < -127 ? -127 : q);
+                    qb[h * (ABLOCK / 2) + j] = (int8_t)q;
+                    if (2 * j + h < QGROUP) q0 += q; else q1 += q;
+                }
+            sx[m * blocks + b] = amax / 127.0f;
+            xqsum[m * (K / QGROUP) + 2 * b] = (amax / 127.0f) * (float)q0;
+            xqsum[m * (K / QGROUP) + 2 * b + 1] = (amax / 127.0f) * (float)q1;
+            xsum[m * (K / QGROUP) + 2 * b] = s0;
+            xsum[m * (K / QGROUP) + 2 * b + 1] = s1;
+        }
+    }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* one 64-column block of one row: 32 code bytes, the regrouped activations, the two groups' scales times sx */
+static inline __m512 q4_block(const uint8_t *q, const int8_t *xq, float sa, float sb, __m512 acc) {
+    const __m256i low = _mm256_set1_epi8(15);
+    __m256i bytes = _mm256_loadu_si256((const __m256i *)q);
+    __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, low)),
+                                       _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low), 1);
+    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512((const void *)xq));
+    __m512 s = _mm512_mask_blend_ps((__mmask16)0xF0F0, _mm512_set1_ps(sa), _mm512_set1_ps(sb));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc);
+}
+#define Q4_SUM(a) _mm512_reduce_add_ps(a)
+#elif defined(__AVX2__)
+/* AVX2: 16 code bytes (one group) at a time; lanes of maddubs hold [lo 16 | hi 16] of the group */
+static inline __m256 q4_group(const uint8_t *q, const int8_t *xlo, const int8_t *xhi, float s, __m256 acc) {
+    const __m128i low = _mm_set1_epi8(15);
+    __m128i bytes = _mm_loadu_si128((const __m128i *)q);
+    __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
+    __m256i x = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)xhi), _mm_loadu_si128((const __m128i *)xlo));
+    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc);
+}
+static inline __m256 q4_block(const uint8_t *q, const int8_t *xq, float sa, float sb, __m256 acc) {
+    /* group A: code bytes 0-15 hold columns 0..31 (even in lo, odd in hi); their x: evens xq[0..15], odds
+     * xq[32..47]; group B: bytes 16-31, evens xq[16..31], odds xq[48..63] */
+    acc = q4_group(q, xq, xq + 32, sa, acc);
+    return q4_group(q + 16, xq + 16, xq + 48, sb, acc);
+}
+#define Q4_SUM(a) hsum256(a)
+#else
+static inline float q4_block(const uint8_t *q, const int8_t *xq, float sa, float sb, float acc) {
+    int32_t da = 0, db = 0;
+    for (int j = 0; j < 16; j++) {
+        da += (q[j] & 15) * xq[j] + (q[j] >> 4) * xq[32 + j];
+        db += (q[16 + j] & 15) * xq[16 + j] + (q[16 + j] >> 4) * xq[48 + j];
+    }
+    return acc + sa * (float)da + sb * (float)db;
+}
+#define Q4_SUM(a) (a)
+#endif
+
+int qvl_int4_gemv_a8(const uint8_t *q, const uint16_t *sz, int64_t group, const void *x, int x_bf16, void *y,
+                     int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
+    if (group != QGROUP || K % ABLOCK) return 1;
+    const int64_t blocks = K / ABLOCK, groups = K / QGROUP;
+    float *xf = activations_f32(x, x_bf16, M, K);
+    int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
+    float *sx = (float *)malloc((size_t)(M * blocks * 4));
+    float *xsum = (float *)malloc((size_t)(M * groups * 4));
+    float *xqsum = (float *)malloc((size_t)(M * groups * 4));
+    if (!xf || !xq || !sx || !xsum || !xqsum) { free(xf); free(xq); free(sx); free(xsum); free(xqsum); return 2; }
+    regroup_activations(xf, M, K, xq, sx, xsum, xqsum);
+    const int64_t row_blocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t rb = 0; rb < row_blocks; rb++) {
+        int64_t n0 = rb * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *xm = xq + m * K;
+            const float *sm = sx + m * blocks, *xs = xsum + m * groups, *xqs = xqsum + m * groups;
+            for (int64_t r = 0; r < rows; r += 2) {          /* two rows in flight */
+                int64_t n = n0 + r;
+                int two = r + 1 < rows;
+                const uint8_t *q0 = q + n * (K / 2), *q1 = q0 + (K / 2);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+                __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+#elif defined(__AVX2__)
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+#else
+                float a0 = 0.0f, a1 = 0.0f;
+#endif
+                float off0 = 0.0f, off1 = 0.0f;
+                for (int64_t b = 0; b < blocks; b++) {
+                    const uint16_t *p0 = sz + ((2 * b) * N + n) * 2, *p1 = sz + ((2 * b + 1) * N + n) * 2;
+                    float sa = bf16_to_f32(p0[0]), za = bf16_to_f32(p0[1]);
+                    float sb = bf16_to_f32(p1[0]), zb = bf16_to_f32(p1[1]);
+                    a0 = q4_block(q0 + b * 32, xm + b * ABLOCK, sa * sm[b], sb * sm[b], a0);
+                    off0 += za * xs[2 * b] + zb * xs[2 * b + 1] - 8.0f * (sa * xqs[2 * b] + sb * xqs[2 * b + 1]);
+                    if (two) {
+                        float ta = bf16_to_f32(p0[2]), ya = bf16_to_f32(p0[3]);
+                        float tb = bf16_to_f32(p1[2]), yb = bf16_to_f32(p1[3]);
+                        a1 = q4_block(q1 + b * 32, xm + b * ABLOCK, ta * sm[b], tb * sm[b], a1);
+                        off1 += ya * xs[2 * b] + yb * xs[2 * b + 1] - 8.0f * (ta * xqs[2 * b] + tb * xqs[2 * b + 1]);
+                    }
+                }
+                store(y, y_bf16, m * N + n, Q4_SUM(a0) + off0);
+                if (two) store(y, y_bf16, m * N + n + 1, Q4_SUM(a1) + off1);
+            }
+        }
+    }
+    free(xf); free(xq); free(sx); free(xsum); free(xqsum);
+    return 0;
+}

@@ -1,0 +1,119 @@
+"""The native decode GEMV (qvl_plugins/kernels/native/qvl_gemv.c): every ISA build this CPU can run against the
+exact dequantised product, and the fallbacks when it cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qvl_pipeline.config.load import load_config
+from qvl_pipeline.container import make_container
+from qvl_plugins.kernels import native_gemv
+from qvl_plugins.kernels.native_gemv import Int8Decode, int4_gemv, int8_gemv, int8_gemv_a8, load_native
+from qvl_plugins.kernels.quantize import dequantize_int4, pack_nibbles, quantize_int4_groups, unpack_nibbles
+
+ISAS = {"scalar": (), "avx2": ("avx2", "fma"), "avx512": ("avx2", "fma", "avx512f", "avx512bw"),
+        "avx512_vnni": ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni")}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def _runnable(isa: tuple[str, ...]) -> bool:
+    return set(isa) <= _cpu_flags()
+
+
+@pytest.fixture(params=list(ISAS))
+def build(request, tmp_path_factory):
+    isa = ISAS[request.param]
+    if not _runnable(isa):
+        pytest.skip(f"this CPU lacks {request.param}")
+    b = load_native(isa, str(tmp_path_factory.getbasetemp() / "native"))
+    if not b.available and "no C compiler" in b.reason:
+        pytest.skip(b.reason)
+    assert b.available, b.reason                      # a compiler that cannot build it is a defect
+    assert b.isa == request.param
+    return b
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int8_kernels_match_the_dequantised_product(build, dtype, rows):
+    gen = torch.Generator().manual_seed(0)
+    n, k = 37, 192                                    # a tail of rows past the blocks of 4; K a multiple of 64
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) * 0.01 + 1e-3
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    want = (x.float() @ w.float().T) * scale
+    exact = int8_gemv(build, x, w, scale, 2)
+    assert exact.dtype == dtype and exact.shape == (rows, n)
+    assert _rel(exact, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert _rel(int8_gemv_a8(build, x, w, scale, 2), want) < 2e-2      # int8 activations per 64: NEAR
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_kernels_match_the_dequantised_product(build, dtype):
+    gen = torch.Generator().manual_seed(1)
+    n, k = 21, 256
+    codes, sz = quantize_int4_groups(torch.randn(n, k, generator=gen), 32, pack=pack_nibbles, row_multiple=1,
+                                     release_source=False)
+    weight = dequantize_int4(unpack_nibbles(codes), sz, 32, slice(None), torch.float32)
+    x = torch.randn(2, k, generator=gen).to(dtype)
+    want = x.float() @ weight.T
+    assert _rel(int4_gemv(build, x, codes, sz, 32, 2, a8=False), want) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert _rel(int4_gemv(build, x, codes, sz, 32, 2, a8=True), want) < 2e-2
+
+
+def test_bad_shapes_are_refused_not_read_out_of_bounds(build):
+    w = torch.zeros(4, 96, dtype=torch.int8)                # 96 is not a multiple of the 64-column blocks
+    with pytest.raises(RuntimeError, match="failed with code 1"):
+        int8_gemv_a8(build, torch.zeros(1, 96), w, torch.ones(4), 1)
+    assert not Int8Decode(build).usable(96) and Int8Decode(build).usable(128)
+
+
+def test_no_compiler_means_no_native_kernel_and_the_chain_moves_on(monkeypatch, tmp_path):
+    monkeypatch.setattr(native_gemv, "_compiler", lambda: None)
+    native_gemv.load_native.cache_clear()
+    try:
+        b = load_native(ISAS["avx2"], str(tmp_path))
+        assert not b.available and "no C compiler" in b.reason
+        pipe = make_container(load_config(["hardware=cpu_avx2", "progress=false"])).pipeline()
+        kernels = pipe.plan["slots"]["kernels"]
+        assert kernels["chosen"] == "int8_weight_only"
+        reasons = [r for rejection in kernels["rejected"] if rejection["plugin"] == "int8_dynamic"
+                   for r in rejection["reasons"]]
+        assert any("native int8 kernel unavailable: no C compiler" in r for r in reasons)
+    finally:
+        native_gemv.load_native.cache_clear()
+
+
+def test_a_failing_build_is_reported_with_the_compilers_words(monkeypatch, tmp_path):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'error: this compiler is broken' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(native_gemv, "_compiler", lambda: str(fake))
+    native_gemv.load_native.cache_clear()
+    try:
+        b = load_native(ISAS["scalar"], str(tmp_path / "cache"))
+        assert not b.available and "this compiler is broken" in b.reason and "(3)" in b.reason
+    finally:
+        native_gemv.load_native.cache_clear()
+
+
+def test_disabled_by_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(native_gemv.DISABLE_ENV, "0")
+    native_gemv.load_native.cache_clear()
+    try:
+        assert "disabled" in load_native(ISAS["scalar"], str(tmp_path)).reason
+    finally:
+        native_gemv.load_native.cache_clear()
