@@ -117,3 +117,20 @@ def test_disabled_by_the_environment(monkeypatch, tmp_path):
         assert "disabled" in load_native(ISAS["scalar"], str(tmp_path)).reason
     finally:
         native_gemv.load_native.cache_clear()
+
+
+@pytest.mark.parametrize("decode_kernel", ["aten", "native"])
+def test_int4_plugin_decodes_through_the_chosen_kernel_within_its_fidelity(decode_kernel):
+    from qvl_pipeline.facts import RunFacts
+    from qvl_pipeline.hardware.probe import probe_machine
+    from qvl_plugins.kernels.int4_weight_only import Int4Options, Int4WeightOnlyKernels
+    from qvl_plugins.kernels.torch_native import TorchNativeKernels
+
+    facts = RunFacts.example(hardware=probe_machine()[0])
+    plugin = Int4WeightOnlyKernels(facts, Int4Options(decode_kernel=decode_kernel), name="int4_weight_only")
+    if not (plugin.hw.has_isa("avx2") or plugin.hw.has_isa("avx512f")):
+        pytest.skip("this CPU has neither AVX2 nor AVX-512")
+    plugin.self_test(TorchNativeKernels(facts, name="torch_native"))       # raises on disagreement
+    want = "native" if decode_kernel == "native" and plugin._int4.decode is not None else (
+        "aten" if plugin.use_aten else "dequant")
+    assert plugin.decode_kernel == want
