@@ -217,16 +217,19 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _widened(self, rows: slice, x: torch.Tensor) -> torch.Tensor:
-        """Plain-layout rows `rows` of the weight [rows, in] in x's dtype: on CPU dequantised into the reused
-        scratch buffer (unless autograd keeps it), elsewhere a fresh tensor (a GPU's caching allocator reuses it)."""
+        """Plain-layout rows `rows` of the weight [rows, in] in x's dtype: on CPU dequantised transposed into the
+        reused scratch buffer (unless autograd keeps it) and returned as a view, elsewhere a fresh tensor (a GPU's
+        caching allocator reuses it)."""
         if not self._widen_into_scratch:
             return dequantize_int4(unpack_nibbles(self.weight_int4[rows]), self.weight_scale_zero[:, rows],
                                    self.group, slice(None), x.dtype)
         packed = self.weight_int4[rows]
-        shape = (packed.shape[0], self.in_features)
+        shape = (self.in_features, packed.shape[0])
         out = x.new_empty(shape) if recorded(x) else scratch(shape, x.dtype, x.device)
+        half = (self.in_features // 2, packed.shape[0])
         return dequantize_int4_plain(packed, self.weight_scale_zero[:, rows], self.group, out,
-                                     codes=scratch(shape, torch.uint8, x.device, "codes"))
+                                     codes=scratch(half, torch.uint8, x.device, "codes"),
+                                     nibbles=scratch(half, torch.int8, x.device, "nibbles")).T   # [rows, in] view
 
     def _widened_matmul(self, x: torch.Tensor) -> torch.Tensor:   # x: [..., in] -> [..., out], no bias
         """The plain layout's GEMM path: one native GEMM per block of `_dequant_rows` output rows (on CPU the whole

@@ -257,19 +257,25 @@ def dequantize_int4_tiles(packed: torch.Tensor, scale_zero: torch.Tensor, group:
     return torch.addcmul(zero, weight, scale, out=weight).view(2, in_f, out_f // 2)
 
 
+
 def dequantize_int4_plain(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, out: torch.Tensor,
-                          codes: torch.Tensor) -> torch.Tensor:
-    """Plain int4 codes [out, in / 2] (even input columns in the low nibble) -> the weight [out, in] in `out`'s
-    dtype, w = (q − 8) · scale + zero rounded once (the products are formed in fp32 by addcmul). scale_zero
-    [in / group, out, 2]; codes [out, in] uint8 is work space (contiguous)."""
+                          codes: torch.Tensor, nibbles: torch.Tensor) -> torch.Tensor:
+    """Plain int4 codes [out, in / 2] (even input columns in the low nibble) -> the weight transposed, [in, out] in
+    `out`'s dtype: w = (q − 8) · scale + zero rounded once (the products are formed in fp32 by addcmul).
+
+    Transposed because then each group's scale and zero are constant along a contiguous row of `out` (the weight's
+    own layout would change them every `group` elements, which elementwise ops run ~8x slower). scale_zero
+    [in / group, out, 2]; codes [in / 2, out] uint8 and nibbles [in / 2, out] int8 are work space (contiguous)."""
     out_f, in_f = packed.shape[0], packed.shape[1] * 2
     groups = in_f // group
-    pairs = codes.view(out_f, in_f // 2, 2)
-    torch.bitwise_left_shift(packed, 4, out=pairs[..., 0])          # each code in the high nibble of its own byte
-    torch.bitwise_and(packed, 0xF0, out=pairs[..., 1])
-    # (q XOR 8) in the high nibble is q − 8 as a 4-bit two's complement; an arithmetic shift sign-extends it.
-    signed = codes.bitwise_xor_(0x80).view(torch.int8).bitwise_right_shift_(4)                  # q − 8, exact
-    out.copy_(signed)
-    scale, zero = (scale_zero[..., i].T.reshape(out_f, groups, 1).to(out.dtype) for i in (0, 1))  # [out, groups, 1]
-    weight = out.view(out_f, groups, group)
-    return torch.addcmul(zero, weight, scale, out=weight).view(out_f, in_f)
+    codes.copy_(packed.T)                                   # [in / 2, out]: byte j holds inputs 2j and 2j + 1
+    # XOR 0x88 makes each nibble q the 4-bit two's complement of q − 8; an arithmetic right shift of the int8
+    # (after moving the low nibble up) sign-extends it: q − 8 in −8..7, exact in any float dtype.
+    codes.bitwise_xor_(0x88)
+    pairs = out.view(in_f // 2, 2, out_f)
+    pairs[:, 1].copy_(torch.bitwise_right_shift(codes.view(torch.int8), 4, out=nibbles))
+    torch.bitwise_left_shift(codes, 4, out=nibbles.view(torch.uint8))
+    pairs[:, 0].copy_(nibbles.bitwise_right_shift_(4))
+    scale, zero = (scale_zero[..., i].to(out.dtype).contiguous().view(groups, 1, out_f) for i in (0, 1))
+    weight = out.view(groups, group, out_f)
+    return torch.addcmul(zero, weight, scale, out=weight).view(in_f, out_f)

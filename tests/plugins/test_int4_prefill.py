@@ -63,6 +63,13 @@ def dequantized_halves(packed, scale_zero, group, fmt, dtype):
                                  nibbles=torch.empty(shape, dtype=torch.int8))
 
 
+def plain_transposed(packed, scale_zero, group):
+    out_f, half_in = packed.shape
+    return dequantize_int4_plain(packed, scale_zero, group, torch.empty(half_in * 2, out_f),
+                                 codes=torch.empty(half_in, out_f, dtype=torch.uint8),
+                                 nibbles=torch.empty(half_in, out_f, dtype=torch.int8))
+
+
 @needs_aten
 def test_this_process_layout_is_a_known_tiling():
     fmt = tile_format(aten_layout())
@@ -101,15 +108,13 @@ def test_plain_dequant_is_exact(group):
     w = gaussian(48, 128)
     plain, scale_zero = quantize_int4_groups(w, group)
     want = dequantize_int4(unpack_nibbles(plain), scale_zero, group, slice(None), torch.float32)
-    got = dequantize_int4_plain(plain, scale_zero, group, torch.empty(48, 128),
-                                codes=torch.empty(48, 128, dtype=torch.uint8))
-    assert torch.equal(got, want)
+    got = plain_transposed(plain, scale_zero, group)
+    assert torch.equal(got.T, want)                                          # transposed: [in, out]
     codes = torch.arange(256).remainder(16).view(16, 16)                     # every code in both nibble positions
     ones = torch.zeros(1, 16, 2, dtype=torch.bfloat16)
     ones[..., 0] = 1                                                         # scale 1, zero 0: w = q − 8
-    got = dequantize_int4_plain(pack_nibbles(codes), ones, 16, torch.empty(16, 16),
-                                codes=torch.empty(16, 16, dtype=torch.uint8))
-    assert torch.equal(got, codes.float() - 8)
+    got = plain_transposed(pack_nibbles(codes), ones, 16)
+    assert torch.equal(got.T, codes.float() - 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
