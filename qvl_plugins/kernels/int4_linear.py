@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -14,10 +15,13 @@ from qvl_plugins.kernels.native_gemv import Int4Decode, native_dtype_ok
 from qvl_plugins.kernels.quantize import (
     block_rows,
     dequantize_int4,
+    dequantize_int4_plain,
+    dequantize_int4_tiles,
     pack_nibbles,
     quantize_int4_groups,
     unpack_nibbles,
 )
+from qvl_plugins.kernels.scratch import recorded, rows_per_block, scratch
 
 # ATen's CPU int4 × bf16 GEMM (torch ≥ 2.6): vector code for AVX2/AVX-512 and bf16 activations (fp32 runs a
 # scalar loop, measured ~40x slower). Its weight layout is tiled over output rows and differs per CPU capability.
@@ -27,7 +31,8 @@ ATEN_GROUP_SIZES = (32, 64, 128, 256)
 ATEN_OUT_MULTIPLE = 16             # the packer's check: out_features divisible by 16
 ATEN_ROW_TILE = 64                 # a multiple of every capability's row tile (64 AVX-512, 32 AVX2)
 PLAIN = "plain"                    # two codes per byte, even input columns in the low nibble
-CPU_DEQUANT_BLOCK = 1 << 20        # weight elements the dequant path widens at a time on CPU
+CPU_DEQUANT_BLOCK = 1 << 20        # weight elements the code conversion to the plain layout handles at a time
+UNLIMITED_ROWS = 1 << 62           # pack_max_rows that keeps every input on ATen's kernel
 
 
 def aten_layout() -> str:
@@ -58,6 +63,36 @@ def _aten_permutation(rows: int, in_features: int, layout: str) -> torch.Tensor:
     return perm
 
 
+@dataclass(frozen=True)
+class TileFormat:
+    """An ATen CPU int4 layout that stores tiles of `rows` output rows as [out / rows, in, rows / 2] bytes, each
+    byte two codes of one input column: rows d and d + rows / 2 of the tile (`halves`), or rows 2d and 2d + 1."""
+
+    rows: int
+    halves: bool
+
+    def permutation(self, out_features: int, in_features: int) -> torch.Tensor:
+        """Index into the row-major codes [out, in] of each nibble of the packed weight (low nibble first)."""
+        tile = torch.arange(out_features // self.rows)[:, None, None, None]
+        col = torch.arange(in_features)[None, :, None, None]
+        d = torch.arange(self.rows // 2)[None, None, :, None]
+        h = torch.arange(2)[None, None, None, :]
+        row = tile * self.rows + (h * (self.rows // 2) + d if self.halves else 2 * d + h)
+        return (row * in_features + col).reshape(-1)
+
+
+@cache
+def tile_format(layout: str) -> TileFormat | None:
+    """How this process's ATen layout tiles the codes (found by packing index bits through ATen's own packer), or
+    None when it is none of the tilings known here (then every input stays on ATen's kernel)."""
+    out_f, in_f = 2 * ATEN_ROW_TILE, 8
+    perm = _aten_permutation(out_f, in_f, layout)
+    for fmt in (TileFormat(r, halves) for r in (64, 32, 16) for halves in (True, False)):
+        if torch.equal(fmt.permutation(out_f, in_f), perm):
+            return fmt
+    return None
+
+
 def aten_to_plain(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """ATen CPU-packed int4 weight [out, in / 2] (this process's layout) -> the plain layout [out, in / 2]."""
     out_features = packed.shape[0]
@@ -78,13 +113,16 @@ class Int4Linear(nn.Module):
 
     Frozen parameters weight_int4 [out, in / 2] uint8 (codes, in `layout`) and weight_scale_zero
     [in / group, out, 2] bf16; bias as given. Kernel, chosen when the weights are set or moved (never per call):
-    on CPU with the ATen layout, ATen's int4 GEMM (activations rounded to bf16, fp32 accumulation, bf16 result);
+    on CPU with the ATen layout, ATen's int4 GEMM (activations rounded to bf16, fp32 accumulation, bf16 result) for
+    inputs of up to `pack_max_rows` rows, larger ones (prefill) through the dequantised tiles (see _tiled_matmul);
     on CPU with the plain layout and a native `decode` GEMV, that kernel for inputs of up to decode.max_rows rows;
-    elsewhere the plain codes are widened to the activations' dtype a block of output rows at a time and multiplied.
+    elsewhere the weight is dequantised to the activations' dtype (rounded once) and multiplied by the native GEMM:
+    on CPU the whole layer into a reused buffer (see scratch.py), on a GPU a block of output rows at a time.
     """
 
     def __init__(self, weight_int4: torch.Tensor, weight_scale_zero: torch.Tensor, bias: torch.Tensor | None, *,
-                 in_features: int, group: int, layout: str, decode: Int4Decode | None = None) -> None:
+                 in_features: int, group: int, layout: str, decode: Int4Decode | None = None,
+                 pack_max_rows: int = UNLIMITED_ROWS) -> None:
         super().__init__()
         self.out_features, self.in_features, self.group = weight_int4.shape[0], in_features, group
         if weight_int4.shape != (self.out_features, in_features // 2):
@@ -94,11 +132,13 @@ class Int4Linear(nn.Module):
         self.bias = None if bias is None else frozen(bias)                        # [out]
         self.layout = layout
         self.decode = decode if decode is not None and decode.usable(in_features, group) else None
+        self.pack_max_rows = pack_max_rows
         self._select_kernel()
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, group: int, use_aten: bool,
-                 release_source: bool = False, decode: Int4Decode | None = None) -> Int4Linear:
+                 release_source: bool = False, decode: Int4Decode | None = None,
+                 pack_max_rows: int = UNLIMITED_ROWS) -> Int4Linear:
         """From a float weight [out, in], quantised a block of rows at a time; ATen's layout when `use_aten` and
         the kernel takes this shape, else the plain layout."""
         out_f, in_f = weight.shape
@@ -107,7 +147,7 @@ class Int4Linear(nn.Module):
                                                   row_multiple=ATEN_ROW_TILE if aten else 1,
                                                   release_source=release_source)
         return cls(packed, scale_zero, bias, in_features=in_f, group=group, layout=aten_layout() if aten else PLAIN,
-                   decode=decode)
+                   decode=decode, pack_max_rows=pack_max_rows)
 
     def to_plain(self) -> None:
         """Convert the codes to the plain layout (for a device or process without this ATen layout)."""
@@ -124,7 +164,12 @@ class Int4Linear(nn.Module):
             self.to_plain()
         self._aten = self.layout != PLAIN
         self._native = self.decode if on_cpu and self.layout == PLAIN else None
-        self._dequant_rows = max(1, CPU_DEQUANT_BLOCK // self.in_features) if on_cpu else self.out_features
+        self._dequant_rows = rows_per_block(self.out_features, self.in_features) if on_cpu else self.out_features
+        self._widen_into_scratch = on_cpu
+        # Prefill through the native GEMM on the dequantised tiles: when some inputs are meant for it and the layer
+        # is whole tiles (ATen packs a partial last tile differently).
+        tiles = tile_format(self.layout) if self._aten and self.pack_max_rows < UNLIMITED_ROWS else None
+        self._tiles = tiles if tiles is not None and self.out_features % tiles.rows == 0 else None
 
     def _apply(self, fn: Any, recurse: bool = True) -> Int4Linear:
         if self.layout != PLAIN:
@@ -158,6 +203,8 @@ class Int4Linear(nn.Module):
             if not a.is_contiguous():
                 a = a.contiguous()
             y = self._native(a, self.weight_int4, self.weight_scale_zero, self.group).view(*x.shape[:-1], -1)
+        elif self._tiles is not None and rows > self.pack_max_rows:
+            y = self._tiled_matmul(x)
         elif self._aten:
             a = x.reshape(-1, self.in_features)
             if a.dtype != torch.bfloat16 or not a.is_contiguous():
@@ -166,13 +213,62 @@ class Int4Linear(nn.Module):
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
         else:
-            y = x.new_empty(*x.shape[:-1], self.out_features)
-            for start in range(0, self.out_features, self._dequant_rows):
-                rows = slice(start, min(start + self._dequant_rows, self.out_features))
-                w = dequantize_int4(unpack_nibbles(self.weight_int4[rows]), self.weight_scale_zero[:, rows],
-                                    self.group, slice(None), x.dtype)                   # [rows, in]
-                y[..., rows] = F.linear(x, w)
+            y = self._widened_matmul(x)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _widened(self, rows: slice, x: torch.Tensor) -> torch.Tensor:
+        """Plain-layout rows `rows` of the weight [rows, in] in x's dtype: on CPU dequantised transposed into the
+        reused scratch buffer (unless autograd keeps it) and returned as a view, elsewhere a fresh tensor (a GPU's
+        caching allocator reuses it)."""
+        if not self._widen_into_scratch:
+            return dequantize_int4(unpack_nibbles(self.weight_int4[rows]), self.weight_scale_zero[:, rows],
+                                   self.group, slice(None), x.dtype)
+        packed = self.weight_int4[rows]
+        shape = (self.in_features, packed.shape[0])
+        out = x.new_empty(shape) if recorded(x) else scratch(shape, x.dtype, x.device)
+        half = (self.in_features // 2, packed.shape[0])
+        return dequantize_int4_plain(packed, self.weight_scale_zero[:, rows], self.group, out,
+                                     codes=scratch(half, torch.uint8, x.device, "codes"),
+                                     nibbles=scratch(half, torch.int8, x.device, "nibbles")).T   # [rows, in] view
+
+    def _widened_matmul(self, x: torch.Tensor) -> torch.Tensor:   # x: [..., in] -> [..., out], no bias
+        """The plain layout's GEMM path: one native GEMM per block of `_dequant_rows` output rows (on CPU the whole
+        layer unless it is huge)."""
+        step = self._dequant_rows
+        if step >= self.out_features:
+            return F.linear(x, self._widened(slice(None), x))
+        y = x.new_empty(*x.shape[:-1], self.out_features)
+        for start in range(0, self.out_features, step):
+            rows = slice(start, min(start + step, self.out_features))
+            y[..., rows] = F.linear(x, self._widened(rows, x))                                  # [.., rows]
+        return y
+
+    def _tiled_matmul(self, x: torch.Tensor) -> torch.Tensor:     # x: [..., in] -> [..., out], no bias
+        """The prefill path for ATen's tiled layouts: per block of output rows (the whole layer unless it is huge),
+        the weight dequantised into a reused buffer as two transposed halves (see dequantize_int4_tiles), and two
+        native GEMMs whose columns are put back in row order."""
+        tiles = self._tiles
+        assert tiles is not None
+        a = x.reshape(-1, self.in_features)                                           # [rows, in]
+        y = x.new_empty(a.shape[0], self.out_features)
+        step = rows_per_block(self.out_features, self.in_features, tiles.rows)
+        for start in range(0, self.out_features, step):
+            n = min(step, self.out_features - start)
+            shape = (self.in_features, n // 2)
+            out = x.new_empty(2, *shape) if recorded(x) else scratch((2, *shape), x.dtype, x.device)
+            w = dequantize_int4_tiles(self.weight_int4[start:start + n], self.weight_scale_zero[:, start:start + n],
+                                      self.group, tiles.rows, tiles.halves, out=out,
+                                      codes=scratch(shape, torch.uint8, x.device, "codes"),
+                                      nibbles=scratch(shape, torch.int8, x.device, "nibbles"))   # [2, in, n / 2]
+            split = (n // tiles.rows, 2, tiles.rows // 2) if tiles.halves else (n // tiles.rows, tiles.rows // 2, 2)
+            dst = y[:, start:start + n].view(a.shape[0], *split)
+            for h in (0, 1):
+                part = torch.matmul(a, w[h]).view(a.shape[0], n // tiles.rows, tiles.rows // 2)
+                if tiles.halves:
+                    dst[:, :, h] = part
+                else:
+                    dst[..., h] = part
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, group={self.group}, bias={self.bias is not None}, "

@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qvl_pipeline.hardware.profile import HardwareProfile
 from qvl_pipeline.slots import Fidelity, Plugin, RunFacts, SelfTestError
 from qvl_pipeline.slots.checks import prepared_pair
 from qvl_pipeline.slots.kernels import KernelsBackend
 from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, relative_error, self_test_devices
-from qvl_plugins.kernels.int4_linear import ATEN_GROUP_SIZES, INT4PACK_MM, Int4Linear
+from qvl_plugins.kernels.int4_linear import ATEN_GROUP_SIZES, INT4PACK_MM, UNLIMITED_ROWS, Int4Linear
 from qvl_plugins.kernels.int8_weight_only import COMPUTE_DTYPES, QuantizableLinear, cache_binding, default_pack_rows
 from qvl_plugins.kernels.native_gemv import Int4Decode, Int8Decode, native_for
 from qvl_plugins.kernels.quantized_model import Int4Format, Int8Format, LinearFormat, find_targets, quantize_model
@@ -27,8 +28,19 @@ from qvl_plugins.kernels.quantized_model import Int4Format, Int8Format, LinearFo
 # quantiser per group of 32 is ~0.078 (measured; 64: 0.089, 128: 0.099). The self-test checks the quantisation
 # against this bound and the kernel against the dequantised weights at NEAR.
 INT4_WEIGHT_ERROR = 0.12
-SELF_TEST_SHAPE = (256, 48)        # in_features a multiple of every group size, out_features of 16
+SELF_TEST_SHAPE = (256, 128)       # in_features a multiple of every group size, out_features whole tiles of every
+                                   # ATen layout (so the prefill path runs too)
 NATIVE_GROUP = 32                  # the group size the native decode GEMV takes
+# Rows up to which ATen's int4 GEMM beats dequantising the weight and running the GEMM, where bf16 matmul is native
+# (AVX512-BF16/AMX; 1 thread: 2048x6144 layer 16.5 vs 16.6 ms at 96 rows, 22.2 vs 18.9 at 128, 38.8 vs 23.8 at
+# 223). Without native bf16 the GEMM is emulated: ATen's kernel takes every row.
+NATIVE_BF16_INT4_PACK_ROWS = 96
+
+
+def default_int4_pack_rows(hw: HardwareProfile) -> int:
+    """int4_pack_max_rows when the option is not set: see NATIVE_BF16_INT4_PACK_ROWS."""
+    native_bf16 = hw.has_isa("avx512_bf16") or hw.has_isa("amx_bf16")
+    return NATIVE_BF16_INT4_PACK_ROWS if native_bf16 else UNLIMITED_ROWS
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,9 @@ class Int4Options:
                                                  # bit/weight more per halving)
     head_bits: Literal[4, 8] = 8                 # the output head (also a tied one) in int8 or int4
     pack_max_rows: int | None = None             # int8 head: rows up to which its GEMV is used (None: see int8)
+    int4_pack_max_rows: int | None = None        # decode_kernel=aten: rows up to which ATen's int4 GEMM is used,
+                                                 # larger inputs (prefill) dequantise and run the native GEMM;
+                                                 # None: 96 where bf16 matmul is native, else all rows
     compute_dtype: str = "float32"               # activations' dtype: float32 | bfloat16 | float16 | stored
     decode_kernel: Literal["aten", "native"] = "aten"    # aten: ATen's int4 GEMM (34.6 ms/token for the 2B
                                                  # layers + head, AVX-512 VM); native: the project's int4 x int8
@@ -73,8 +88,14 @@ class Int4WeightOnlyKernels(KernelsBackend):
         # native decode GEMV the plain layout is kept (prefill widens it).
         self.use_aten = not native and INT4PACK_MM is not None and vector
         self.decode_kernel = "native" if native else ("aten" if self.use_aten else "dequant")
-        self._int4 = Int4Format(group=self.options.group_size, use_aten=self.use_aten,
-                                decode=Int4Decode(build) if native else None)
+        int4_rows = (default_int4_pack_rows(self.hw) if self.options.int4_pack_max_rows is None
+                     else self.options.int4_pack_max_rows)
+        decode = Int4Decode(build) if native else None
+        self._int4 = Int4Format(group=self.options.group_size, use_aten=self.use_aten, decode=decode,
+                                pack_max_rows=int4_rows)
+        # Rows the self-test runs: decode, a few, and past each row limit a kernel switches at.
+        limits = [decode.max_rows] if decode is not None else ([int4_rows] if self.use_aten else [])
+        self._test_rows = (1, 5, 40, *(n + 1 for n in limits if n < UNLIMITED_ROWS and n + 1 not in (5, 40)))
         pack_rows = default_pack_rows(self.hw) if self.options.pack_max_rows is None else self.options.pack_max_rows
         # The int8 head decodes through the native int8 x int8 GEMV wherever it builds (52.7 vs 62.5 ms/token
         # for int8 layers + head against ATen's int8 GEMV, same VM).
@@ -115,9 +136,10 @@ class Int4WeightOnlyKernels(KernelsBackend):
                 if not err <= INT4_WEIGHT_ERROR:
                     raise SelfTestError(f"int4 weights: relative error {err:.3g} vs the reference's exceeds "
                                         f"{INT4_WEIGHT_ERROR} (4-bit quantisation of Gaussian weights: ~0.08)")
-                for rows in (1, 5, 40):
+                for rows in self._test_rows:
                     x = torch.randn(rows, in_f, generator=gen)
-                    got = mine(x.to(device, self.compute_dtype(torch.float32)))
                     exact = F.linear(x, weight, want_linear.bias)
-                    check_close(f"linear on {device}, {rows} row(s), vs its dequantised weights", got.float(),
-                                exact, Fidelity.NEAR)
+                    for dtype in dict.fromkeys((self.compute_dtype(torch.float32), torch.bfloat16)):
+                        got = mine(x.to(device, dtype))
+                        check_close(f"linear on {device}, {rows} row(s) in {dtype}, vs its dequantised weights",
+                                    got.float(), exact, Fidelity.NEAR)

@@ -10,6 +10,7 @@ from torch import nn
 
 from qvl_plugins.kernels.native_gemv import Int8Decode, native_dtype_ok
 from qvl_plugins.kernels.quantize import quantize_int8_rows
+from qvl_plugins.kernels.scratch import recorded, rows_per_block, scratch
 
 # ATen's CPU int8 × bf16 GEMV (torch ≥ 2.4): vector code for AVX2/AVX-512 and bf16 activations only (fp32 and fp16
 # run a scalar loop, measured 30x slower). Its loops use aligned loads and do not check shapes: in_features % 16 == 0,
@@ -18,9 +19,6 @@ INT8PACK_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
 PACK_ALIGN = 16
 WEIGHT_ALIGN = 64
 ACT_ALIGN = 32
-# On CPU the dequant path widens the int8 weight this many elements at a time (4 MB in fp32): widening it whole
-# allocates and streams a full-size copy per call, measured ~8x slower at batch 1 (41 ms vs 4.6 ms, 2048x6144).
-CPU_DEQUANT_BLOCK = 1 << 20
 
 
 def aligned(t: torch.Tensor, alignment: int = WEIGHT_ALIGN) -> torch.Tensor:
@@ -73,7 +71,8 @@ class Int8Linear(nn.Module):
         self._native = self.decode if on_cpu else None
         use_pack = self.pack_cpu and on_cpu and self._native is None
         self._pack_scale: torch.Tensor | None = self.weight_scale.to(torch.bfloat16) if use_pack else None
-        self._dequant_rows = max(1, CPU_DEQUANT_BLOCK // self.in_features) if on_cpu else self.out_features
+        self._dequant_rows = rows_per_block(self.out_features, self.in_features) if on_cpu else self.out_features
+        self._widen_into_scratch = on_cpu
 
     def _apply(self, fn: Any, recurse: bool = True) -> Int8Linear:
         super()._apply(fn, recurse)
@@ -101,12 +100,29 @@ class Int8Linear(nn.Module):
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
         else:
-            y = x.new_empty(*x.shape[:-1], self.out_features)
-            for start in range(0, self.out_features, self._dequant_rows):
-                block = self.weight_int8[start:start + self._dequant_rows]                 # [rows, in] int8
-                y[..., start:start + block.shape[0]] = F.linear(x, block.to(x.dtype))
-            y = y * self.weight_scale.to(x.dtype)
+            y = self._widened_matmul(x)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _widen(self, block: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """block [rows, in] int8 -> the same values in x's dtype: on CPU in the reused scratch buffer (see scratch.py),
+        elsewhere (a GPU's caching allocator reuses it; a persistent buffer would cost scarce VRAM) or under autograd
+        a fresh tensor."""
+        if not self._widen_into_scratch or recorded(x):
+            return block.to(x.dtype)
+        return scratch(tuple(block.shape), x.dtype, block.device).copy_(block)
+
+    def _widened_matmul(self, x: torch.Tensor) -> torch.Tensor:   # x: [..., in] -> [..., out], no bias
+        """The prefill path: x · qᵀ with q widened exactly to x's dtype (one native GEMM per block of
+        `_dequant_rows` output rows: the whole layer unless it is huge), then the per-channel scales."""
+        step = self._dequant_rows
+        if step >= self.out_features:
+            y = F.linear(x, self._widen(self.weight_int8, x))
+        else:
+            y = x.new_empty(*x.shape[:-1], self.out_features)
+            for start in range(0, self.out_features, step):
+                block = self.weight_int8[start:start + step]                               # [rows, in] int8
+                y[..., start:start + block.shape[0]] = F.linear(x, self._widen(block, x))
+        return y.mul_(self.weight_scale.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, kernel={self.kernel}"

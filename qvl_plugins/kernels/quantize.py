@@ -225,3 +225,57 @@ def dequantize_int4(codes: torch.Tensor, scale_zero: torch.Tensor, group: int, r
     sz = scale_zero[:, rows].to(dtype)                                          # [groups, r, 2]
     w = (c.view(r, in_f // group, group) - INT4_MID) * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]
     return w.view(r, in_f)
+
+
+def dequantize_int4_tiles(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, tile_rows: int, halves: bool,
+                          out: torch.Tensor, codes: torch.Tensor, nibbles: torch.Tensor) -> torch.Tensor:
+    """Int4 codes stored in tiles of `tile_rows` output rows (ATen's CPU layouts) -> the weight, transposed and
+    split into the two nibble positions, in `out`'s dtype: out [2, in, out / 2].
+
+    packed [out, in / 2] uint8 holds [out / tile_rows, in, tile_rows / 2] bytes; a byte's low and high nibble are
+    rows d and d + tile_rows / 2 of its tile (`halves`) or rows 2d and 2d + 1. scale_zero [in / group, out, 2].
+    Column j = tile · tile_rows / 2 + d of out[h] is that tile's row of nibble h at byte d, so `x @ out[h]` gives
+    half of the outputs, tile by tile. codes [in, out / 2] uint8 and nibbles [in, out / 2] int8 are work space
+    (contiguous).
+    w = (q − 8) · scale + zero, rounded once to out's dtype (the products are formed in fp32 by addcmul)."""
+    out_f, in_f = packed.shape[0], packed.shape[1] * 2
+    tiles, half, groups = out_f // tile_rows, tile_rows // 2, in_f // group
+    codes.view(in_f, tiles, half).copy_(packed.view(tiles, in_f, half).transpose(0, 1))     # [in, tiles, half]
+    # XOR 0x88 makes each nibble q the 4-bit two's complement of q − 8; an arithmetic right shift of the int8
+    # (after moving the low nibble up) sign-extends it: q − 8 in −8..7, exact in any float dtype.
+    codes.bitwise_xor_(0x88)
+    torch.bitwise_right_shift(codes.view(torch.int8), 4, out=nibbles)
+    out[1].copy_(nibbles)
+    torch.bitwise_left_shift(codes, 4, out=nibbles.view(torch.uint8))
+    out[0].copy_(nibbles.bitwise_right_shift_(4))
+    # scale_zero rows in the order of out's columns: [2 (nibble), groups, tiles, half]
+    order = (2, 0, 1, 3) if halves else (3, 0, 1, 2)
+    split = (groups, tiles, 2, half) if halves else (groups, tiles, half, 2)
+    scale, zero = (scale_zero[..., i].reshape(split).permute(order).reshape(2, groups, 1, out_f // 2).to(out.dtype)
+                   for i in (0, 1))
+    weight = out.view(2, groups, group, out_f // 2)
+    return torch.addcmul(zero, weight, scale, out=weight).view(2, in_f, out_f // 2)
+
+
+
+def dequantize_int4_plain(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, out: torch.Tensor,
+                          codes: torch.Tensor, nibbles: torch.Tensor) -> torch.Tensor:
+    """Plain int4 codes [out, in / 2] (even input columns in the low nibble) -> the weight transposed, [in, out] in
+    `out`'s dtype: w = (q − 8) · scale + zero rounded once (the products are formed in fp32 by addcmul).
+
+    Transposed because then each group's scale and zero are constant along a contiguous row of `out` (the weight's
+    own layout would change them every `group` elements, which elementwise ops run ~8x slower). scale_zero
+    [in / group, out, 2]; codes [in / 2, out] uint8 and nibbles [in / 2, out] int8 are work space (contiguous)."""
+    out_f, in_f = packed.shape[0], packed.shape[1] * 2
+    groups = in_f // group
+    codes.copy_(packed.T)                                   # [in / 2, out]: byte j holds inputs 2j and 2j + 1
+    # XOR 0x88 makes each nibble q the 4-bit two's complement of q − 8; an arithmetic right shift of the int8
+    # (after moving the low nibble up) sign-extends it: q − 8 in −8..7, exact in any float dtype.
+    codes.bitwise_xor_(0x88)
+    pairs = out.view(in_f // 2, 2, out_f)
+    pairs[:, 1].copy_(torch.bitwise_right_shift(codes.view(torch.int8), 4, out=nibbles))
+    torch.bitwise_left_shift(codes, 4, out=nibbles.view(torch.uint8))
+    pairs[:, 0].copy_(nibbles.bitwise_right_shift_(4))
+    scale, zero = (scale_zero[..., i].to(out.dtype).contiguous().view(groups, 1, out_f) for i in (0, 1))
+    weight = out.view(groups, group, out_f)
+    return torch.addcmul(zero, weight, scale, out=weight).view(in_f, out_f)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from qvl_pipeline.checkpoint.quant_cache import QuantCache, SourceCheckpoint, cache_key
-from qvl_plugins.kernels.int4_linear import PLAIN, Int4Linear, aten_int4_usable, aten_layout
+from qvl_plugins.kernels.int4_linear import PLAIN, UNLIMITED_ROWS, Int4Linear, aten_int4_usable, aten_layout
 from qvl_plugins.kernels.int8_linear import Int8Linear
 from qvl_plugins.kernels.native_gemv import Int4Decode, Int8Decode
 from qvl_plugins.kernels.quantize import reused_block_buffers, trim_heap
@@ -82,6 +82,7 @@ class Int4Format:
     group: int
     use_aten: bool
     decode: Int4Decode | None = None          # the native decode GEMV (plain layout; not part of the stored tensors)
+    pack_max_rows: int = UNLIMITED_ROWS       # ATen layout: inputs above this many rows dequantise and run the GEMM
     name: str = "int4_group_asym"
 
     def params(self) -> dict[str, Any]:
@@ -94,7 +95,8 @@ class Int4Format:
 
     def quantize(self, weight: torch.Tensor, bias: torch.Tensor | None, release_source: bool) -> nn.Module:
         return Int4Linear.quantize(weight, bias, group=self.group, use_aten=self.use_aten,
-                                   release_source=release_source, decode=self.decode)
+                                   release_source=release_source, decode=self.decode,
+                                   pack_max_rows=self.pack_max_rows)
 
     def state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         return {"weight_int4": module.weight_int4, "weight_scale_zero": module.weight_scale_zero}
@@ -106,7 +108,8 @@ class Int4Format:
     def restore(self, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None, in_features: int) -> nn.Module:
         out_features = state["weight_int4"].shape[0]
         return Int4Linear(state["weight_int4"], state["weight_scale_zero"], bias, in_features=in_features,
-                          group=self.group, layout=self._layout(out_features, in_features), decode=self.decode)
+                          group=self.group, layout=self._layout(out_features, in_features), decode=self.decode,
+                          pack_max_rows=self.pack_max_rows)
 
 
 @dataclass

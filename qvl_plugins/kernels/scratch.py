@@ -1,0 +1,52 @@
+"""A reused scratch buffer for weights widened on the fly (the quantised linears' prefill path).
+
+Widening a layer's weight into a fresh tensor on every call costs a page fault per 4 KiB page of it on the CPU
+(an allocation of tens of MiB is a fresh memory mapping); one buffer per thread, device and dtype, grown to the
+largest layer and kept, is written and read back while still in cache. Per thread, so concurrent requests in
+threads never share one.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+# Elements a layer widens at once (64 MiB in bf16): larger weights (a quantised output head) go a block of output
+# rows at a time, so the buffer stays bounded.
+MAX_ELEMENTS = 1 << 25
+
+
+class _Buffers(threading.local):
+    def __init__(self) -> None:
+        self.flat: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+_BUFFERS = _Buffers()
+
+
+def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: str = "weight") -> torch.Tensor:
+    """A contiguous tensor of `shape` viewing this thread's buffer for (slot, device, dtype); its contents are
+    undefined and valid until the next call for the same slot, device and dtype. Not for a weight that autograd
+    keeps for a backward pass (see `recorded`)."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    key = (slot, torch.device(device), dtype)
+    flat = _BUFFERS.flat.get(key)
+    if flat is None or flat.numel() < numel:
+        flat = _BUFFERS.flat[key] = torch.empty(numel, dtype=dtype, device=device)
+    return flat[:numel].view(shape)
+
+
+def rows_per_block(out_features: int, in_features: int, multiple: int = 1) -> int:
+    """Output rows to widen at once: the whole weight when it fits MAX_ELEMENTS, else a multiple of `multiple`."""
+    if out_features * in_features <= MAX_ELEMENTS:
+        return out_features
+    return max(multiple, MAX_ELEMENTS // in_features // multiple * multiple)
+
+
+def recorded(x: torch.Tensor) -> bool:
+    """Whether autograd records an op on `x` (then a widened weight must not be a scratch view that the next layer
+    overwrites before the backward pass reads it)."""
+    return torch.is_grad_enabled() and x.requires_grad
