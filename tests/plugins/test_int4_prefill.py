@@ -227,7 +227,8 @@ def test_faulty_plain_dequant_fails_self_test(monkeypatch):
         return real((packed << 4) | (packed >> 4), *args, **kwargs)
 
     monkeypatch.setattr(module, "dequantize_int4_plain", swapped)
-    kernels = Int4WeightOnlyKernels(NATIVE_BF16)
-    assert not kernels.use_aten                                              # plain layout (native decode or none)
+    kernels = Int4WeightOnlyKernels(NATIVE_BF16, Int4Options(decode_kernel="native"))
+    if kernels.use_aten:
+        pytest.skip("the native kernel does not build here: no plain-layout path to check")
     with pytest.raises(SelfTestError, match=r"row.*relative error"):
         kernels.self_test(NATIVE)
