@@ -41,8 +41,9 @@ class Int8Linear(nn.Module):
     Kernel, chosen when the weights are set or moved (never per call): on CPU, inputs of up to `pack_max_rows`
     rows go through the native decode GEMV when one is given and takes the shape (`decode`, native_gemv.py), else,
     with `pack_cpu` and in_features % 16 == 0, through ATen's int8 GEMV (activations and scales rounded to bf16,
-    fp32 accumulation, bf16 result); everything else multiplies by the int8 weight widened to the activations'
-    dtype, block by block of output rows on CPU, whole on a GPU.
+    fp32 accumulation, bf16 result); everything else (prefill, the vision tower) multiplies by the int8 weight
+    widened exactly to the activations' dtype with one native GEMM: on CPU into a reused per-thread buffer, the whole
+    layer unless it is huge (scratch.py), on a GPU into a fresh tensor.
     """
 
     def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, *,
