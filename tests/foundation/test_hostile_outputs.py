@@ -97,8 +97,12 @@ def test_ctrl_c_during_the_renames_is_held_until_both_files_are_in_place(tmp_pat
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(KeyboardInterrupt):
-        results.save_results(tmp_path, {"text": "new", "plan": {"new": True}})
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)    # also when the suite inherited it ignored
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            results.save_results(tmp_path, {"text": "new", "plan": {"new": True}})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert seen == ["plan.json", "result.json"]
     assert json.loads((tmp_path / "result.json").read_text())["text"] == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "result.json"]

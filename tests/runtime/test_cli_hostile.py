@@ -23,8 +23,15 @@ def cli(*args: str, stdin: str | bytes | None = None, env: dict | None = None) -
                           env={**os.environ, **(env or {})}, text=not isinstance(stdin, bytes))
 
 
+def _interruptible() -> None:
+    """In the child before exec: Ctrl-C as at a terminal, also when the suite runs as a background job (which
+    inherits SIGINT ignored, and Python then keeps ignoring it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([*COMMAND, *args], stderr=subprocess.PIPE, env=dict(os.environ), **kwargs)
+    return subprocess.Popen([*COMMAND, *args], stderr=subprocess.PIPE, env=dict(os.environ),
+                            preexec_fn=_interruptible, **kwargs)
 
 
 def wait_for(proc: subprocess.Popen, text: str, timeout: float = 60.0) -> str:
