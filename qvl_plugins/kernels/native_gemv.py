@@ -150,32 +150,19 @@ def native_dtype_ok(dtype: torch.dtype) -> bool:
 
 
 def int8_gemv(build: NativeBuild, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-              threads: int) -> torch.Tensor:
-    """x [M, K] bf16|fp32 contiguous, weight [N, K] int8, scale [N] fp32 -> [M, N] in x's dtype."""
+              threads: int, a8: bool = False) -> torch.Tensor:
+    """x [M, K] bf16|fp32 contiguous, weight [N, K] int8, scale [N] fp32 -> [M, N] in x's dtype; `a8`: the
+    activations quantised to int8 per block of 64 columns (integer dot products)."""
     assert build.lib is not None
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
     flag = _DTYPE_FLAG[x.dtype]
-    rc = build.lib.qvl_int8_gemv(weight.data_ptr(), scale.data_ptr(), x.data_ptr(), flag, y.data_ptr(), flag,
-                                 m, n, k, threads)
+    gemv = build.lib.qvl_int8_gemv_a8 if a8 else build.lib.qvl_int8_gemv
+    rc = gemv(weight.data_ptr(), scale.data_ptr(), x.data_ptr(), flag, y.data_ptr(), flag, m, n, k, threads)
     if rc:
-        raise RuntimeError(f"native int8 GEMV failed with code {rc} (shape {m}x{k} · {n}x{k})")
-    return y
-
-
-def int8_gemv_a8(build: NativeBuild, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                 threads: int) -> torch.Tensor:
-    """As int8_gemv with the activations quantised to int8 per block of 64 columns (integer dot products)."""
-    assert build.lib is not None
-    m, k = x.shape
-    n = weight.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype)
-    flag = _DTYPE_FLAG[x.dtype]
-    rc = build.lib.qvl_int8_gemv_a8(weight.data_ptr(), scale.data_ptr(), x.data_ptr(), flag, y.data_ptr(), flag,
-                                    m, n, k, threads)
-    if rc:
-        raise RuntimeError(f"native int8 x int8 GEMV failed with code {rc} (shape {m}x{k} · {n}x{k})")
+        raise RuntimeError(f"native int8{' x int8' if a8 else ''} GEMV failed with code {rc} "
+                           f"(shape {m}x{k} · {n}x{k})")
     return y
 
 
@@ -218,8 +205,7 @@ class Int8Decode:
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """x [M, K] contiguous bf16|fp32 -> [M, N] in x's dtype."""
-        gemv = int8_gemv_a8 if self.activations == "int8" else int8_gemv
-        return gemv(self.build, x, weight, scale, torch.get_num_threads())
+        return int8_gemv(self.build, x, weight, scale, torch.get_num_threads(), a8=self.activations == "int8")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch
 from qvl_pipeline.config.load import load_config
 from qvl_pipeline.container import make_container
 from qvl_plugins.kernels import native_gemv
-from qvl_plugins.kernels.native_gemv import Int8Decode, int4_gemv, int8_gemv, int8_gemv_a8, load_native
+from qvl_plugins.kernels.native_gemv import Int8Decode, int4_gemv, int8_gemv, load_native
 from qvl_plugins.kernels.quantize import dequantize_int4, pack_nibbles, quantize_int4_groups, unpack_nibbles
 
 ISAS = {"scalar": (), "avx2": ("avx2", "fma"), "avx512": ("avx2", "fma", "avx512f", "avx512bw"),
@@ -58,7 +58,7 @@ def test_int8_kernels_match_the_dequantised_product(build, dtype, rows):
     exact = int8_gemv(build, x, w, scale, 2)
     assert exact.dtype == dtype and exact.shape == (rows, n)
     assert _rel(exact, want) < (1e-5 if dtype == torch.float32 else 1e-2)
-    assert _rel(int8_gemv_a8(build, x, w, scale, 2), want) < 2e-2      # int8 activations per 64: NEAR
+    assert _rel(int8_gemv(build, x, w, scale, 2, a8=True), want) < 2e-2      # int8 activations per 64: NEAR
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -77,7 +77,7 @@ def test_int4_kernels_match_the_dequantised_product(build, dtype):
 def test_bad_shapes_are_refused_not_read_out_of_bounds(build):
     w = torch.zeros(4, 96, dtype=torch.int8)                # 96 is not a multiple of the 64-column blocks
     with pytest.raises(RuntimeError, match="failed with code 1"):
-        int8_gemv_a8(build, torch.zeros(1, 96), w, torch.ones(4), 1)
+        int8_gemv(build, torch.zeros(1, 96), w, torch.ones(4), 1, a8=True)
     assert not Int8Decode(build).usable(96) and Int8Decode(build).usable(128)
 
 
