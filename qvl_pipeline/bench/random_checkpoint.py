@@ -36,19 +36,20 @@ def random_checkpoint_folder(model: str, dtype: torch.dtype = torch.bfloat16, se
     return cache_root() / "bench" / f"{model}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
+def random_tensor(name: str, meta: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """One random weight shaped like `meta`: N(0, 0.02) for a matrix, ones for a norm, zeros for a bias."""
+    if name.endswith("bias"):
+        return torch.zeros(meta.shape, dtype=dtype)
+    if meta.dim() == 1:
+        return torch.ones(meta.shape, dtype=dtype)
+    return (torch.randn(meta.shape, generator=gen) * 0.02).to(dtype)
+
+
 def random_state(config: dict[str, Any], dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
-    """Weights for every tensor of the model `config` describes: N(0, 0.02) matrices, unit norms, zero biases."""
+    """Weights for every tensor of the model `config` describes (see random_tensor)."""
     shapes = skeleton(ModelConfig.from_hf_dict(config)).state_dict()
     gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, meta in shapes.items():
-        if name.endswith("bias"):
-            state[name] = torch.zeros(meta.shape, dtype=dtype)
-        elif meta.dim() == 1:
-            state[name] = torch.ones(meta.shape, dtype=dtype)
-        else:
-            state[name] = (torch.randn(meta.shape, generator=gen) * 0.02).to(dtype)
-    return state
+    return {name: random_tensor(name, meta, dtype, gen) for name, meta in shapes.items()}
 
 
 def write_random_checkpoint(folder: Path, model: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from qvl_pipeline.bench.random_checkpoint import preset_config
+from qvl_pipeline.bench.random_checkpoint import preset_config, random_tensor
 from qvl_pipeline.checkpoint.files import INDEX_FILE
 from qvl_pipeline.model.config import ModelConfig
 from qvl_pipeline.model.qwen3_vl import skeleton
@@ -51,13 +51,7 @@ def write_sharded(folder: Path, model: str, dtype: torch.dtype = torch.bfloat16,
         file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
         state = {}
         for name in names:
-            meta = shapes[name]
-            if name.endswith("bias"):
-                state[name] = torch.zeros(meta.shape, dtype=dtype)
-            elif meta.dim() == 1:
-                state[name] = torch.ones(meta.shape, dtype=dtype)
-            else:
-                state[name] = (torch.randn(meta.shape, generator=gen) * 0.02).to(dtype)
+            state[name] = random_tensor(name, shapes[name], dtype, gen)
             weight_map[name] = file
             total += state[name].numel() * element
         save_file(state, str(folder / file), metadata={"format": "pt"})
