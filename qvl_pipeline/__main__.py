@@ -108,6 +108,7 @@ def run_task(cfg: Any) -> int:
     """Run the configured task (QvlErrors and everything else propagate to `main`, which reports them)."""
     from qvl_pipeline.config.load import typed
     from qvl_pipeline.container import make_container
+    from qvl_pipeline.runtime.heap import keep_large_blocks
 
     _TASK_STARTED.append(True)
     config = typed(cfg)                              # typed and range-checked
@@ -115,6 +116,7 @@ def run_task(cfg: Any) -> int:
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}", f"use task=<one of {', '.join(TASKS)}>")
     results = None if task == "probe" else _results_dir(config)   # a folder that cannot be written fails now
+    keep_large_blocks()                              # per-layer scratch of tens of MiB reused, not re-faulted
     container = make_container(config)
     _apply_emulation(container)
     if task == "probe":
