@@ -102,6 +102,12 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qvl_int4_gemv.restype = i32
     lib.qvl_int8_gemv_a8.argtypes = [ptr, ptr, ptr, i32, ptr, i32, i64, i64, i64, i32]
     lib.qvl_int8_gemv_a8.restype = i32
+    lib.qvl_int8_gemv_a8_tiled.argtypes = [ptr, ptr, ptr, i32, ptr, i32, i64, i64, i64, i32]
+    lib.qvl_int8_gemv_a8_tiled.restype = i32
+    lib.qvl_int8_tile.argtypes = [ptr, i64, i64, i32]
+    lib.qvl_int8_tile.restype = i32
+    lib.qvl_int8_untile_widen.argtypes = [ptr, i64, i64, i64, ptr, i32, i32]
+    lib.qvl_int8_untile_widen.restype = i32
     lib.qvl_int4_gemv_a8.argtypes = [ptr, ptr, i64, ptr, i32, ptr, i32, i64, i64, i64, i32]
     lib.qvl_int4_gemv_a8.restype = i32
     lib.qvl_gemv_lanes.restype = i32
@@ -150,20 +156,59 @@ def native_dtype_ok(dtype: torch.dtype) -> bool:
 
 
 def int8_gemv(build: NativeBuild, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-              threads: int, a8: bool = False) -> torch.Tensor:
-    """x [M, K] bf16|fp32 contiguous, weight [N, K] int8, scale [N] fp32 -> [M, N] in x's dtype; `a8`: the
-    activations quantised to int8 per block of 64 columns (integer dot products)."""
-    assert build.lib is not None
+              threads: int, a8: bool = False, tiled: bool = False) -> torch.Tensor:
+    """x [M, K] bf16|fp32 contiguous, weight [N, K] int8 (`tiled`: in TILED layout, a8 only), scale [N] fp32 ->
+    [M, N] in x's dtype; `a8`: the activations quantised to int8 per block of 64 columns (integer dot products)."""
+    assert build.lib is not None and (a8 or not tiled)
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
     flag = _DTYPE_FLAG[x.dtype]
-    gemv = build.lib.qvl_int8_gemv_a8 if a8 else build.lib.qvl_int8_gemv
+    if a8:
+        gemv = build.lib.qvl_int8_gemv_a8_tiled if tiled else build.lib.qvl_int8_gemv_a8
+    else:
+        gemv = build.lib.qvl_int8_gemv
     rc = gemv(weight.data_ptr(), scale.data_ptr(), x.data_ptr(), flag, y.data_ptr(), flag, m, n, k, threads)
     if rc:
         raise RuntimeError(f"native int8{' x int8' if a8 else ''} GEMV failed with code {rc} "
                            f"(shape {m}x{k} · {n}x{k})")
     return y
+
+
+# The int8 decode layout: each group of TILE_ROWS weight rows [TILE_ROWS, K] stored as [K / 64, TILE_ROWS, 64], so
+# the GEMV reads one sequential stream per thread (qvl_int8_tile). Every group keeps its own TILE_ROWS * K bytes:
+# slices of whole groups of rows stay valid.
+TILED = "tiles4x64"
+ROWS = "rows"
+TILE_ROWS = 4
+TILE_BLOCK = 64
+
+
+def tileable(out_features: int, in_features: int) -> bool:
+    """Whether a weight of this shape can be stored TILED."""
+    return out_features % TILE_ROWS == 0 and in_features % TILE_BLOCK == 0
+
+
+def tile_(build: NativeBuild, weight: torch.Tensor, threads: int) -> torch.Tensor:
+    """weight [N, K] int8 contiguous, row-major -> the same tensor in TILED layout (in place)."""
+    assert build.lib is not None and weight.is_contiguous() and weight.dtype == torch.int8
+    n, k = weight.shape
+    rc = build.lib.qvl_int8_tile(weight.data_ptr(), n, k, threads)
+    if rc:
+        raise RuntimeError(f"native int8 tiling failed with code {rc} (shape {n}x{k})")
+    return weight
+
+
+def untile_widen(build: NativeBuild, weight: torch.Tensor, row0: int, out: torch.Tensor, threads: int) -> torch.Tensor:
+    """Rows [row0, row0 + out.shape[0]) of a TILED int8 weight [N, K], widened exactly into out [rows, K]
+    (bf16|fp32, contiguous), row-major."""
+    assert build.lib is not None and out.is_contiguous()
+    rows, k = out.shape
+    rc = build.lib.qvl_int8_untile_widen(weight.data_ptr(), row0, rows, k, out.data_ptr(), _DTYPE_FLAG[out.dtype],
+                                         threads)
+    if rc:
+        raise RuntimeError(f"native int8 untiling failed with code {rc} (rows {row0}+{rows} of {k} columns)")
+    return out
 
 
 def int4_gemv(build: NativeBuild, x: torch.Tensor, codes: torch.Tensor, scale_zero: torch.Tensor, group: int,
@@ -186,7 +231,8 @@ def int4_gemv(build: NativeBuild, x: torch.Tensor, codes: torch.Tensor, scale_ze
 @dataclass(frozen=True)
 class Int8Decode:
     """The native int8 decode GEMV a layer calls for inputs of a few rows: int8 × int8 integer dot products with
-    the activations quantised per block of `block` columns (`a8`), or fp32 accumulation of the widened weight."""
+    the activations quantised per block of `block` columns (`a8`, over weights in TILED layout where the shape
+    allows), or fp32 accumulation of the widened weight."""
 
     build: NativeBuild
     activations: str = "int8"             # int8 | exact
@@ -203,9 +249,30 @@ class Int8Decode:
     def usable(self, in_features: int) -> bool:
         return in_features % self.block == 0
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """x [M, K] contiguous bf16|fp32 -> [M, N] in x's dtype."""
-        return int8_gemv(self.build, x, weight, scale, torch.get_num_threads(), a8=self.activations == "int8")
+    def layout(self, out_features: int, in_features: int) -> str:
+        """How a weight of this shape is stored for this GEMV: TILED (int8 activations) or ROWS."""
+        tiles = self.activations == "int8" and tileable(out_features, in_features) and self.usable(in_features)
+        return TILED if tiles else ROWS
+
+    def tile_(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight [N, K] int8 row-major -> TILED, in place."""
+        return tile_(self.build, weight, torch.get_num_threads())
+
+    def widen_into(self, weight: torch.Tensor, row0: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows [row0, row0 + len(out)) of a TILED weight widened exactly into out (bf16|fp32), row-major."""
+        return untile_widen(self.build, weight, row0, out, torch.get_num_threads())
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, layout: str = ROWS) -> torch.Tensor:
+        """x [M, K] contiguous bf16|fp32, weight [N, K] int8 in `layout` -> [M, N] in x's dtype."""
+        return int8_gemv(self.build, x, weight, scale, torch.get_num_threads(), a8=self.activations == "int8",
+                         tiled=layout == TILED)
+
+
+def untile(weight: torch.Tensor) -> torch.Tensor:
+    """A TILED int8 weight [N, K] (any device) -> a row-major copy [N, K]; the torch path where the native
+    library does not run (a GPU, autograd)."""
+    n, k = weight.shape
+    return weight.view(n // TILE_ROWS, k // TILE_BLOCK, TILE_ROWS, TILE_BLOCK).permute(0, 2, 1, 3).reshape(n, k)
 
 
 @dataclass(frozen=True)
