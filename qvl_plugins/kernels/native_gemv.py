@@ -28,6 +28,7 @@ from qvl_pipeline.facts import RunFacts
 SOURCE = Path(__file__).with_name("native") / "qvl_gemv.c"
 COMPILER_ENV = "CC"
 DISABLE_ENV = "QVL_NATIVE_KERNELS"      # 0: never build or use the native kernels
+DIR_ENV = "QVL_NATIVE_DIR"              # where builds are kept when the plugin names no cache_dir (default: the cache)
 # Vector ISA -> compiler flags; the first the run's CPU facts admit is built.
 ISA_FLAGS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("avx512_vnni", ("avx512f", "avx512bw", "avx512_vnni"),
@@ -36,7 +37,7 @@ ISA_FLAGS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("avx2", ("avx2", "fma"), ("-mavx2", "-mfma", "-mf16c")),
     ("scalar", (), ()),
 )
-BASE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno")
+BASE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-ffp-contract=off")
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,10 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qvl_int8_tile.restype = i32
     lib.qvl_int8_untile_widen.argtypes = [ptr, i64, i64, i64, ptr, i32, i32]
     lib.qvl_int8_untile_widen.restype = i32
+    lib.qvl_rms_norm.argtypes = [ptr, i32, ptr, i32, ptr, i32, i64, i64, ctypes.c_float]
+    lib.qvl_rms_norm.restype = i32
+    lib.qvl_rope.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i64]
+    lib.qvl_rope.restype = i32
     lib.qvl_int4_gemv_a8.argtypes = [ptr, ptr, i64, ptr, i32, ptr, i32, i64, i64, i64, i32]
     lib.qvl_int4_gemv_a8.restype = i32
     lib.qvl_gemv_lanes.restype = i32
@@ -143,8 +148,8 @@ def load_native(isa: tuple[str, ...], cache_dir: str) -> NativeBuild:
 
 def native_for(facts: RunFacts, cache_dir: str = "") -> NativeBuild:
     """The native library for a run's CPU facts (the emulated ISA when emulating), built under `cache_dir`
-    ("" = the project's cache folder) on first use."""
-    return load_native(tuple(facts.hardware.cpu.isa), cache_dir or str(default_cache_dir()))
+    ("" = $QVL_NATIVE_DIR, else the project's cache folder) on first use."""
+    return load_native(tuple(facts.hardware.cpu.isa), cache_dir or os.environ.get(DIR_ENV) or str(default_cache_dir()))
 
 
 _DTYPE_FLAG = {torch.bfloat16: 1, torch.float32: 0}
@@ -293,3 +298,30 @@ class Int4Decode:
     def __call__(self, x: torch.Tensor, codes: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
         """x [M, K] contiguous bf16|fp32 -> [M, N] in x's dtype."""
         return int4_gemv(self.build, x, codes, scale_zero, group, torch.get_num_threads(), a8=True)
+
+
+def rms_norm(build: NativeBuild, x: torch.Tensor, weight: torch.Tensor, eps: float,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm of x [..., size] contiguous (bf16|fp32) with weight [size] (bf16|fp32) -> [..., size] in out_dtype
+    (the promoted dtype of the two), as qvl_pipeline/model/norms.py computes it but for the order of the sum of
+    squares."""
+    size = x.shape[-1]
+    y = torch.empty(x.shape, dtype=out_dtype)
+    rc = build.lib.qvl_rms_norm(x.data_ptr(), _DTYPE_FLAG[x.dtype], weight.data_ptr(), _DTYPE_FLAG[weight.dtype],
+                                y.data_ptr(), _DTYPE_FLAG[out_dtype], x.numel() // size, size, eps)
+    if rc:
+        raise RuntimeError(f"native RMSNorm failed with code {rc} (shape {list(x.shape)})")
+    return y
+
+
+def rope(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary of one position: q [b, hq, 1, d], k [b, hk, 1, d], cos, sin [b, 1, 1, d], all contiguous and of one
+    dtype (bf16|fp32) -> rotated copies of q and k, bit-equal to the reference computed in that dtype."""
+    b, hq, s, d = q.shape
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    rc = build.lib.qvl_rope(q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), qo.data_ptr(), ko.data_ptr(),
+                            _DTYPE_FLAG[q.dtype], b, s, hq, k.shape[1], d)
+    if rc:
+        raise RuntimeError(f"native rotary failed with code {rc} (q {list(q.shape)}, k {list(k.shape)})")
+    return qo, ko

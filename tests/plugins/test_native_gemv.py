@@ -188,3 +188,27 @@ def test_an_int8_layer_stores_tiles_for_the_native_gemv_and_every_path_reads_the
     with pytest.raises(ValueError, match="tiled int8 weight"):
         Int8Linear(tiled.weight_int8, tiled.weight_scale, None, pack_cpu=True, pack_max_rows=4,
                    layout=native_gemv.TILED)                                  # tiles without the GEMV that reads them
+
+
+# --- the decode step's RMSNorm -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 16, 300])      # 300 rows of 128: past MAX_ROWS, RMSNorm's own torch path
+def test_native_rms_norm_matches_the_reference_norm(build, dtype, rows):
+    from qvl_pipeline.model.norms import RMSNorm
+    from qvl_plugins.kernels.native_norm import MAX_ROWS, NativeRMSNorm
+
+    gen = torch.Generator().manual_seed(5)
+    ref, mine = RMSNorm(128, 1e-6), NativeRMSNorm(128, 1e-6, build)
+    weight = torch.randn(128, generator=gen) * 0.3 + 1
+    ref.weight.data, mine.weight.data = weight.to(dtype), weight.to(dtype)
+    mine.to(dtype)                                                       # a cast settles the path again
+    assert mine.state_dict().keys() == ref.state_dict().keys()
+    x = (torch.randn(rows, 128, generator=gen) * 3).to(dtype)
+    with torch.no_grad():
+        got, want = mine(x), ref(x)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if rows > MAX_ROWS:
+        assert torch.equal(got, want)
+    else:                                   # same roundings, the sum of squares in another order: NEAR
+        assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < 1e-2

@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -544,5 +545,86 @@ int qvl_int4_gemv_a8(const uint8_t *q, const uint16_t *sz, int64_t group, const 
         }
     }
     free(xf); free(xq); free(sx); free(xsum); free(xqsum);
+    return 0;
+}
+
+/* ---- decode-step elementwise kernels: one call where torch dispatches 7-20 small ops ------------------------
+ * Values are bf16 or fp32 (flag 1 / 0); every bf16 result is rounded to nearest even exactly where the reference
+ * rounds (torch computes a bf16 op in fp32 and rounds its result). Built with -ffp-contract=off: no fused
+ * multiply-add changes a product's rounding. */
+
+/* n values (bf16 or fp32) -> fp32 */
+static inline void to_f32(const void *p, int bf16, int64_t n, float *out) {
+    if (bf16) { const uint16_t *b = (const uint16_t *)p; for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(b[i]); }
+    else memcpy(out, p, (size_t)n * 4);
+}
+
+/* n fp32 -> bf16 (round to nearest even; values here are never NaN unless the input was) or fp32 */
+static inline void from_f32(const float *v, int bf16, int64_t n, void *p) {
+    if (bf16) { uint16_t *b = (uint16_t *)p; for (int64_t i = 0; i < n; i++) b[i] = f32_to_bf16(v[i]); }
+    else memcpy(p, v, (size_t)n * 4);
+}
+
+/* v rounded to bf16 and back, in place (the reference's intermediate rounding) */
+static inline void round_bf16(float *v, int64_t n) {
+    for (int64_t i = 0; i < n; i++) v[i] = bf16_to_f32(f32_to_bf16(v[i]));
+}
+
+#define ELEM_MAX 8192        /* longest row the elementwise kernels take (stack buffers) */
+
+/* RMSNorm over the last dim, as qvl_pipeline/model/norms.py: xn = x * (1 / sqrt(sum(x²) / size + eps)) in fp32,
+ * rounded to x's dtype, then y = w * xn rounded to y's dtype. The sum runs in a different order than torch's
+ * reduction (NEAR, not bit-equal). x [rows, size] contiguous. */
+int qvl_rms_norm(const void *x, int x_bf16, const void *w, int w_bf16, void *y, int y_bf16, int64_t rows,
+                 int64_t size, float eps) {
+    if (size > ELEM_MAX) return 1;
+    float xf[ELEM_MAX], wf[ELEM_MAX];
+    to_f32(w, w_bf16, size, wf);
+    for (int64_t r = 0; r < rows; r++) {
+        to_f32((const char *)x + r * size * (x_bf16 ? 2 : 4), x_bf16, size, xf);
+        float acc[16] = {0};
+        int64_t k = 0;
+        for (; k + 16 <= size; k += 16)
+            for (int j = 0; j < 16; j++) acc[j] += xf[k + j] * xf[k + j];
+        float sum = 0.0f;
+        for (; k < size; k++) sum += xf[k] * xf[k];
+        for (int j = 0; j < 16; j++) sum += acc[j];
+        float inv = 1.0f / sqrtf(sum / (float)size + eps);
+        for (k = 0; k < size; k++) xf[k] *= inv;
+        if (x_bf16) round_bf16(xf, size);
+        for (k = 0; k < size; k++) xf[k] *= wf[k];
+        from_f32(xf, y_bf16, size, (char *)y + r * size * (y_bf16 ? 2 : 4));
+    }
+    return 0;
+}
+
+/* Rotary on q and k in one call, bit-equal to the reference in the activations' dtype:
+ *   out = x * cos + rotate_half(x) * sin,  rotate_half(x) = (-x[d/2:], x[:d/2])
+ * with each product and the sum rounded to the dtype. q [b, s, hq, d], k [b, s, hk, d] contiguous, cos/sin
+ * [b, s, d] contiguous, all in one dtype; results into qo, ko of the same shapes. */
+int qvl_rope(const void *q, const void *k, const void *cos, const void *sin, void *qo, void *ko, int bf16,
+             int64_t b, int64_t s, int64_t hq, int64_t hk, int64_t d) {
+    if (d % 2 || d > ELEM_MAX) return 1;
+    const int64_t half = d / 2, esize = bf16 ? 2 : 4;
+    float c[ELEM_MAX], sn[ELEM_MAX], v[ELEM_MAX], a[ELEM_MAX], r[ELEM_MAX];
+    for (int64_t i = 0; i < b * s; i++) {
+        to_f32((const char *)cos + i * d * esize, bf16, d, c);
+        to_f32((const char *)sin + i * d * esize, bf16, d, sn);
+        for (int which = 0; which < 2; which++) {
+            const char *x = (const char *)(which ? k : q);
+            char *o = (char *)(which ? ko : qo);
+            int64_t heads = which ? hk : hq;
+            for (int64_t h = 0; h < heads; h++) {
+                int64_t base = (i * heads + h) * d * esize;
+                to_f32(x + base, bf16, d, v);
+                for (int64_t j = 0; j < d; j++) a[j] = v[j] * c[j];
+                for (int64_t j = 0; j < half; j++) r[j] = -v[j + half] * sn[j];
+                for (int64_t j = half; j < d; j++) r[j] = v[j - half] * sn[j];
+                if (bf16) { round_bf16(a, d); round_bf16(r, d); }
+                for (int64_t j = 0; j < d; j++) a[j] += r[j];
+                from_f32(a, bf16, d, o + base);
+            }
+        }
+    }
     return 0;
 }
