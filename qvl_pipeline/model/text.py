@@ -34,14 +34,16 @@ class TextAttention(nn.Module):
         self.k_norm = kernels.norm(cfg.head_dim, cfg.rms_norm_eps)
         self._attention = attention
         self._rotary = rotary
+        self._kernels = kernels
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None) -> torch.Tensor:
         # x: [b, s, hidden]; cos, sin: [b, 1, s, head_dim]
         b, s, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, s, self.heads, self.head_dim)).transpose(1, 2)      # [b, h, s, d]
-        k = self.k_norm(self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)).transpose(1, 2)   # [b, kvh, s, d]
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self._kernels.project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = self.q_norm(q.view(b, s, self.heads, self.head_dim)).transpose(1, 2)          # [b, h, s, d]
+        k = self.k_norm(k.view(b, s, self.kv_heads, self.head_dim)).transpose(1, 2)       # [b, kvh, s, d]
+        v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = self._rotary.apply(q, k, cos, sin, upcast=False)
         if cache is not None:
             k, v = cache.append(self.layer, k, v)                                  # [b, kvh, past + s, d]
@@ -59,9 +61,11 @@ class TextMLP(nn.Module):
         self.up_proj = kernels.linear(cfg.hidden_size, cfg.intermediate_size, False)
         self.down_proj = kernels.linear(cfg.intermediate_size, cfg.hidden_size, False)
         self._act = activation(cfg.hidden_act)
+        self._kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self._kernels.project(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(self._act(gate) * up)
 
 
 class DecoderLayer(nn.Module):

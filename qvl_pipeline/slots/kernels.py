@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -15,7 +17,8 @@ class KernelsBackend(Plugin):
 
     `linear(in, out, bias)` makes a module whose state dict is exactly {"weight": [out, in], "bias": [out]?},
     so checkpoint names stay one-to-one with Hugging Face; `norm(size, eps)` makes the decoder's RMSNorm (state
-    dict {"weight": [size]}; the reference is model/norms.py). `compute_dtype(stored)` says in which dtype
+    dict {"weight": [size]}; the reference is model/norms.py); `project(x, layers)` applies several of its linears to
+    one input. `compute_dtype(stored)` says in which dtype
     activations flow for a checkpoint stored as `stored`. `prepare(model)` runs once after the weights are
     loaded (repacking, quantising); it must keep outputs within the plugin's fidelity.
     """
@@ -28,6 +31,11 @@ class KernelsBackend(Plugin):
 
     def norm(self, size: int, eps: float) -> nn.Module:
         return RMSNorm(size, eps)
+
+    def project(self, x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
+        """x through several linear layers made by `linear` that take the same input (q/k/v, gate/up); a plugin
+        may compute them together."""
+        return tuple(layer(x) for layer in layers)
 
     def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
         return stored

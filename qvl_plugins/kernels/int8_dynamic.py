@@ -9,9 +9,13 @@ the int8 weights at the memory bound where ATen's int8 GEMV is compute bound (co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from torch import nn
 
 from qvl_pipeline.slots import Fidelity, RunFacts
+from qvl_plugins.kernels.int8_linear import decode_together
 from qvl_plugins.kernels.int8_weight_only import Int8Options, Int8WeightOnlyKernels
 from qvl_plugins.kernels.native_gemv import Int8Decode, native_for
 from qvl_plugins.kernels.native_norm import NativeRMSNorm
@@ -43,6 +47,10 @@ class Int8DynamicKernels(Int8WeightOnlyKernels):
     def norm(self, size: int, eps: float) -> nn.Module:
         build = native_for(self.facts, self.options.cache_dir)
         return NativeRMSNorm(size, eps, build) if build.available else super().norm(size, eps)
+
+    def project(self, x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
+        together = decode_together(layers, x)
+        return together if together is not None else super().project(x, layers)
 
     def decode_gemv(self) -> Int8Decode | None:
         build = native_for(self.facts, self.options.cache_dir)

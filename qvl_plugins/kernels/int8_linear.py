@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -148,3 +149,24 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, kernel={self.kernel}, "
                 f"layout={self.layout}")
+
+
+def decode_together(layers: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """x [..., in] through several Int8Linear layers of that same input in one native call (q/k/v, gate/up of a
+    decode step: one activation quantisation and one parallel range instead of one per layer), or None where
+    that does not apply (other layer types, a bias, rows layout, prefill-sized input, another dtype or device)."""
+    first = layers[0]
+    if not isinstance(first, Int8Linear) or first._native is None or not native_dtype_ok(x.dtype):
+        return None
+    rows = x.numel() // first.in_features
+    if rows > first.pack_max_rows:
+        return None
+    for layer in layers:
+        if not (isinstance(layer, Int8Linear) and layer._native == first._native and layer.layout == TILED
+                and layer.bias is None and layer.in_features == first.in_features):
+            return None
+    a = x.reshape(rows, first.in_features)
+    if not a.is_contiguous():
+        a = a.contiguous()
+    ys = first._native.many(a, [layer.weight_int8 for layer in layers], [layer.weight_scale for layer in layers])
+    return tuple(y.view(*x.shape[:-1], -1) for y in ys)

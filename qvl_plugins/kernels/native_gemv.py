@@ -105,6 +105,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qvl_int8_gemv_a8.restype = i32
     lib.qvl_int8_gemv_a8_tiled.argtypes = [ptr, ptr, ptr, i32, ptr, i32, i64, i64, i64, i32]
     lib.qvl_int8_gemv_a8_tiled.restype = i32
+    lib.qvl_int8_gemv_a8_tiled_many.argtypes = [i32, ptr, ptr, ptr, ptr, ptr, i32, i32, i64, i64, i32]
+    lib.qvl_int8_gemv_a8_tiled_many.restype = i32
     lib.qvl_int8_tile.argtypes = [ptr, i64, i64, i32]
     lib.qvl_int8_tile.restype = i32
     lib.qvl_int8_untile_widen.argtypes = [ptr, i64, i64, i64, ptr, i32, i32]
@@ -178,6 +180,25 @@ def int8_gemv(build: NativeBuild, x: torch.Tensor, weight: torch.Tensor, scale: 
         raise RuntimeError(f"native int8{' x int8' if a8 else ''} GEMV failed with code {rc} "
                            f"(shape {m}x{k} · {n}x{k})")
     return y
+
+
+def int8_gemv_many(build: NativeBuild, x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor],
+                   threads: int) -> list[torch.Tensor]:
+    """x [M, K] bf16|fp32 contiguous against several TILED int8 weights [N_i, K] (scales [N_i] fp32) -> [M, N_i]
+    each, in x's dtype: the activations quantised once (int8 per block of 64), one parallel range of row blocks."""
+    assert build.lib is not None and 1 <= len(weights) <= 8
+    m, k = x.shape
+    count = len(weights)
+    ys = [torch.empty(m, w.shape[0], dtype=x.dtype) for w in weights]
+    ptrs = ctypes.c_void_p * count
+    rc = build.lib.qvl_int8_gemv_a8_tiled_many(
+        count, ptrs(*(w.data_ptr() for w in weights)), ptrs(*(s.data_ptr() for s in scales)),
+        (ctypes.c_int64 * count)(*(w.shape[0] for w in weights)), ptrs(*(y.data_ptr() for y in ys)),
+        x.data_ptr(), _DTYPE_FLAG[x.dtype], _DTYPE_FLAG[x.dtype], m, k, threads)
+    if rc:
+        raise RuntimeError(f"native int8 x int8 GEMV of {count} weights failed with code {rc} "
+                           f"(shapes {[tuple(w.shape) for w in weights]}, x {m}x{k})")
+    return ys
 
 
 # The int8 decode layout: each group of TILE_ROWS weight rows [TILE_ROWS, K] stored as [K / 64, TILE_ROWS, 64], so
@@ -266,6 +287,10 @@ class Int8Decode:
     def widen_into(self, weight: torch.Tensor, row0: int, out: torch.Tensor) -> torch.Tensor:
         """Rows [row0, row0 + len(out)) of a TILED weight widened exactly into out (bf16|fp32), row-major."""
         return untile_widen(self.build, weight, row0, out, torch.get_num_threads())
+
+    def many(self, x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> list[torch.Tensor]:
+        """x [M, K] contiguous bf16|fp32 against several TILED weights of the same input -> [M, N_i] each."""
+        return int8_gemv_many(self.build, x, weights, scales, torch.get_num_threads())
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, layout: str = ROWS) -> torch.Tensor:
         """x [M, K] contiguous bf16|fp32, weight [N, K] int8 in `layout` -> [M, N] in x's dtype."""

@@ -212,3 +212,24 @@ def test_native_rms_norm_matches_the_reference_norm(build, dtype, rows):
         assert torch.equal(got, want)
     else:                                   # same roundings, the sum of squares in another order: NEAR
         assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < 1e-2
+
+
+def test_layers_of_one_input_decode_together_exactly_as_one_by_one(build):
+    from qvl_plugins.kernels.int8_linear import Int8Linear, decode_together
+
+    gen = torch.Generator().manual_seed(6)
+    decode = Int8Decode(build)
+    layers = [Int8Linear.quantize(torch.randn(n, 128, generator=gen), None, pack_cpu=True, pack_max_rows=4,
+                                  decode=decode) for n in (64, 32, 36)]
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(1, 3, 128, generator=gen).to(dtype)
+        together = decode_together(layers, x)
+        assert together is not None
+        for got, layer in zip(together, layers, strict=True):
+            assert torch.equal(got, layer(x))                          # same quantised activations, same sums
+    assert decode_together(layers, torch.randn(1, 9, 128)) is None      # prefill-sized: each layer's own path
+    plain = Int8Linear.quantize(torch.randn(8, 128, generator=gen), None, pack_cpu=False, pack_max_rows=4)
+    assert decode_together([layers[0], plain], torch.randn(1, 1, 128)) is None   # a layer without the native GEMV
+    with pytest.raises(RuntimeError, match="failed with code 1"):
+        native_gemv.int8_gemv_many(build, torch.zeros(1, 128), [torch.zeros(6, 128, dtype=torch.int8)],
+                                   [torch.ones(6)], 1)                  # 6 rows: not tiles

@@ -302,50 +302,77 @@ int qvl_a8_block(void) { return ABLOCK; }
 #define TILE_ROWS 4
 _Static_assert(TILE_ROWS == ROWS, "a tile is the kernel's block of rows in flight");
 
-static int int8_gemv_a8(const int8_t *w, int64_t rs, int64_t bs, const float *scale, const void *x, int x_bf16,
-                        void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
-    if (K % ABLOCK) return 1;
+/* Rows n0 .. n0 + rows - 1 (rows <= ROWS) of one int8 matrix against M quantised activation rows. */
+static inline void a8_row_block(const int8_t *w, int64_t rs, int64_t bs, const float *scale, const int8_t *xq,
+                                const float *sx, const float *offset, void *y, int y_bf16, int64_t M, int64_t N,
+                                int64_t K, int64_t n0, int64_t rows) {
     const int64_t blocks = K / ABLOCK;
-    float *xf = activations_f32(x, x_bf16, M, K);
-    int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
-    float *sx = (float *)malloc((size_t)(M * blocks * 4));
-    float *offset = (float *)malloc((size_t)(M * 4));
-    if (!xf || !xq || !sx || !offset) { free(xf); free(xq); free(sx); free(offset); return 2; }
-    quantize_activations(xf, M, K, xq, sx, offset);
-    const int64_t row_blocks = (N + ROWS - 1) / ROWS;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t rb = 0; rb < row_blocks; rb++) {
-        int64_t n0 = rb * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
-        const int8_t *base = w + n0 * K;
-        for (int64_t m = 0; m < M; m++) {
-            const int8_t *xm = xq + m * K;
-            const float *sm = sx + m * blocks;
-            float off = A8_OFFSET ? offset[m] : 0.0f;
-            if (rows == ROWS) {
-                const int8_t *w0 = base, *w1 = base + rs, *w2 = base + 2 * rs, *w3 = base + 3 * rs;
-                af a0 = A8_ZERO, a1 = A8_ZERO, a2 = A8_ZERO, a3 = A8_ZERO;
-                for (int64_t b = 0; b < blocks; b++) {
-                    int64_t k = b * ABLOCK, o = b * bs;
-                    a0 = a8_block(w0 + o, xm + k, a0, sm[b]);
-                    a1 = a8_block(w1 + o, xm + k, a1, sm[b]);
-                    a2 = a8_block(w2 + o, xm + k, a2, sm[b]);
-                    a3 = a8_block(w3 + o, xm + k, a3, sm[b]);
-                }
-                store(y, y_bf16, m * N + n0, (A8_SUM(a0) - off) * scale[n0]);
-                store(y, y_bf16, m * N + n0 + 1, (A8_SUM(a1) - off) * scale[n0 + 1]);
-                store(y, y_bf16, m * N + n0 + 2, (A8_SUM(a2) - off) * scale[n0 + 2]);
-                store(y, y_bf16, m * N + n0 + 3, (A8_SUM(a3) - off) * scale[n0 + 3]);
-            } else {
-                for (int64_t r = 0; r < rows; r++) {
-                    af a = A8_ZERO;
-                    for (int64_t b = 0; b < blocks; b++) a = a8_block(base + r * rs + b * bs, xm + b * ABLOCK, a, sm[b]);
-                    store(y, y_bf16, m * N + n0 + r, (A8_SUM(a) - off) * scale[n0 + r]);
-                }
+    const int8_t *base = w + n0 * K;
+    for (int64_t m = 0; m < M; m++) {
+        const int8_t *xm = xq + m * K;
+        const float *sm = sx + m * blocks;
+        float off = A8_OFFSET ? offset[m] : 0.0f;
+        if (rows == ROWS) {
+            const int8_t *w0 = base, *w1 = base + rs, *w2 = base + 2 * rs, *w3 = base + 3 * rs;
+            af a0 = A8_ZERO, a1 = A8_ZERO, a2 = A8_ZERO, a3 = A8_ZERO;
+            for (int64_t b = 0; b < blocks; b++) {
+                int64_t k = b * ABLOCK, o = b * bs;
+                a0 = a8_block(w0 + o, xm + k, a0, sm[b]);
+                a1 = a8_block(w1 + o, xm + k, a1, sm[b]);
+                a2 = a8_block(w2 + o, xm + k, a2, sm[b]);
+                a3 = a8_block(w3 + o, xm + k, a3, sm[b]);
+            }
+            store(y, y_bf16, m * N + n0, (A8_SUM(a0) - off) * scale[n0]);
+            store(y, y_bf16, m * N + n0 + 1, (A8_SUM(a1) - off) * scale[n0 + 1]);
+            store(y, y_bf16, m * N + n0 + 2, (A8_SUM(a2) - off) * scale[n0 + 2]);
+            store(y, y_bf16, m * N + n0 + 3, (A8_SUM(a3) - off) * scale[n0 + 3]);
+        } else {
+            for (int64_t r = 0; r < rows; r++) {
+                af a = A8_ZERO;
+                for (int64_t b = 0; b < blocks; b++) a = a8_block(base + r * rs + b * bs, xm + b * ABLOCK, a, sm[b]);
+                store(y, y_bf16, m * N + n0 + r, (A8_SUM(a) - off) * scale[n0 + r]);
             }
         }
     }
+}
+
+/* Several int8 matrices w[i] [N[i], K] (one layout: rs, bs) against the same activations x [M, K], quantised
+ * once; their row blocks shared out among the threads as one range; results into y[i] [M, N[i]]. */
+static int int8_gemv_a8_many(int count, const int8_t *const *w, int64_t rs, int64_t bs, const float *const *scale,
+                             const int64_t *N, void *const *y, const void *x, int x_bf16, int y_bf16, int64_t M,
+                             int64_t K, int threads) {
+    if (K % ABLOCK || count < 1 || count > 8) return 1;
+    int64_t first[9];                                   /* first row block of each matrix in the shared range */
+    first[0] = 0;
+    for (int i = 0; i < count; i++) first[i + 1] = first[i] + (N[i] + ROWS - 1) / ROWS;
+    float *xf = activations_f32(x, x_bf16, M, K);
+    int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
+    float *sx = (float *)malloc((size_t)(M * (K / ABLOCK) * 4));
+    float *offset = (float *)malloc((size_t)(M * 4));
+    if (!xf || !xq || !sx || !offset) { free(xf); free(xq); free(sx); free(offset); return 2; }
+    quantize_activations(xf, M, K, xq, sx, offset);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t rb = 0; rb < first[count]; rb++) {
+        int i = 0;
+        while (rb >= first[i + 1]) i++;
+        int64_t n0 = (rb - first[i]) * ROWS, rows = N[i] - n0 < ROWS ? N[i] - n0 : ROWS;
+        a8_row_block(w[i], rs, bs, scale[i], xq, sx, offset, y[i], y_bf16, M, N[i], K, n0, rows);
+    }
     free(xf); free(xq); free(sx); free(offset);
     return 0;
+}
+
+static int int8_gemv_a8(const int8_t *w, int64_t rs, int64_t bs, const float *scale, const void *x, int x_bf16,
+                        void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
+    return int8_gemv_a8_many(1, &w, rs, bs, &scale, &N, &y, x, x_bf16, y_bf16, M, K, threads);
+}
+
+/* Several TILED matrices of the same input (q/k/v, gate/up): one activation quantisation, one parallel range. */
+int qvl_int8_gemv_a8_tiled_many(int count, const int8_t *const *w, const float *const *scale, const int64_t *N,
+                                void *const *y, const void *x, int x_bf16, int y_bf16, int64_t M, int64_t K,
+                                int threads) {
+    for (int i = 0; i < count; i++) if (N[i] % TILE_ROWS) return 1;
+    return int8_gemv_a8_many(count, w, ABLOCK, TILE_ROWS * ABLOCK, scale, N, y, x, x_bf16, y_bf16, M, K, threads);
 }
 
 /* w [N, K] row-major */
