@@ -43,6 +43,10 @@ def _resolve(resolver: Resolver, slot: str) -> Any:
     return resolver.resolve(slot)
 
 
+def _run_facts(resolver: Resolver) -> Any:
+    return resolver.run_facts()
+
+
 class CoreContainer(containers.DeclarativeContainer):
     """Facts, the plugin registry, resolution and one resolved plugin per slot (singletons)."""
 
@@ -53,10 +57,13 @@ class CoreContainer(containers.DeclarativeContainer):
     hardware_report = providers.Singleton(assembly.hardware_report, config.provided.hardware, prober,
                                           config.provided.model.path)
     model_facts = providers.Singleton(assembly.model_facts, config.provided.model)
-    facts = providers.Singleton(assembly.run_facts, hardware_report, model_facts, config.provided.generate,
-                                config.provided.processing, config.provided.opt, config.provided.memory)
-    resolver = providers.Singleton(Resolver, registry, facts, config.provided.opt,
+    gathered_facts = providers.Singleton(assembly.run_facts, hardware_report, model_facts, config.provided.generate,
+                                         config.provided.processing, config.provided.opt, config.provided.memory)
+    resolver = providers.Singleton(Resolver, registry, gathered_facts, config.provided.opt,
                                    providers.Callable(assembly.slot_configs, config))
+    # The run's facts: the gathered ones with the kernels plugin's weight format and the kv_cache plugin's cache size
+    # (the context budget derived at it); what the memory slot, the plan and the pipeline go by.
+    facts = providers.Singleton(_run_facts, resolver)
 
     attention = providers.Singleton(_resolve, resolver, "attention")
     rotary = providers.Singleton(_resolve, resolver, "rotary")

@@ -14,7 +14,7 @@ from qvl_pipeline.hardware.build import HardwareReport
 from qvl_pipeline.memory_plan import MODES, derive_budgets
 from qvl_pipeline.model.sizing import FORMAT_BYTES
 from qvl_pipeline.resolver import Resolver
-from qvl_pipeline.slots import CacheShape, KernelsBackend, KVCacheBackend, MemoryManager, Placement
+from qvl_pipeline.slots import CacheShape, KVCacheBackend, MemoryManager, Placement
 from qvl_pipeline.slots.memory import model_bytes, plan_for
 from qvl_pipeline.slots.memory_share import layer_devices_summary
 
@@ -116,10 +116,8 @@ class RunPlan:
             model["loaded"] = {"report": str(loaded.report), "seconds": round(loaded.seconds, 3),
                                "placement": loaded.placement.summary()}
             kv = kv_section(self.facts, kv_backend, loaded.placement.layers, loaded.model.dtype)
-        else:
-            kernels = self.resolver.resolve("kernels")
-            assert isinstance(kernels, KernelsBackend)
-            dtype = kernels.compute_dtype(getattr(torch, self.facts.model.stored_dtype))
+        else:       # before loading: the dtype the loaded model will compute in (the loader's, see activation_dtype)
+            dtype = getattr(torch, self.facts.activation_dtype)
             kv = kv_section(self.facts, kv_backend, predicted_placement(self.facts, memory).layers, dtype)
         context = self.facts.context
         return {
