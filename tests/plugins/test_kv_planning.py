@@ -11,7 +11,7 @@ import torch
 
 from qvl_pipeline.config.load import load_config
 from qvl_pipeline.container import make_container
-from qvl_pipeline.facts import KV_RAM_SHARE, ContextFacts, context_budget
+from qvl_pipeline.facts import DTYPE_BYTES, KV_RAM_SHARE, ContextFacts, context_budget
 from qvl_pipeline.memory_plan import GIB
 from qvl_pipeline.slots.kv_cache import CacheShape, planned_kv
 from qvl_pipeline.slots.memory import model_bytes
@@ -65,7 +65,8 @@ def plan_of(*overrides: str) -> tuple[dict, object]:
 def test_int8_kv_cache_gives_a_smaller_figure_and_a_larger_context_in_the_plan():
     static, static_facts = plan_of("kv_cache=static")
     int8, int8_facts = plan_of("kv_cache=int8")
-    assert static["kv_cache"]["bytes_per_position"] == 2 * 28 * 8 * 128 * 2             # bf16 keys/values
+    element = DTYPE_BYTES[static_facts.activation_dtype]                                  # bf16 (or fp32) keys/values
+    assert static["kv_cache"]["bytes_per_position"] == 2 * 28 * 8 * 128 * element
     assert int8["kv_cache"]["bytes_per_position"] == 2 * 28 * 8 * (128 + 4)               # int8 + fp32 scales
     assert int8_facts.kv.bytes_per_position == int8["kv_cache"]["bytes_per_position"]
     # The context budget (25% of the RAM budget left after the weights) at each plugin's real figure.
@@ -111,17 +112,18 @@ def test_activation_dtype_is_the_loaders_unless_the_weight_format_widens_it():
     assert dataclasses.replace(facts, weights=WeightFormat.stored("float32")).activation_dtype == "float32"
 
 
-@pytest.mark.parametrize(("kernels", "dtype"), [("int8_weight_only", "bfloat16"), ("fp32_compute", "float32"),
-                                                ("torch_native", "bfloat16")])
-def test_the_kv_line_before_loading_names_the_dtype_the_loaded_model_uses(kernels, dtype):
-    """int8_weight_only computes its linears in float32 but the model (and its cache) stays bf16; fp32_compute
-    widens the whole model. The plan before loading says what the plan after loading measures."""
+@pytest.mark.parametrize("kernels", ["int8_weight_only", "fp32_compute", "torch_native"])
+def test_the_kv_line_before_loading_names_the_dtype_the_loaded_model_uses(kernels):
+    """int8_weight_only may compute its linears in another dtype than the model's activations; fp32_compute widens the
+    whole model. The plan before loading says what the plan after loading measures (the loaded model's dtype)."""
     container = make_container(load_config(["progress=false", "model.dtype=bfloat16", f"kernels={kernels}",
                                             "kv_cache=static", "generate.max_context=64"]))
     before = container.core.plan().to_dict()["kv_cache"]
     pipe = container.pipeline()
     after = pipe.plan["kv_cache"]
-    assert str(pipe.model.dtype) == f"torch.{dtype}"
+    dtype = str(pipe.model.dtype).removeprefix("torch.")
     assert before["format"] == after["format"] == f"keys/values in {dtype}"
     assert before["bytes_per_position"] == after["bytes_per_position"]
     assert pipe.caches.create(8).nbytes() == 8 * before["bytes_per_position"]
+    if kernels == "fp32_compute":
+        assert dtype == "float32"
