@@ -2,10 +2,10 @@
 
 Core: machine facts → the model's facts (its checkpoint's config.json) → the gathered RunFacts → resolver → one
 plugin per slot (guarded where runtime fallback applies); the run's facts are the gathered ones completed with the
-kernels plugin's weight format and the kv_cache plugin's cache size (the context budget derived at it). Stages get their slice of config and the plugins they need and
-build their part of the model on the meta device; the root assembles the model, loads and places it, and builds
-the processors, KV-cache factory, engine and pipeline. Tests and experiments swap any provider with
-`.override()` and the run executes what they swapped in.
+kernels plugin's weight format and the kv_cache plugin's cache size (the context budget derived at it). Stages get
+their slice of config and the plugins they need and build their part of the model on the meta device; the root
+assembles the model, loads and places it, and builds the processors, KV-cache factory, engine and pipeline. Tests
+and experiments swap any provider with `.override()` and the run executes what they swapped in.
 """
 
 from __future__ import annotations
