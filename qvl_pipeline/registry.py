@@ -31,6 +31,7 @@ BUILTIN: dict[str, dict[str, str]] = {
     "rotary": {
         "reference": "qvl_plugins.rotary.reference:ReferenceRotary",
         "cached": "qvl_plugins.rotary.cached:CachedRotary",
+        "native": "qvl_plugins.rotary.native:NativeRotary",
     },
     "kernels": {
         "torch_native": "qvl_plugins.kernels.torch_native:TorchNativeKernels",

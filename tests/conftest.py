@@ -8,10 +8,16 @@ from qvl_pipeline.facts import RunFacts
 from qvl_pipeline.hardware.profile import CpuFacts, GpuFacts, HardwareProfile, StorageFacts
 
 
+@pytest.fixture(scope="session")
+def _native_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("native")
+
+
 @pytest.fixture(autouse=True)
-def _hermetic_dirs(tmp_path, monkeypatch):
+def _hermetic_dirs(tmp_path, monkeypatch, _native_dir):
     monkeypatch.setenv("QVL_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("QVL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("QVL_NATIVE_DIR", str(_native_dir))      # one native build per session, not per test
 
 
 def make_profile(name: str = "test", gpu: GpuFacts | None = None, chains: dict | None = None,

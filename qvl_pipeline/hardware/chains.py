@@ -27,7 +27,7 @@ def cpu_chains(hw: HardwareProfile) -> Chains:
     return {
         # Measured on a 2-core AVX-512 VM, 1024-token prefill: torch's fused CPU SDPA 3.4x faster than chunked.
         "attention": ("sdpa", "chunked", "eager"),
-        "rotary": ("cached", "reference"),
+        "rotary": ("native", "cached", "reference"),    # native: the project's C rotation where it builds
         "kernels": (*quantised, *exact),
         "memory": ("cpu", "ssd_stream"),      # what the RAM budget cannot hold is streamed from disk
         "kv_cache": ("int8", "static"),

@@ -7,7 +7,6 @@ from torch import nn
 
 from qvl_pipeline.model.activations import activation
 from qvl_pipeline.model.config import TextConfig
-from qvl_pipeline.model.norms import RMSNorm
 from qvl_pipeline.slots import AttentionBackend, KernelsBackend, KVCache, RotaryBackend
 
 
@@ -31,8 +30,8 @@ class TextAttention(nn.Module):
         self.k_proj = kernels.linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias)
         self.v_proj = kernels.linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias)
         self.o_proj = kernels.linear(self.heads * self.head_dim, cfg.hidden_size, bias)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.q_norm = kernels.norm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = kernels.norm(cfg.head_dim, cfg.rms_norm_eps)
         self._attention = attention
         self._rotary = rotary
 
@@ -73,8 +72,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = TextAttention(cfg, layer, attention, rotary, kernels)
         self.mlp = TextMLP(cfg, kernels)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = kernels.norm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = kernels.norm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None) -> torch.Tensor:
@@ -100,7 +99,7 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, attention, rotary, kernels)
                                     for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = kernels.norm(cfg.hidden_size, cfg.rms_norm_eps)
         self._rotary = rotary
         self._inv_freq = text_inv_freq(cfg)          # plain tensor: never cast with the weights
 

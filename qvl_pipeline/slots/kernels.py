@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qvl_pipeline.model.norms import RMSNorm
 from qvl_pipeline.slots.base import Plugin
 from qvl_pipeline.weight_format import WeightFormat, builtin_format
 
@@ -13,7 +14,8 @@ class KernelsBackend(Plugin):
     """Chooses the dtypes and the linear-layer implementation.
 
     `linear(in, out, bias)` makes a module whose state dict is exactly {"weight": [out, in], "bias": [out]?},
-    so checkpoint names stay one-to-one with Hugging Face. `compute_dtype(stored)` says in which dtype
+    so checkpoint names stay one-to-one with Hugging Face; `norm(size, eps)` makes the decoder's RMSNorm (state
+    dict {"weight": [size]}; the reference is model/norms.py). `compute_dtype(stored)` says in which dtype
     activations flow for a checkpoint stored as `stored`. `prepare(model)` runs once after the weights are
     loaded (repacking, quantising); it must keep outputs within the plugin's fidelity.
     """
@@ -23,6 +25,9 @@ class KernelsBackend(Plugin):
 
     def linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=bias)
+
+    def norm(self, size: int, eps: float) -> nn.Module:
+        return RMSNorm(size, eps)
 
     def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
         return stored

@@ -9,9 +9,12 @@ the int8 weights at the memory bound where ATen's int8 GEMV is compute bound (co
 
 from __future__ import annotations
 
+from torch import nn
+
 from qvl_pipeline.slots import Fidelity, RunFacts
 from qvl_plugins.kernels.int8_weight_only import Int8Options, Int8WeightOnlyKernels
 from qvl_plugins.kernels.native_gemv import Int8Decode, native_for
+from qvl_plugins.kernels.native_norm import NativeRMSNorm
 
 VECTOR_ISAS = ("avx512_vnni", "avx512", "avx2")     # the native builds with integer dot products worth using
 
@@ -19,8 +22,9 @@ VECTOR_ISAS = ("avx512_vnni", "avx512", "avx2")     # the native builds with int
 class Int8DynamicKernels(Int8WeightOnlyKernels):
     fidelity = Fidelity.NEAR
     summary = ("int8 weights; decode multiplies int8 activations (per block of 64) with integer dot products in "
-               "the project's native kernel (AVX512-VNNI / AVX2), prefill the widened weights exactly: the same "
-               "bytes per token as int8_weight_only at the memory bound instead of compute bound")
+               "the project's native kernel (AVX512-VNNI / AVX2) over weights stored in tiles of 4 rows, prefill the "
+               "widened weights exactly, decode RMSNorm in one native call: the same bytes per token as "
+               "int8_weight_only at the memory bound instead of compute bound")
 
     Options = Int8Options
 
@@ -35,6 +39,10 @@ class Int8DynamicKernels(Int8WeightOnlyKernels):
         if build.isa not in VECTOR_ISAS:
             return [f"the CPU has no AVX2 or AVX-512 (native build would be {build.isa})"]
         return []
+
+    def norm(self, size: int, eps: float) -> nn.Module:
+        build = native_for(self.facts, self.options.cache_dir)
+        return NativeRMSNorm(size, eps, build) if build.available else super().norm(size, eps)
 
     def decode_gemv(self) -> Int8Decode | None:
         build = native_for(self.facts, self.options.cache_dir)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvl_plugins.kernels.native_gemv import Int8Decode, native_dtype_ok
+from qvl_plugins.kernels.native_gemv import ROWS, TILE_ROWS, TILED, Int8Decode, native_dtype_ok, untile
 from qvl_plugins.kernels.quantize import quantize_int8_rows
 from qvl_plugins.kernels.scratch import recorded, rows_per_block, scratch
 
@@ -36,7 +36,10 @@ def frozen(t: torch.Tensor) -> nn.Parameter:
 
 class Int8Linear(nn.Module):
     """y = x · (q · scale)ᵀ + bias. Frozen parameters weight_int8 [out, in] int8 and weight_scale [out] fp32 (kept
-    as parameters so code that asks a layer's device from its parameters works); bias as given.
+    as parameters so code that asks a layer's device from its parameters works); bias as given. `layout` ROWS:
+    weight_int8 is row-major; TILED (native_gemv.py, only with a `decode` that takes it): each group of 4 rows is
+    stored as [in / 64, 4, 64] for the native decode GEMV's one sequential stream, and widened back to rows for
+    every other path.
 
     Kernel, chosen when the weights are set or moved (never per call): on CPU, inputs of up to `pack_max_rows`
     rows go through the native decode GEMV when one is given and takes the shape (`decode`, native_gemv.py), else,
@@ -47,15 +50,18 @@ class Int8Linear(nn.Module):
     """
 
     def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, *,
-                 pack_cpu: bool, pack_max_rows: int, decode: Int8Decode | None = None) -> None:
+                 pack_cpu: bool, pack_max_rows: int, decode: Int8Decode | None = None, layout: str = ROWS) -> None:
         super().__init__()
         self.out_features, self.in_features = weight_int8.shape
-        self.weight_int8 = frozen(aligned(weight_int8))                 # [out, in] int8
+        self.weight_int8 = frozen(aligned(weight_int8))                 # [out, in] int8 in `layout`
         self.weight_scale = frozen(weight_scale)                        # [out] fp32
         self.bias = None if bias is None else frozen(bias)              # [out]
         self.pack_cpu = pack_cpu and INT8PACK_MM is not None and self.in_features % PACK_ALIGN == 0
         self.pack_max_rows = pack_max_rows
         self.decode = decode if decode is not None and decode.usable(self.in_features) else None
+        if layout == TILED and (self.decode is None or self.decode.layout(*weight_int8.shape) != TILED):
+            raise ValueError(f"a tiled int8 weight {tuple(weight_int8.shape)} needs a native decode GEMV that takes it")
+        self.layout = layout
         self._select_kernel()
 
     @classmethod
@@ -63,20 +69,28 @@ class Int8Linear(nn.Module):
                  release_source: bool = False, decode: Int8Decode | None = None) -> Int8Linear:
         """From a float weight [out, in], quantised a block of rows at a time (see quantize_int8_rows)."""
         q, scale = quantize_int8_rows(weight.detach(), release_source=release_source)
-        return cls(q, scale, bias, pack_cpu=pack_cpu, pack_max_rows=pack_max_rows, decode=decode)
+        layout = decode.layout(*q.shape) if decode is not None else ROWS
+        if layout == TILED:
+            decode.tile_(q)
+        return cls(q, scale, bias, pack_cpu=pack_cpu, pack_max_rows=pack_max_rows, decode=decode, layout=layout)
 
     def _select_kernel(self) -> None:
         """The decode GEMV on this device (native, ATen with its bf16 scales, or none) and the dequant path's rows
         per block."""
         on_cpu = self.weight_int8.device.type == "cpu"
         self._native = self.decode if on_cpu else None
-        use_pack = self.pack_cpu and on_cpu and self._native is None
+        use_pack = self.pack_cpu and on_cpu and self._native is None and self.layout == ROWS
         self._pack_scale: torch.Tensor | None = self.weight_scale.to(torch.bfloat16) if use_pack else None
-        self._dequant_rows = rows_per_block(self.out_features, self.in_features) if on_cpu else self.out_features
+        multiple = TILE_ROWS if self.layout == TILED else 1
+        self._dequant_rows = (rows_per_block(self.out_features, self.in_features, multiple) if on_cpu
+                              else self.out_features)
         self._widen_into_scratch = on_cpu
 
     def _apply(self, fn: Any, recurse: bool = True) -> Int8Linear:
         super()._apply(fn, recurse)
+        if self.layout == TILED and self.weight_int8.device.type != "cpu":
+            self.weight_int8.data = untile(self.weight_int8.data).contiguous()   # only the CPU GEMV reads tiles
+            self.layout = ROWS
         self._select_kernel()           # a move to another device picks that device's kernel
         return self
 
@@ -92,7 +106,7 @@ class Int8Linear(nn.Module):
             a = x.reshape(rows, self.in_features)
             if not a.is_contiguous():
                 a = a.contiguous()
-            y = self._native(a, self.weight_int8, self.weight_scale).view(*x.shape[:-1], -1)
+            y = self._native(a, self.weight_int8, self.weight_scale, self.layout).view(*x.shape[:-1], -1)
         elif self._pack_scale is not None and rows <= self.pack_max_rows:
             a = x.reshape(rows, self.in_features)
             if a.dtype != torch.bfloat16 or a.data_ptr() % ACT_ALIGN or not a.is_contiguous():
@@ -104,26 +118,33 @@ class Int8Linear(nn.Module):
             y = self._widened_matmul(x)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
-    def _widen(self, block: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """block [rows, in] int8 -> the same values in x's dtype: on CPU in the reused scratch buffer (see scratch.py),
-        elsewhere (a GPU's caching allocator reuses it; a persistent buffer would cost scarce VRAM) or under autograd
-        a fresh tensor."""
+    def _widen(self, start: int, rows: int, x: torch.Tensor) -> torch.Tensor:
+        """Weight rows [start, start + rows) -> [rows, in] row-major in x's dtype: on CPU in the reused scratch buffer
+        (see scratch.py), elsewhere (a GPU's caching allocator reuses it; a persistent buffer would cost scarce VRAM)
+        or under autograd a fresh tensor."""
+        block = self.weight_int8[start:start + rows]                                   # [rows, in] int8, `layout`
         if not self._widen_into_scratch or recorded(x):
-            return block.to(x.dtype)
-        return scratch(tuple(block.shape), x.dtype, block.device).copy_(block)
+            return (untile(block) if self.layout == TILED else block).to(x.dtype)
+        out = scratch(tuple(block.shape), x.dtype, block.device)
+        if self.layout == TILED:
+            if self.decode is not None and native_dtype_ok(x.dtype):
+                return self.decode.widen_into(self.weight_int8, start, out)
+            return out.copy_(untile(block))
+        return out.copy_(block)
 
     def _widened_matmul(self, x: torch.Tensor) -> torch.Tensor:   # x: [..., in] -> [..., out], no bias
         """The prefill path: x · qᵀ with q widened exactly to x's dtype (one native GEMM per block of
         `_dequant_rows` output rows: the whole layer unless it is huge), then the per-channel scales."""
         step = self._dequant_rows
         if step >= self.out_features:
-            y = F.linear(x, self._widen(self.weight_int8, x))
+            y = F.linear(x, self._widen(0, self.out_features, x))
         else:
             y = x.new_empty(*x.shape[:-1], self.out_features)
             for start in range(0, self.out_features, step):
-                block = self.weight_int8[start:start + step]                               # [rows, in] int8
-                y[..., start:start + block.shape[0]] = F.linear(x, self._widen(block, x))
+                rows = min(step, self.out_features - start)
+                y[..., start:start + rows] = F.linear(x, self._widen(start, rows, x))
         return y.mul_(self.weight_scale.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, kernel={self.kernel}"
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, kernel={self.kernel}, "
+                f"layout={self.layout}")

@@ -28,6 +28,7 @@ from qvl_pipeline.facts import RunFacts
 SOURCE = Path(__file__).with_name("native") / "qvl_gemv.c"
 COMPILER_ENV = "CC"
 DISABLE_ENV = "QVL_NATIVE_KERNELS"      # 0: never build or use the native kernels
+DIR_ENV = "QVL_NATIVE_DIR"              # where builds are kept when the plugin names no cache_dir (default: the cache)
 # Vector ISA -> compiler flags; the first the run's CPU facts admit is built.
 ISA_FLAGS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("avx512_vnni", ("avx512f", "avx512bw", "avx512_vnni"),
@@ -36,7 +37,7 @@ ISA_FLAGS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("avx2", ("avx2", "fma"), ("-mavx2", "-mfma", "-mf16c")),
     ("scalar", (), ()),
 )
-BASE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno")
+BASE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-ffp-contract=off")
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,16 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qvl_int4_gemv.restype = i32
     lib.qvl_int8_gemv_a8.argtypes = [ptr, ptr, ptr, i32, ptr, i32, i64, i64, i64, i32]
     lib.qvl_int8_gemv_a8.restype = i32
+    lib.qvl_int8_gemv_a8_tiled.argtypes = [ptr, ptr, ptr, i32, ptr, i32, i64, i64, i64, i32]
+    lib.qvl_int8_gemv_a8_tiled.restype = i32
+    lib.qvl_int8_tile.argtypes = [ptr, i64, i64, i32]
+    lib.qvl_int8_tile.restype = i32
+    lib.qvl_int8_untile_widen.argtypes = [ptr, i64, i64, i64, ptr, i32, i32]
+    lib.qvl_int8_untile_widen.restype = i32
+    lib.qvl_rms_norm.argtypes = [ptr, i32, ptr, i32, ptr, i32, i64, i64, ctypes.c_float]
+    lib.qvl_rms_norm.restype = i32
+    lib.qvl_rope.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i64]
+    lib.qvl_rope.restype = i32
     lib.qvl_int4_gemv_a8.argtypes = [ptr, ptr, i64, ptr, i32, ptr, i32, i64, i64, i64, i32]
     lib.qvl_int4_gemv_a8.restype = i32
     lib.qvl_gemv_lanes.restype = i32
@@ -137,8 +148,8 @@ def load_native(isa: tuple[str, ...], cache_dir: str) -> NativeBuild:
 
 def native_for(facts: RunFacts, cache_dir: str = "") -> NativeBuild:
     """The native library for a run's CPU facts (the emulated ISA when emulating), built under `cache_dir`
-    ("" = the project's cache folder) on first use."""
-    return load_native(tuple(facts.hardware.cpu.isa), cache_dir or str(default_cache_dir()))
+    ("" = $QVL_NATIVE_DIR, else the project's cache folder) on first use."""
+    return load_native(tuple(facts.hardware.cpu.isa), cache_dir or os.environ.get(DIR_ENV) or str(default_cache_dir()))
 
 
 _DTYPE_FLAG = {torch.bfloat16: 1, torch.float32: 0}
@@ -150,20 +161,59 @@ def native_dtype_ok(dtype: torch.dtype) -> bool:
 
 
 def int8_gemv(build: NativeBuild, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-              threads: int, a8: bool = False) -> torch.Tensor:
-    """x [M, K] bf16|fp32 contiguous, weight [N, K] int8, scale [N] fp32 -> [M, N] in x's dtype; `a8`: the
-    activations quantised to int8 per block of 64 columns (integer dot products)."""
-    assert build.lib is not None
+              threads: int, a8: bool = False, tiled: bool = False) -> torch.Tensor:
+    """x [M, K] bf16|fp32 contiguous, weight [N, K] int8 (`tiled`: in TILED layout, a8 only), scale [N] fp32 ->
+    [M, N] in x's dtype; `a8`: the activations quantised to int8 per block of 64 columns (integer dot products)."""
+    assert build.lib is not None and (a8 or not tiled)
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
     flag = _DTYPE_FLAG[x.dtype]
-    gemv = build.lib.qvl_int8_gemv_a8 if a8 else build.lib.qvl_int8_gemv
+    if a8:
+        gemv = build.lib.qvl_int8_gemv_a8_tiled if tiled else build.lib.qvl_int8_gemv_a8
+    else:
+        gemv = build.lib.qvl_int8_gemv
     rc = gemv(weight.data_ptr(), scale.data_ptr(), x.data_ptr(), flag, y.data_ptr(), flag, m, n, k, threads)
     if rc:
         raise RuntimeError(f"native int8{' x int8' if a8 else ''} GEMV failed with code {rc} "
                            f"(shape {m}x{k} · {n}x{k})")
     return y
+
+
+# The int8 decode layout: each group of TILE_ROWS weight rows [TILE_ROWS, K] stored as [K / 64, TILE_ROWS, 64], so
+# the GEMV reads one sequential stream per thread (qvl_int8_tile). Every group keeps its own TILE_ROWS * K bytes:
+# slices of whole groups of rows stay valid.
+TILED = "tiles4x64"
+ROWS = "rows"
+TILE_ROWS = 4
+TILE_BLOCK = 64
+
+
+def tileable(out_features: int, in_features: int) -> bool:
+    """Whether a weight of this shape can be stored TILED."""
+    return out_features % TILE_ROWS == 0 and in_features % TILE_BLOCK == 0
+
+
+def tile_(build: NativeBuild, weight: torch.Tensor, threads: int) -> torch.Tensor:
+    """weight [N, K] int8 contiguous, row-major -> the same tensor in TILED layout (in place)."""
+    assert build.lib is not None and weight.is_contiguous() and weight.dtype == torch.int8
+    n, k = weight.shape
+    rc = build.lib.qvl_int8_tile(weight.data_ptr(), n, k, threads)
+    if rc:
+        raise RuntimeError(f"native int8 tiling failed with code {rc} (shape {n}x{k})")
+    return weight
+
+
+def untile_widen(build: NativeBuild, weight: torch.Tensor, row0: int, out: torch.Tensor, threads: int) -> torch.Tensor:
+    """Rows [row0, row0 + out.shape[0]) of a TILED int8 weight [N, K], widened exactly into out [rows, K]
+    (bf16|fp32, contiguous), row-major."""
+    assert build.lib is not None and out.is_contiguous()
+    rows, k = out.shape
+    rc = build.lib.qvl_int8_untile_widen(weight.data_ptr(), row0, rows, k, out.data_ptr(), _DTYPE_FLAG[out.dtype],
+                                         threads)
+    if rc:
+        raise RuntimeError(f"native int8 untiling failed with code {rc} (rows {row0}+{rows} of {k} columns)")
+    return out
 
 
 def int4_gemv(build: NativeBuild, x: torch.Tensor, codes: torch.Tensor, scale_zero: torch.Tensor, group: int,
@@ -186,7 +236,8 @@ def int4_gemv(build: NativeBuild, x: torch.Tensor, codes: torch.Tensor, scale_ze
 @dataclass(frozen=True)
 class Int8Decode:
     """The native int8 decode GEMV a layer calls for inputs of a few rows: int8 × int8 integer dot products with
-    the activations quantised per block of `block` columns (`a8`), or fp32 accumulation of the widened weight."""
+    the activations quantised per block of `block` columns (`a8`, over weights in TILED layout where the shape
+    allows), or fp32 accumulation of the widened weight."""
 
     build: NativeBuild
     activations: str = "int8"             # int8 | exact
@@ -203,9 +254,30 @@ class Int8Decode:
     def usable(self, in_features: int) -> bool:
         return in_features % self.block == 0
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """x [M, K] contiguous bf16|fp32 -> [M, N] in x's dtype."""
-        return int8_gemv(self.build, x, weight, scale, torch.get_num_threads(), a8=self.activations == "int8")
+    def layout(self, out_features: int, in_features: int) -> str:
+        """How a weight of this shape is stored for this GEMV: TILED (int8 activations) or ROWS."""
+        tiles = self.activations == "int8" and tileable(out_features, in_features) and self.usable(in_features)
+        return TILED if tiles else ROWS
+
+    def tile_(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight [N, K] int8 row-major -> TILED, in place."""
+        return tile_(self.build, weight, torch.get_num_threads())
+
+    def widen_into(self, weight: torch.Tensor, row0: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows [row0, row0 + len(out)) of a TILED weight widened exactly into out (bf16|fp32), row-major."""
+        return untile_widen(self.build, weight, row0, out, torch.get_num_threads())
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, layout: str = ROWS) -> torch.Tensor:
+        """x [M, K] contiguous bf16|fp32, weight [N, K] int8 in `layout` -> [M, N] in x's dtype."""
+        return int8_gemv(self.build, x, weight, scale, torch.get_num_threads(), a8=self.activations == "int8",
+                         tiled=layout == TILED)
+
+
+def untile(weight: torch.Tensor) -> torch.Tensor:
+    """A TILED int8 weight [N, K] (any device) -> a row-major copy [N, K]; the torch path where the native
+    library does not run (a GPU, autograd)."""
+    n, k = weight.shape
+    return weight.view(n // TILE_ROWS, k // TILE_BLOCK, TILE_ROWS, TILE_BLOCK).permute(0, 2, 1, 3).reshape(n, k)
 
 
 @dataclass(frozen=True)
@@ -226,3 +298,30 @@ class Int4Decode:
     def __call__(self, x: torch.Tensor, codes: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
         """x [M, K] contiguous bf16|fp32 -> [M, N] in x's dtype."""
         return int4_gemv(self.build, x, codes, scale_zero, group, torch.get_num_threads(), a8=True)
+
+
+def rms_norm(build: NativeBuild, x: torch.Tensor, weight: torch.Tensor, eps: float,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm of x [..., size] contiguous (bf16|fp32) with weight [size] (bf16|fp32) -> [..., size] in out_dtype
+    (the promoted dtype of the two), as qvl_pipeline/model/norms.py computes it but for the order of the sum of
+    squares."""
+    size = x.shape[-1]
+    y = torch.empty(x.shape, dtype=out_dtype)
+    rc = build.lib.qvl_rms_norm(x.data_ptr(), _DTYPE_FLAG[x.dtype], weight.data_ptr(), _DTYPE_FLAG[weight.dtype],
+                                y.data_ptr(), _DTYPE_FLAG[out_dtype], x.numel() // size, size, eps)
+    if rc:
+        raise RuntimeError(f"native RMSNorm failed with code {rc} (shape {list(x.shape)})")
+    return y
+
+
+def rope(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary of one position: q [b, hq, 1, d], k [b, hk, 1, d], cos, sin [b, 1, 1, d], all contiguous and of one
+    dtype (bf16|fp32) -> rotated copies of q and k, bit-equal to the reference computed in that dtype."""
+    b, hq, s, d = q.shape
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    rc = build.lib.qvl_rope(q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), qo.data_ptr(), ko.data_ptr(),
+                            _DTYPE_FLAG[q.dtype], b, s, hq, k.shape[1], d)
+    if rc:
+        raise RuntimeError(f"native rotary failed with code {rc} (q {list(q.shape)}, k {list(k.shape)})")
+    return qo, ko

@@ -20,7 +20,7 @@ from torch import nn
 from qvl_pipeline.checkpoint.quant_cache import QuantCache, SourceCheckpoint, cache_key
 from qvl_plugins.kernels.int4_linear import PLAIN, UNLIMITED_ROWS, Int4Linear, aten_int4_usable, aten_layout
 from qvl_plugins.kernels.int8_linear import Int8Linear
-from qvl_plugins.kernels.native_gemv import Int4Decode, Int8Decode
+from qvl_plugins.kernels.native_gemv import ROWS, TILED, Int4Decode, Int8Decode
 from qvl_plugins.kernels.quantize import reused_block_buffers, trim_heap
 
 HEAD = "lm_head"
@@ -56,7 +56,15 @@ class Int8Format:
     name: str = "int8_per_channel"
 
     def params(self) -> dict[str, Any]:
-        return {"version": 1}
+        # The native decode GEMV stores its weights TILED (shapes that allow it): a different cache entry.
+        return {"version": 1} if self._tiles is None else {"version": 1, "layout": TILED}
+
+    @property
+    def _tiles(self) -> Int8Decode | None:
+        return self.decode if self.decode is not None and self.decode.activations == "int8" else None
+
+    def layout(self, out_features: int, in_features: int) -> str:
+        return self._tiles.layout(out_features, in_features) if self._tiles is not None else ROWS
 
     def quantize(self, weight: torch.Tensor, bias: torch.Tensor | None, release_source: bool) -> nn.Module:
         return Int8Linear.quantize(weight, bias, pack_cpu=self.pack_cpu, pack_max_rows=self.pack_max_rows,
@@ -71,8 +79,9 @@ class Int8Format:
                 "weight_scale": ((out_features,), torch.float32)}
 
     def restore(self, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None, in_features: int) -> nn.Module:
-        return Int8Linear(state["weight_int8"], state["weight_scale"], bias, pack_cpu=self.pack_cpu,
-                          pack_max_rows=self.pack_max_rows, decode=self.decode)
+        weight = state["weight_int8"]
+        return Int8Linear(weight, state["weight_scale"], bias, pack_cpu=self.pack_cpu,
+                          pack_max_rows=self.pack_max_rows, decode=self.decode, layout=self.layout(*weight.shape))
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from qvl_pipeline.model.qwen3_vl import Qwen3VL
 from qvl_pipeline.slots import AttentionBackend, KernelsBackend, RotaryBackend
 from qvl_plugins.kernels.int4_linear import Int4Linear
 from qvl_plugins.kernels.int4_weight_only import Int4WeightOnlyKernels
+from qvl_plugins.kernels.int8_dynamic import Int8DynamicKernels
 from qvl_plugins.kernels.int8_linear import Int8Linear
 from qvl_plugins.kernels.int8_weight_only import Int8WeightOnlyKernels
 from qvl_plugins.kernels.torch_native import TorchNativeKernels
@@ -195,7 +196,8 @@ def test_key_follows_the_source_and_the_format(tmp_path):
 
 # --- the plugins' second start -----------------------------------------------------------------------------------
 
-PLUGINS = {"int8": (Int8WeightOnlyKernels, Int8Linear), "int4": (Int4WeightOnlyKernels, Int4Linear)}
+PLUGINS = {"int8": (Int8WeightOnlyKernels, Int8Linear), "int4": (Int4WeightOnlyKernels, Int4Linear),
+           "int8_dynamic": (Int8DynamicKernels, Int8Linear)}   # the native GEMV's tiled layout
 
 
 def load(folder: Path, hf: dict, plugin_cls, cache_dir: Path):
@@ -268,7 +270,9 @@ def test_other_formats_do_not_share_an_entry(tmp_path):
     hf = random_checkpoint(folder)
     load(folder, hf, Int8WeightOnlyKernels, cache_dir)
     load(folder, hf, Int4WeightOnlyKernels, cache_dir)
-    assert len(list((cache_dir / "quantized").iterdir())) == 2
+    _, dynamic = load(folder, hf, Int8DynamicKernels, cache_dir)       # int8 in tiles: another entry
+    assert len(list((cache_dir / "quantized").iterdir())) == 3
+    assert dynamic.model.language_model.layers[0].mlp.down_proj.layout == "tiles4x64"   # in=64: tiles
 
 
 def test_a_self_test_in_a_run_with_a_checkpoint_neither_reads_nor_writes_the_cache(tmp_path):

@@ -134,3 +134,81 @@ def test_int4_plugin_decodes_through_the_chosen_kernel_within_its_fidelity(decod
     want = "native" if decode_kernel == "native" and plugin._int4.decode is not None else (
         "aten" if plugin.use_aten else "dequant")
     assert plugin.decode_kernel == want
+
+
+# --- the tiled int8 layout (one sequential stream per thread) -----------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tiled_weights_decode_and_widen_exactly_like_rows(build, dtype):
+    gen = torch.Generator().manual_seed(2)
+    n, k = 36, 192
+    rows = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) * 0.01 + 1e-3
+    tiled = native_gemv.tile_(build, rows.clone(), 2)
+    assert not torch.equal(tiled, rows) and torch.equal(native_gemv.untile(tiled), rows)
+    assert torch.equal(tiled[:4].flatten()[64:128], rows[1, :64])          # row 1's first block follows row 0's
+    x = torch.randn(3, k, generator=gen).to(dtype)
+    assert torch.equal(int8_gemv(build, x, tiled, scale, 2, a8=True, tiled=True),
+                       int8_gemv(build, x, rows, scale, 2, a8=True))       # same sums in the same order
+    out = torch.empty(8, k, dtype=dtype)
+    assert torch.equal(native_gemv.untile_widen(build, tiled, 12, out, 2), rows[12:20].to(dtype))
+
+
+def test_tiled_shapes_that_do_not_tile_are_refused(build):
+    with pytest.raises(RuntimeError, match="tiling failed with code 1"):
+        native_gemv.tile_(build, torch.zeros(6, 128, dtype=torch.int8), 1)        # 6 rows: not groups of 4
+    with pytest.raises(RuntimeError, match="failed with code 1"):
+        int8_gemv(build, torch.zeros(1, 128), torch.zeros(6, 128, dtype=torch.int8), torch.ones(6), 1, a8=True,
+                  tiled=True)
+    with pytest.raises(RuntimeError, match="untiling failed with code 1"):
+        native_gemv.untile_widen(build, torch.zeros(8, 128, dtype=torch.int8), 2, torch.empty(4, 128), 1)
+    decode = Int8Decode(build)
+    assert decode.layout(8, 128) == native_gemv.TILED
+    assert decode.layout(6, 128) == decode.layout(8, 96) == native_gemv.ROWS
+    assert Int8Decode(build, "exact").layout(8, 128) == native_gemv.ROWS     # fp32 accumulation keeps rows
+
+
+def test_an_int8_layer_stores_tiles_for_the_native_gemv_and_every_path_reads_them_as_rows(build):
+    from qvl_plugins.kernels.int8_linear import Int8Linear
+
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(72, 128, generator=gen)
+    tiled = Int8Linear.quantize(weight, None, pack_cpu=True, pack_max_rows=4, decode=Int8Decode(build))
+    rows = Int8Linear.quantize(weight, None, pack_cpu=False, pack_max_rows=0)       # the exact widened path only
+    assert tiled.layout == native_gemv.TILED and rows.layout == native_gemv.ROWS
+    assert torch.equal(native_gemv.untile(tiled.weight_int8), rows.weight_int8)
+    prefill = torch.randn(2, 9, 128, generator=gen)
+    assert torch.equal(tiled(prefill), rows(prefill))                         # widened from tiles, exactly
+    recorded = prefill.clone().requires_grad_(True)
+    assert torch.equal(tiled(recorded), rows(prefill))                        # the torch untiling (autograd, GPU)
+    decode = torch.randn(1, 1, 128, generator=gen)
+    assert _rel(tiled(decode), rows(decode).float()) < 2e-2                   # int8 activations: NEAR
+    moved = tiled.to("meta")                                                  # off the CPU: rows again
+    assert moved.layout == native_gemv.ROWS and moved.weight_int8.shape == (72, 128)
+    with pytest.raises(ValueError, match="tiled int8 weight"):
+        Int8Linear(tiled.weight_int8, tiled.weight_scale, None, pack_cpu=True, pack_max_rows=4,
+                   layout=native_gemv.TILED)                                  # tiles without the GEMV that reads them
+
+
+# --- the decode step's RMSNorm -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 16, 300])      # 300 rows of 128: past MAX_ROWS, RMSNorm's own torch path
+def test_native_rms_norm_matches_the_reference_norm(build, dtype, rows):
+    from qvl_pipeline.model.norms import RMSNorm
+    from qvl_plugins.kernels.native_norm import MAX_ROWS, NativeRMSNorm
+
+    gen = torch.Generator().manual_seed(5)
+    ref, mine = RMSNorm(128, 1e-6), NativeRMSNorm(128, 1e-6, build)
+    weight = torch.randn(128, generator=gen) * 0.3 + 1
+    ref.weight.data, mine.weight.data = weight.to(dtype), weight.to(dtype)
+    mine.to(dtype)                                                       # a cast settles the path again
+    assert mine.state_dict().keys() == ref.state_dict().keys()
+    x = (torch.randn(rows, 128, generator=gen) * 3).to(dtype)
+    with torch.no_grad():
+        got, want = mine(x), ref(x)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if rows > MAX_ROWS:
+        assert torch.equal(got, want)
+    else:                                   # same roundings, the sum of squares in another order: NEAR
+        assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < 1e-2

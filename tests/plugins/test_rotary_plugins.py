@@ -109,3 +109,45 @@ class StaleTableRotary(CachedRotary):
 def test_faulty_rotary_fails_self_test(faulty):
     with pytest.raises(SelfTestError, match="relative error"):
         faulty(FACTS).self_test(REF)
+
+
+# --- NativeRotary: the decode step's rotation in one native call ------------------------------------------------
+
+def _native_rotary():
+    from qvl_plugins.rotary.native import NativeRotary
+
+    if NativeRotary.validate(FACTS, NoOptions()):
+        pytest.skip(f"no native library here: {NativeRotary.validate(FACTS, NoOptions())}")
+    return NativeRotary(FACTS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("upcast", [True, False])
+@pytest.mark.parametrize("positions", [1, 5])          # 1: the native call (decode); 5: the torch path (prefill)
+def test_native_apply_is_bit_equal_to_the_reference(dtype, upcast, positions):
+    gen = torch.Generator().manual_seed(4)
+    # the decoder's layout: [b, s, h, d] projections viewed as [b, h, s, d]
+    q = torch.randn(2, positions, 4, 128, generator=gen).to(dtype).transpose(1, 2)
+    k = torch.randn(2, positions, 2, 128, generator=gen).to(dtype).transpose(1, 2)
+    pos = torch.randint(0, 900, (3, 2, positions), generator=gen)
+    cos, sin = (t.to(dtype)[:, None] for t in REF.text_tables(pos, TEXT_INV, SECTION))
+    got = _native_rotary().apply(q, k, cos, sin, upcast=upcast)
+    want = REF.apply(q, k, cos, sin, upcast=upcast)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype and g.shape == w.shape and torch.equal(g, w)
+
+
+def test_native_rotary_is_rejected_without_the_native_library_and_the_chain_moves_on(monkeypatch):
+    from qvl_pipeline.config.load import load_config
+    from qvl_pipeline.container import make_container
+    from qvl_plugins.kernels import native_gemv
+    from qvl_plugins.rotary.native import NativeRotary
+
+    monkeypatch.setenv(native_gemv.DISABLE_ENV, "0")
+    native_gemv.load_native.cache_clear()
+    try:
+        assert "QVL_NATIVE_KERNELS=0" in NativeRotary.validate(FACTS, NoOptions())[0]
+        plan = make_container(load_config(["hardware=cpu_avx2", "progress=false"])).pipeline().plan
+        assert plan["slots"]["rotary"]["chosen"] == "cached"
+    finally:
+        native_gemv.load_native.cache_clear()
