@@ -1,10 +1,11 @@
 """The composition root: dependency-injector containers that build the whole run from the typed config.
 
-Core: machine facts → the model's facts (its checkpoint's config.json) → RunFacts → resolver → one plugin per
-slot (guarded where runtime fallback applies). Stages get their slice of config and the plugins they need and
-build their part of the model on the meta device; the root assembles the model, loads and places it, and builds
-the processors, KV-cache factory, engine and pipeline. Tests and experiments swap any provider with
-`.override()` and the run executes what they swapped in.
+Core: machine facts → the model's facts (its checkpoint's config.json) → the gathered RunFacts → resolver → one
+plugin per slot (guarded where runtime fallback applies); the run's facts are the gathered ones completed with the
+kernels plugin's weight format and the kv_cache plugin's cache size (the context budget derived at it). Stages get
+their slice of config and the plugins they need and build their part of the model on the meta device; the root
+assembles the model, loads and places it, and builds the processors, KV-cache factory, engine and pipeline. Tests
+and experiments swap any provider with `.override()` and the run executes what they swapped in.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def _resolve(resolver: Resolver, slot: str) -> Any:
     return resolver.resolve(slot)
 
 
+def _run_facts(resolver: Resolver) -> Any:
+    return resolver.run_facts()
+
+
 class CoreContainer(containers.DeclarativeContainer):
     """Facts, the plugin registry, resolution and one resolved plugin per slot (singletons)."""
 
@@ -53,10 +58,13 @@ class CoreContainer(containers.DeclarativeContainer):
     hardware_report = providers.Singleton(assembly.hardware_report, config.provided.hardware, prober,
                                           config.provided.model.path)
     model_facts = providers.Singleton(assembly.model_facts, config.provided.model)
-    facts = providers.Singleton(assembly.run_facts, hardware_report, model_facts, config.provided.generate,
-                                config.provided.processing, config.provided.opt, config.provided.memory)
-    resolver = providers.Singleton(Resolver, registry, facts, config.provided.opt,
+    gathered_facts = providers.Singleton(assembly.run_facts, hardware_report, model_facts, config.provided.generate,
+                                         config.provided.processing, config.provided.opt, config.provided.memory)
+    resolver = providers.Singleton(Resolver, registry, gathered_facts, config.provided.opt,
                                    providers.Callable(assembly.slot_configs, config))
+    # The run's facts: the gathered ones with the kernels plugin's weight format and the kv_cache plugin's cache size
+    # (the context budget derived at it); what the memory slot, the plan and the pipeline go by.
+    facts = providers.Singleton(_run_facts, resolver)
 
     attention = providers.Singleton(_resolve, resolver, "attention")
     rotary = providers.Singleton(_resolve, resolver, "rotary")

@@ -65,6 +65,40 @@ class ContextFacts:
 
     positions: int
     reason: str
+    # How the budget was derived from RAM (None: requested, or the profile's budget): `for_kv` derives it again at
+    # the KV cache's real bytes per position once the kv_cache plugin is known.
+    ram_share: RamShare | None = None
+
+    def for_kv(self, per_position: int) -> ContextFacts:
+        """This budget at `per_position` bytes of KV cache per position (itself when it does not depend on them)."""
+        return self if self.ram_share is None else self.ram_share.context(per_position)
+
+
+@dataclass(frozen=True)
+class RamShare:
+    """A context budget derived from RAM (pure): KV_RAM_SHARE of the `spare` bytes left after the weights (of
+    `what`: the machine's RAM or memory.ram_budget_gb), in whole CONTEXT_STEPs, at least MIN_CONTEXT, at most the
+    model's `limit` positions."""
+
+    spare: float
+    what: str
+    limit: int
+
+    def context(self, per_position: int) -> ContextFacts:
+        positions = int(KV_RAM_SHARE * self.spare // per_position) // CONTEXT_STEP * CONTEXT_STEP
+        positions = min(self.limit, max(MIN_CONTEXT, positions))
+        return ContextFacts(positions, f"{KV_RAM_SHARE:.0%} of the {self.spare / GIB:.1f} GiB of {self.what} left "
+                                       f"after the weights at {per_position / 1024:.1f} KiB per position (model "
+                                       f"maximum {self.limit}); the cache grows on demand up to it", self)
+
+
+@dataclass(frozen=True)
+class KVFacts:
+    """The KV cache as the run's kv_cache plugin stores it (RunFacts.kv): the dtype keys and values are computed in
+    (the model's activations), and the bytes one position takes in every layer (keys and values, one sequence)."""
+
+    dtype: str
+    bytes_per_position: int
 
 
 @dataclass(frozen=True)
@@ -89,10 +123,27 @@ class RunFacts:
     budgets: Budgets | None = None
     # How the chosen kernels plugin stores the weights; the resolver sets it for the memory slot (None: as stored).
     weights: WeightFormat | None = None
+    # How the chosen kv_cache plugin stores the cache; the resolver sets it for the memory slot and the run, with the
+    # context derived at its size (None: not known yet, the model's dtype is assumed).
+    kv: KVFacts | None = None
 
     @property
     def weight_format(self) -> WeightFormat:
         return self.weights or WeightFormat.stored(self.model.stored_dtype)
+
+    @property
+    def activation_dtype(self) -> str:
+        """The dtype the model's activations, and so its KV cache, are in (Qwen3VL.dtype, its token embeddings'):
+        the loader's dtype (`model.stored_dtype`, the checkpoint's or model.dtype), unless the kernels plugin's
+        weight format widens the weights outside the linears (fp32_compute: float32)."""
+        stored = self.model.stored_dtype
+        return "float32" if self.weight_format.other_bytes > DTYPE_BYTES[stored] else stored
+
+    @property
+    def kv_bytes_per_position(self) -> int:
+        """Bytes of KV cache one position takes in every layer: the kv_cache plugin's figure once known, else the
+        model's in its stored dtype."""
+        return self.kv.bytes_per_position if self.kv is not None else self.model.kv_bytes_per_position
 
     @property
     def memory_budgets(self) -> Budgets:
@@ -118,7 +169,8 @@ def context_budget(model: ModelFacts, hardware: HardwareProfile, *, requested: i
                    profile_budget: int | None, ram_budget: int | None = None) -> ContextFacts:
     """The context in force (pure): an explicit request, else the profile's budget, else what a KV cache may
     take of the RAM (or of `ram_budget` bytes, memory.ram_budget_gb, when set) left after the weights — never more
-    than the model's max_position_embeddings."""
+    than the model's max_position_embeddings. A RAM-derived budget assumes the model's dtype for the KV cache until
+    the kv_cache plugin says its real size (`ContextFacts.for_kv`, applied by `Resolver.run_facts`)."""
     limit = model.config.text.max_position_embeddings
     if requested is not None:
         return ContextFacts(min(limit, requested), f"generate.max_context={requested}"
@@ -126,14 +178,9 @@ def context_budget(model: ModelFacts, hardware: HardwareProfile, *, requested: i
     if profile_budget is not None:
         return ContextFacts(min(limit, profile_budget), f"hardware profile {hardware.name} budget")
     ram = hardware.ram_gb * GIB if ram_budget is None else min(hardware.ram_gb * GIB, ram_budget)
-    spare = max(0.0, ram - model.weight_bytes)
-    per_position = model.kv_bytes_per_position
-    positions = int(KV_RAM_SHARE * spare // per_position) // CONTEXT_STEP * CONTEXT_STEP
-    positions = min(limit, max(MIN_CONTEXT, positions))
-    return ContextFacts(positions, f"{KV_RAM_SHARE:.0%} of the {spare / GIB:.1f} GiB of "
-                                   f"{'RAM' if ram_budget is None else 'memory.ram_budget_gb'} left after the weights "
-                                   f"at {per_position / 1024:.1f} KiB per position (model maximum {limit}); "
-                                   "the cache grows on demand up to it")
+    share = RamShare(max(0.0, ram - model.weight_bytes), "RAM" if ram_budget is None else "memory.ram_budget_gb",
+                     limit)
+    return share.context(model.kv_bytes_per_position)
 
 
 # The smallest sensible Qwen3-VL: two decoder layers, a two-block vision tower (RunFacts.example's default).

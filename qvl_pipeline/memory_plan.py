@@ -13,8 +13,15 @@ Modes (the memory plugins):
                  ahead of compute, in this order of giving up residency: the embedding table (only the rows a
                  token uses are read), the vision tower (read once per image, block by block), decoder layers from
                  the last one back, the output head.
-Decode time per token is bounded by the bytes each tier reads: t = max(t_gpu + t_cpu, t_disk), with streamed
-bytes also read from RAM by the CPU (the prefetcher reads ahead while any layer computes).
+  cuda_offload_stream
+                 every decoder layer computes on the GPU with its KV cache in VRAM; layers that do not stay in VRAM
+                 live in pinned RAM (tier `pinned`) and are copied over the host link a layer ahead into a window of
+                 `ahead + 1` layers. VRAM holds the window and every KV cache first, then (while they fit) the output
+                 head (read every token), leading layers (fewer bytes over the link per token), the vision tower
+                 (prefill), the embeddings (one row a token).
+Decode time per token is bounded by the bytes each tier reads: t = max(max(t_gpu, t_link) + t_cpu, t_disk), with
+streamed bytes also read from RAM by the CPU (the prefetcher reads ahead while any layer computes) and pinned bytes
+also read by the GPU (their copies overlap the compute of the layer before).
 """
 
 from __future__ import annotations
@@ -27,8 +34,9 @@ from typing import Any
 from qvl_pipeline.errors import ConfigError
 
 GIB = 1024 ** 3
-MODES = ("cpu", "cuda_full", "cuda_partial", "ssd_stream")
-TIERS = ("gpu", "cpu", "disk")
+MODES = ("cpu", "cuda_full", "cuda_partial", "ssd_stream", "cuda_offload_stream")
+TIERS = ("gpu", "cpu", "disk", "pinned")   # pinned: in pinned RAM, computed on the GPU (copied there when used)
+ON_GPU = ("gpu", "pinned")                 # tiers whose layers compute on the GPU, with their KV cache in VRAM
 DEFAULT_RESERVE_GB = 1.5   # RAM left to the OS and other programs when memory.ram_budget_gb is not set
 VRAM_RESERVE_GB = 0.5      # VRAM for the CUDA context and activations when memory.vram_budget_gb is not set
 # The process's own RAM besides weights and KV cache: Python + torch + tokenizer measured 0.24 GiB anonymous +
@@ -136,6 +144,7 @@ class MemoryPlan:
     vram: int
     budgets: Budgets
     pool: int = 0                   # ssd_stream: bytes of the read-ahead pool (included in `ram`)
+    window: int = 0                 # cuda_offload_stream: VRAM for the layers in flight (included in `vram`)
     kv: Mapping[str, int] = field(default_factory=dict)           # KV bytes per tier
     read_per_token: Mapping[str, int] = field(default_factory=dict)  # weight bytes each tier reads per token
     ceilings: Mapping[str, float | None] = field(default_factory=dict)  # tok/s if only that tier bounded decode
@@ -172,6 +181,7 @@ class MemoryPlan:
                       "embed": {"tier": self.embed, "gib": gib(model.embed), "is_head": not model.head},
                       "head": {"tier": self.head, "gib": gib(model.head_unit)}, "layers": runs},
             "ram_gib": gib(self.ram), "vram_gib": gib(self.vram), "pool_gib": gib(self.pool),
+            "window_gib": gib(self.window),
             "runtime_gib": gib(workspace_bytes()),
             "budgets": self.budgets.to_dict(),
             "kv_gib": {t: gib(n) for t, n in self.kv.items()},
@@ -200,16 +210,17 @@ def workspace_bytes() -> int:
 
 
 def _finish(mode: str, model: ModelBytes, positions: int, budgets: Budgets, bw: Bandwidths, *, vision: str,
-            embed: str, head: str, layers: tuple[str, ...], pool: int = 0) -> MemoryPlan:
-    """Totals, checks against the budgets, and the decode ceilings of a placement (raises DoesNotFit)."""
+            embed: str, head: str, layers: tuple[str, ...], pool: int = 0, window: int = 0) -> MemoryPlan:
+    """Totals, checks against the budgets, and the decode ceilings of a placement (raises DoesNotFit). `pool`: RAM
+    of ssd_stream's read-ahead pool; `window`: VRAM of cuda_offload_stream's layers in flight."""
     kv_layer = model.kv(positions)
     weights = {t: 0 for t in TIERS}
-    kv = {t: 0 for t in TIERS}
+    kv = {t: 0 for t in TIERS if t != "pinned"}     # a streamed layer's KV cache lives in VRAM
     read = {t: 0 for t in TIERS}
     for nbytes, tier in zip(model.layers, layers, strict=True):
         weights[tier] += nbytes
         read[tier] += nbytes
-        kv["gpu" if tier == "gpu" else "cpu"] += kv_layer
+        kv["gpu" if tier in ON_GPU else "cpu"] += kv_layer
     weights[vision] += model.vision
     if model.head:
         weights[embed] += model.embed
@@ -217,26 +228,34 @@ def _finish(mode: str, model: ModelBytes, positions: int, budgets: Budgets, bw: 
     else:
         weights[head] += model.embed          # tied: the embedding table is the head
     read[head] += model.head_unit
-    ram = workspace_bytes() + weights["cpu"] + kv["cpu"] + pool
-    vram = weights["gpu"] + kv["gpu"]
-    parts = f"{model.label} weights {size(weights['cpu'])} + KV {size(kv['cpu'])} at {positions} positions"
+    ram = workspace_bytes() + weights["cpu"] + weights["pinned"] + kv["cpu"] + pool
+    vram = weights["gpu"] + kv["gpu"] + window
+    parts = f"{model.label} weights {size(weights['cpu'] + weights['pinned'])} + KV {size(kv['cpu'])} at " \
+            f"{positions} positions"
     if pool:
         parts += f" + stream pool {size(pool)}"
     parts += f" + runtime {size(workspace_bytes())}"
     if vram > budgets.vram:
+        in_flight = f" + layers in flight {size(window)}" if window else ""
         raise DoesNotFit("vram", vram, budgets.vram, f"{model.label} weights {size(weights['gpu'])} + KV "
-                         f"{size(kv['gpu'])} at {positions} positions; {budgets.vram_source}")
+                         f"{size(kv['gpu'])} at {positions} positions{in_flight}; {budgets.vram_source}")
     if ram > budgets.ram:
         raise DoesNotFit("ram", ram, budgets.ram, f"{parts}; {budgets.ram_source}")
-    ceilings = {"gpu": _rate(bw.gpu, read["gpu"]), "cpu": _rate(bw.ram, read["cpu"] + read["disk"]),
-                "disk": _rate(bw.disk, read["disk"])}
-    t_gpu, t_cpu = _seconds(bw.gpu, read["gpu"]), _seconds(bw.ram, read["cpu"] + read["disk"])
-    t_disk = _seconds(bw.disk, read["disk"])
+    on_gpu = read["gpu"] + read["pinned"]
+    ceilings = {"gpu": _rate(bw.gpu, on_gpu), "cpu": _rate(bw.ram, read["cpu"] + read["disk"]),
+                "disk": _rate(bw.disk, read["disk"]), "pinned": _rate(bw.pcie, read["pinned"])}
+    t_gpu, t_cpu = _seconds(bw.gpu, on_gpu), _seconds(bw.ram, read["cpu"] + read["disk"])
+    t_disk, t_link = _seconds(bw.disk, read["disk"]), _seconds(bw.pcie, read["pinned"])
     total = None
-    if t_gpu is not None and t_cpu is not None and t_disk is not None and max(t_gpu + t_cpu, t_disk) > 0:
-        total = 1 / max(t_gpu + t_cpu, t_disk)
-    return MemoryPlan(mode, vision, embed, head, layers, ram, vram, budgets, pool, kv, read,
-                      {t: c for t, c in ceilings.items() if read[t] or (t == "cpu" and read["disk"])}, total,
+    if None not in (t_gpu, t_cpu, t_disk, t_link):
+        assert t_gpu is not None and t_cpu is not None and t_disk is not None and t_link is not None
+        slowest = max(max(t_gpu, t_link) + t_cpu, t_disk)
+        total = 1 / slowest if slowest > 0 else None
+    shown = {t: c for t, c in ceilings.items()
+             if read[t] or (t == "cpu" and read["disk"]) or (t == "gpu" and read["pinned"])}
+    if not read["pinned"]:
+        del read["pinned"]                           # only cuda_offload_stream has the tier
+    return MemoryPlan(mode, vision, embed, head, layers, ram, vram, budgets, pool, window, kv, read, shown, total,
                       positions, model)
 
 
@@ -291,6 +310,8 @@ def plan(mode: str, model: ModelBytes, positions: int, budgets: Budgets, bw: Ban
         return _plan_partial(model, positions, budgets, bw, gpu_layers)
     if mode == "ssd_stream":
         return _plan_stream(model, positions, budgets, bw, ahead, resident_layers)
+    if mode == "cuda_offload_stream":
+        return _plan_offload(model, positions, budgets, bw, ahead, resident_layers)
     raise ValueError(f"unknown memory mode {mode!r}; modes are {MODES}")
 
 
@@ -350,19 +371,51 @@ def _plan_stream(model: ModelBytes, positions: int, budgets: Budgets, bw: Bandwi
     raise last
 
 
+def offload_window(layers: Sequence[int], resident: int, ahead: int = STREAM_AHEAD) -> int:
+    """VRAM for cuda_offload_stream's layers in flight: `ahead + 1` copies of the largest layer beyond the first
+    `resident` (the one computing and the ones being copied; the last layer already copies the first streamed one
+    for the next token), 0 when every layer stays in VRAM."""
+    streamed = layers[resident:]
+    return (ahead + 1) * max(streamed) if streamed else 0
+
+
+def _plan_offload(model: ModelBytes, positions: int, budgets: Budgets, bw: Bandwidths, ahead: int,
+                  resident_layers: int | None) -> MemoryPlan:
+    """VRAM holds every layer's KV cache and the layers in flight; then, while they fit, the head, the most leading
+    layers kept resident (or exactly `resident_layers`), the vision tower and the embeddings (see the module's
+    docstring). What does not stay in VRAM stays in (pinned) RAM."""
+    n, vram = len(model.layers), budgets.vram
+    used = n * model.kv(positions)
+    head = "gpu" if used + offload_window(model.layers, 0, ahead) + model.head_unit <= vram else "cpu"
+    used += model.head_unit if head == "gpu" else 0
+    if resident_layers is None:
+        count = max((c for c in range(n + 1)
+                     if used + sum(model.layers[:c]) + offload_window(model.layers, c, ahead) <= vram), default=0)
+    else:
+        count = max(0, min(resident_layers, n))
+    window = offload_window(model.layers, count, ahead)
+    used += sum(model.layers[:count]) + window
+    vision = "gpu" if used + model.vision <= vram else "cpu"
+    used += model.vision if vision == "gpu" else 0
+    embed = head if not model.head else "gpu" if used + model.embed <= vram else "cpu"
+    layers = tuple("gpu" if i < count else "pinned" for i in range(n))
+    return _finish("cuda_offload_stream", model, positions, budgets, bw, vision=vision, embed=embed, head=head,
+                   layers=layers, window=window)
+
+
 def fixes(mode: str, model: ModelBytes, positions: int, budgets: Budgets, bw: Bandwidths,
-          alternatives: Mapping[str, ModelBytes], **kwargs: Any) -> list[str]:
-    """What would make `mode` fit, in this order: a smaller weight format (`alternatives`: label -> bytes, e.g.
-    int4 via opt=aggressive), a smaller context, memory=ssd_stream (with its expected speed)."""
+          alternatives: Mapping[str, ModelBytes], memory: str = "ram", **kwargs: Any) -> list[str]:
+    """What would make `mode` fit the `memory` ("ram" or "vram") it exceeds, in this order: a smaller weight format
+    (`alternatives`: label -> bytes, e.g. int4 via opt=aggressive), a smaller context, memory=ssd_stream (with its
+    expected speed)."""
     found = []
     for label, alt in alternatives.items():
         try:
             fitted = plan(mode, alt, positions, budgets, bw, **kwargs)
         except DoesNotFit:
             continue
-        need = fitted.vram if mode == "cuda_full" else fitted.ram
-        found.append(f"use {label}: {size(alt.weights)} of weights, "
-                     f"{size(need)} of {'VRAM' if mode == 'cuda_full' else 'RAM'} in all")
+        need = fitted.vram if memory == "vram" else fitted.ram
+        found.append(f"use {label}: {size(alt.weights)} of weights, {size(need)} of {memory.upper()} in all")
         break
     for smaller in range((positions - 1) // CONTEXT_STEP * CONTEXT_STEP, 0, -CONTEXT_STEP):
         try:
@@ -390,7 +443,7 @@ def plan_or_refuse(mode: str, model: ModelBytes, positions: int, budgets: Budget
     try:
         return plan(mode, model, positions, budgets, bw, **kwargs)
     except DoesNotFit as exc:
-        found = fixes(mode, model, positions, budgets, bw, alternatives or {}, **kwargs)
+        found = fixes(mode, model, positions, budgets, bw, alternatives or {}, exc.memory, **kwargs)
         knob = "memory.vram_budget_gb" if exc.memory == "vram" else "memory.ram_budget_gb"
         found.append(f"free memory or raise {knob} to {math.ceil(exc.need / GIB * 100) / 100:g}")
         raise ConfigError(f"memory={mode} does not fit: {exc}", "; or ".join(found)) from None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -14,7 +14,7 @@ from qvl_pipeline.hardware.build import HardwareReport
 from qvl_pipeline.memory_plan import MODES, derive_budgets
 from qvl_pipeline.model.sizing import FORMAT_BYTES
 from qvl_pipeline.resolver import Resolver
-from qvl_pipeline.slots import CacheShape, KernelsBackend, KVCacheBackend, MemoryManager, Placement
+from qvl_pipeline.slots import CacheShape, KVCacheBackend, MemoryManager, Placement
 from qvl_pipeline.slots.memory import model_bytes, plan_for
 from qvl_pipeline.slots.memory_share import layer_devices_summary
 
@@ -34,11 +34,12 @@ def kv_section(facts: RunFacts, backend: KVCacheBackend, layer_devices: Sequence
 
 
 def predicted_placement(facts: RunFacts, memory: MemoryManager) -> Placement:
-    """Where the memory plugin would put the run's model before loading: the planner's placement when the plugin
-    follows it, else its own `place` on the sizes in the chosen kernels plugin's weight format."""
+    """Where the run's model would compute, predicted before loading: the planner's placement when the memory plugin
+    follows it (streamed layers on the device they compute on), else its own `place` on the sizes in the chosen
+    kernels plugin's weight format."""
     memory_plan = memory.plan()
     if memory_plan is not None:
-        return Placement.from_plan(memory_plan)
+        return Placement.from_plan(memory_plan, computing=True)
     sizes = model_bytes(memory.facts)
     return memory.place(list(sizes.layers), sizes.vision, sizes.embed, sizes.head)
 
@@ -67,10 +68,12 @@ def model_section(facts: RunFacts, memory: MemoryManager) -> dict[str, Any]:
             "memory": None if memory_plan is None else memory_plan.to_dict()}
 
 
-def described_memory(report: HardwareReport, memory: MemoryManager, explicit: bool) -> dict[str, Any] | None:
+def described_memory(report: HardwareReport, memory: MemoryManager, explicit: bool,
+                     rejects: Callable[[str, RunFacts], list[str]]) -> dict[str, Any] | None:
     """The memory plan on the named profile's own machine when its GPU is not usable here (this machine plans for
-    the CPU): the explicitly chosen plugin's, else the first entry of the profile's memory chain that fits there
-    (built-in plugins are named after the planner's modes), with the weight format chosen here."""
+    the CPU): the explicitly chosen plugin's, else the first entry of the profile's memory chain that its plugin's
+    `rejects(name, facts there)` admits and that fits there (built-in plugins are named after the planner's modes),
+    with the weight format chosen here."""
     described = report.described
     if described is None or described.gpu is None or not described.cuda_usable or memory.facts.hardware.cuda_usable:
         return None
@@ -78,7 +81,7 @@ def described_memory(report: HardwareReport, memory: MemoryManager, explicit: bo
     there = replace(memory.facts, hardware=described, budgets=budgets)
     names = (memory.mode,) if explicit and memory.mode else described.chains.get("memory", ())
     for name in names:
-        if name not in MODES:
+        if name not in MODES or rejects(name, there):
             continue
         try:
             return {"profile": described.name, **plan_for(there, name).to_dict()}
@@ -98,6 +101,13 @@ class RunPlan:
         self.opt_level = opt_level
         self.recoveries: list[dict[str, str]] = []      # what the runtime did after failures while running
 
+    def _memory_rejects(self, name: str, facts: RunFacts) -> list[str]:
+        """Why memory plugin `name` (with the run's options when it is the chosen one) cannot run with `facts`."""
+        memory = self.resolver.resolve("memory")
+        spec = self.resolver.registry.load("memory", name)
+        options = memory.options if memory.name == name else spec.cls.Options()
+        return list(spec.cls.validate(facts, options))
+
     def record_recovery(self, where: str, failure: str, action: str) -> None:
         """Note a runtime recovery: the step that failed, the failure, and what was changed to go on."""
         self.recoveries.append({"where": where, "failure": failure, "action": action})
@@ -109,17 +119,15 @@ class RunPlan:
         assert isinstance(memory, MemoryManager)
         model = model_section(self.facts, memory)
         explicit = self.resolver.decisions["memory"].how == "explicit"
-        model["memory_on_profile"] = described_memory(self.report, memory, explicit)
+        model["memory_on_profile"] = described_memory(self.report, memory, explicit, self._memory_rejects)
         kv_backend = self.resolver.resolve("kv_cache")
         assert isinstance(kv_backend, KVCacheBackend)
         if loaded is not None:
             model["loaded"] = {"report": str(loaded.report), "seconds": round(loaded.seconds, 3),
                                "placement": loaded.placement.summary()}
             kv = kv_section(self.facts, kv_backend, loaded.placement.layers, loaded.model.dtype)
-        else:
-            kernels = self.resolver.resolve("kernels")
-            assert isinstance(kernels, KernelsBackend)
-            dtype = kernels.compute_dtype(getattr(torch, self.facts.model.stored_dtype))
+        else:       # before loading: the dtype the loaded model will compute in (the loader's, see activation_dtype)
+            dtype = getattr(torch, self.facts.activation_dtype)
             kv = kv_section(self.facts, kv_backend, predicted_placement(self.facts, memory).layers, dtype)
         context = self.facts.context
         return {
@@ -143,7 +151,8 @@ def _size(gib: float) -> str:
     return f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
 
 
-_TIER_NOTES = {"gpu": "in VRAM", "cpu": "in RAM", "disk": "on disk, read when used"}
+_TIER_NOTES = {"gpu": "in VRAM", "cpu": "in RAM", "disk": "on disk, read when used",
+               "pinned": "in pinned RAM, copied to the GPU a layer ahead"}
 
 
 def _ceiling(rate: float | None) -> str:
@@ -175,9 +184,12 @@ def render_memory(mem: Mapping[str, Any], where: str = "") -> list[str]:
                  + (f", stream pool {_size(mem['pool_gib'])}" if mem["pool_gib"] else ""))
     if mem["vram_gib"] or b["vram_gib"]:
         lines.append(f"    VRAM {_size(mem['vram_gib'])} of {_size(b['vram_gib'])} ({b['vram_source']}): KV cache "
-                     f"{_size(kv.get('gpu', 0))}")
+                     f"{_size(kv.get('gpu', 0))}"
+                     + (f", layers in flight {_size(mem['window_gib'])}" if mem["window_gib"] else ""))
     read = mem["read_per_token_gib"]
-    tiers = [f"{tier} {rate:.1f} tok/s over {_size(read[tier] + (read['disk'] if tier == 'cpu' else 0))}/token"
+    pinned = read.get("pinned", 0)
+    read_by = {"cpu": read["cpu"] + read["disk"], "gpu": read["gpu"] + pinned, "pinned": pinned, "disk": read["disk"]}
+    tiers = [f"{'host link' if tier == 'pinned' else tier} {rate:.1f} tok/s over {_size(read_by[tier])}/token"
              for tier, rate in mem["ceilings_tokens_per_s"].items() if rate]
     lines.append(f"    decode ceiling: {_ceiling(mem['ceiling_tokens_per_s'])}"
                  + (f" ({', '.join(tiers)})" if tiers else ""))

@@ -11,7 +11,8 @@ from qvl_pipeline.errors import ConfigError, PluginError, QvlError
 from qvl_pipeline.facts import RunFacts
 from qvl_pipeline.options import build_options, options_as_dict
 from qvl_pipeline.registry import PluginRegistry, PluginSpec
-from qvl_pipeline.slots import SLOTS, Fidelity, KernelsBackend, Plugin
+from qvl_pipeline.slots import SLOTS, Fidelity, KernelsBackend, KVCacheBackend, Plugin
+from qvl_pipeline.slots.kv_cache import planned_kv
 
 FIDELITY_BY_NAME = {level.name.lower(): level for level in Fidelity}
 
@@ -81,7 +82,7 @@ class Resolver:
         self._plugins: dict[str, Plugin] = {}
         self._references: dict[str, Plugin] = {}
         self._positions: dict[str, int] = {}
-        self._slot_facts: dict[str, RunFacts] = {}
+        self._run_facts: RunFacts | None = None
         self.decisions: dict[str, SlotDecision] = {}
         self._check_option_names()
 
@@ -103,16 +104,25 @@ class Resolver:
         return plugin
 
     def facts_for(self, slot: str) -> RunFacts:
-        """The facts `slot`'s plugins validate against: the memory slot also sees how the chosen kernels plugin
-        stores the weights (RunFacts.weights), so it plans with the bytes that will really be loaded."""
-        if slot != "memory":
-            return self.facts
-        if slot not in self._slot_facts:
+        """The facts `slot`'s plugins validate against: the memory slot sees the run's facts (`run_facts`), so it
+        plans with the weight and KV-cache bytes that will really be allocated; the others the facts as gathered."""
+        return self.run_facts() if slot == "memory" else self.facts
+
+    def run_facts(self) -> RunFacts:
+        """The facts the run goes by: the gathered facts with what two plugins decide — how the chosen kernels
+        plugin stores the weights (RunFacts.weights) and how the chosen kv_cache plugin stores the cache
+        (RunFacts.kv: its dtype and bytes per position) — and the context budget derived again at that size."""
+        if self._run_facts is None:
             kernels = self.resolve("kernels")
             fmt = kernels.weight_format(self.facts.model.stored_dtype) if isinstance(kernels, KernelsBackend) \
                 else None
-            self._slot_facts[slot] = replace(self.facts, weights=fmt)
-        return self._slot_facts[slot]
+            facts = replace(self.facts, weights=fmt)
+            backend = self.resolve("kv_cache")
+            if isinstance(backend, KVCacheBackend):
+                kv = planned_kv(backend, facts)
+                facts = replace(facts, kv=kv, context=facts.context.for_kv(kv.bytes_per_position))
+            self._run_facts = facts
+        return self._run_facts
 
     def resolve_all(self) -> dict[str, Plugin]:
         return {slot: self.resolve(slot) for slot in SLOTS}

@@ -1,10 +1,11 @@
-"""One SSD-streaming measurement in a fresh process (its peak RSS is its own): ours (memory=ssd_stream), or
-transformers with accelerate's disk offload (device_map with an offload folder) under the same CPU memory budget.
+"""One SSD-streaming measurement in a fresh process (its peak RSS is its own): ours (the run's config with its memory
+plugin and budget, e.g. memory=ssd_stream), or transformers with accelerate's disk offload (device_map with an
+offload folder) under the same CPU memory budget.
 
-Usage: python -m qvl_pipeline.bench.ssd_worker ours|accelerate FOLDER TOKENS BUDGET_GIB DROP_LIST [overrides...]
-(ours: the overrides choose the memory plugin and budget; accelerate: BUDGET_GIB is its max_memory for the CPU).
-The files listed (one per line) in DROP_LIST have their page cache dropped right before generating. Prints one JSON
-line.
+Usage: python -m qvl_pipeline.bench.ssd_worker ours|accelerate SPEC.json
+SPEC holds the checkpoint folder, the new tokens, the RAM budget (GiB; accelerate's max_memory for the CPU), the
+drop list and, for ours, the run's typed config as plain data. The files listed (one per line) in the drop list have
+their page cache dropped right before generating. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ def drop(list_file: str) -> int:
     return len(paths)
 
 
-def ours(folder: str, tokens: int, budget_gib: float, drop_list: str, overrides: list[str]) -> dict:
+def ours(config: dict, tokens: int, drop_list: str) -> dict:
     from qvl_pipeline import Pipeline
+    from qvl_pipeline.bench.worker import config_from_dict
+    from qvl_pipeline.container import make_container
 
     start = time.perf_counter()
-    pipe = Pipeline.from_overrides([f"model.path={folder}", "progress=false", *overrides])
+    pipe = Pipeline.from_container(make_container(config_from_dict(config)))
     load_s = time.perf_counter() - start
     memory = pipe.run_plan.resolver.resolve("memory")
     streaming = getattr(memory, "streaming", None)
@@ -106,9 +109,8 @@ def accelerate(folder: str, tokens: int, budget_gib: float, drop_list: str) -> d
 
 
 if __name__ == "__main__":
-    impl, folder, tokens, budget, drop_list = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), \
-        sys.argv[5]
-    row = ours(folder, tokens, budget, drop_list, sys.argv[6:]) if impl == "ours" \
-        else accelerate(folder, tokens, budget, drop_list)
+    impl, spec = sys.argv[1], json.loads(Path(sys.argv[2]).read_text(encoding="utf-8"))
+    row = ours(spec["config"], spec["tokens"], spec["drop_list"]) if impl == "ours" \
+        else accelerate(spec["folder"], spec["tokens"], spec["budget_gib"], spec["drop_list"])
     row["peak_rss_mib"] = round(status_mib("VmHWM"), 1)
     print(json.dumps(row))

@@ -294,6 +294,7 @@ def _validate_bench_and_tune(config: RootConfig) -> None:
     _require(1 <= bench.rounds <= BENCH_MAX_ROUNDS, "bench.rounds", bench.rounds,
              f"an integer in [1, {BENCH_MAX_ROUNDS}]")
     _require(bench.compare in BENCH_COMPARE, "bench.compare", bench.compare, " or ".join(BENCH_COMPARE))
+    _require(0 < bench.ssd_share <= 1, "bench.ssd_share", bench.ssd_share, "a share of the weights in (0, 1]")
     presets = group_options("model")
     _require(bench.model in presets, "bench.model", bench.model, f"a model preset: {', '.join(presets)}")
     _require(bench.image is None or bool(bench.image.strip()), "bench.image", bench.image,

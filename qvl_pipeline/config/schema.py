@@ -109,6 +109,8 @@ class BenchConfig:
     model: str = "qwen3_vl_2b"     # model preset whose shape the random checkpoint has when model.path is not set
     image: str | None = None       # null: a generated 448x448 picture (written once in the cache folder)
     accuracy: bool = True          # greedy agreement and logit error vs opt=minimal (tiny config + this checkpoint)
+    ssd: bool = False              # also measure memory=ssd_stream under a RAM budget (qvl_pipeline/bench/ssd.py)
+    ssd_share: float = 0.3         # that budget as a share of the weights in the kernels plugin's format
 
 
 @dataclass

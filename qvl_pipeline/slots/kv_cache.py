@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qvl_pipeline.facts import KVFacts, RunFacts
 from qvl_pipeline.slots.base import Plugin
 
 
@@ -85,3 +86,14 @@ class KVCacheBackend(Plugin):
         from qvl_pipeline.slots.checks import check_kv_cache
 
         check_kv_cache(self, reference)
+
+
+def planned_kv(backend: KVCacheBackend, facts: RunFacts) -> KVFacts:
+    """The run's KV cache as `backend` will store it, known before anything is loaded: keys/values computed in the
+    model's activation dtype (`facts.activation_dtype`: set `facts.weights` first) and `backend.bytes_per_position`
+    for one sequence — the one figure the context budget, the memory plan and the plan's kv line use."""
+    text = facts.model.config.text
+    shape = CacheShape(layers=text.num_hidden_layers, batch=1, kv_heads=text.num_key_value_heads,
+                       head_dim=text.head_dim, max_len=facts.context.positions)
+    dtype = facts.activation_dtype
+    return KVFacts(dtype, backend.bytes_per_position(shape, getattr(torch, dtype)))

@@ -23,7 +23,10 @@ from qvl_pipeline.weight_format import (
     kv_bytes_per_position,
 )
 
-DEVICE_OF_TIER = {"gpu": "cuda", "cpu": "cpu", "disk": "cpu"}   # a part on disk computes on the CPU
+# Where a part of each tier sits once placed: on disk it computes on the CPU; in pinned RAM it stays home on the CPU
+# until the plugin's attach streams it to the GPU (COMPUTE_DEVICE_OF_TIER: where it computes, with its KV cache).
+DEVICE_OF_TIER = {"gpu": "cuda", "cpu": "cpu", "disk": "cpu", "pinned": "cpu"}
+COMPUTE_DEVICE_OF_TIER = {**DEVICE_OF_TIER, "pinned": "cuda"}
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,14 @@ class Placement:
     plan: MemoryPlan | None = field(default=None, compare=False)
 
     @classmethod
-    def from_plan(cls, memory_plan: MemoryPlan) -> Placement:
+    def from_plan(cls, memory_plan: MemoryPlan, computing: bool = False) -> Placement:
+        """Where `place` puts each part of the plan; `computing`: where each part computes once attached (what the
+        plan predicts before loading; differs for layers streamed from pinned RAM)."""
+        device = COMPUTE_DEVICE_OF_TIER if computing else DEVICE_OF_TIER
         on_disk = {part for part in ("vision", "embed", "head") if getattr(memory_plan, part) == "disk"}
         on_disk |= {f"layers.{i}" for i, tier in enumerate(memory_plan.layers) if tier == "disk"}
-        return cls(vision=DEVICE_OF_TIER[memory_plan.vision], embed=DEVICE_OF_TIER[memory_plan.embed],
-                   head=DEVICE_OF_TIER[memory_plan.head],
-                   layers=tuple(DEVICE_OF_TIER[t] for t in memory_plan.layers), on_disk=frozenset(on_disk),
+        return cls(vision=device[memory_plan.vision], embed=device[memory_plan.embed], head=device[memory_plan.head],
+                   layers=tuple(device[t] for t in memory_plan.layers), on_disk=frozenset(on_disk),
                    plan=memory_plan)
 
     @property
@@ -104,10 +109,13 @@ def bandwidths(hw: HardwareProfile) -> Bandwidths:
 
 def model_bytes(facts: RunFacts, fmt: WeightFormat | None = None) -> ModelBytes:
     """The planner's view of the run's model in `fmt` (default: the chosen kernels plugin's), estimated from
-    config.json; the KV cache in the model's float dtype."""
+    config.json; the KV cache as the kv_cache plugin stores it (`facts.kv`), else in the model's float dtype."""
     fmt = fmt or facts.weight_format
     s = facts.model.sizes(fmt)
-    kv = kv_bytes_per_position(facts.model.hf_config, FLOAT_BYTES[facts.model.stored_dtype])
+    if facts.kv is not None:                          # every layer's bytes -> one layer's (the planner's unit)
+        kv = -(-facts.kv.bytes_per_position // s.layers)
+    else:
+        kv = kv_bytes_per_position(facts.model.hf_config, FLOAT_BYTES[facts.model.stored_dtype])
     return ModelBytes(layers=(s.layer,) * s.layers, vision=s.vision, vision_block=s.vision_block,
                       vision_depth=s.vision_depth, embed=s.embed, head=s.head, kv_per_position=kv,
                       label=fmt.name)

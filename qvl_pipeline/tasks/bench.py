@@ -1,7 +1,9 @@
 """task=bench: load time, vision, prefill, TTFT, decode speed and peak memory of this run's configuration (and of
 transformers with bench.compare=transformers), each system in a fresh process, next to the decode ceiling the
 measured RAM bandwidth allows for the weight bytes that really ran; then the level's accuracy against the exact
-path. Prints a table, writes bench.json (and the run's plan.json) into the run folder as one unit."""
+path; with bench.ssd=true, also decoding with the weights streamed from disk under a RAM budget
+(qvl_pipeline/bench/ssd.py). Prints a table, writes bench.json (and the run's plan.json) into the run folder as one
+unit."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from qvl_pipeline import errors
+from qvl_pipeline.bench import ssd
 from qvl_pipeline.bench.accuracy import ACCURACY_TOKENS, tiny_accuracy
 from qvl_pipeline.bench.picture import bench_picture
 from qvl_pipeline.bench.random_checkpoint import random_checkpoint_folder, write_random_checkpoint
@@ -123,6 +126,23 @@ def build_report(config: RootConfig, source: str, image: Path, prompt: str, band
     }
 
 
+def ssd_part(run_config: RootConfig, folder: Path, config: RootConfig) -> dict[str, Any]:
+    """bench.ssd=true: memory=ssd_stream under a RAM budget of bench.ssd_share of the weights (with the page cache
+    dropped and kept), the resident run and accelerate's disk offload when installed, bench.rounds interleaved
+    repetitions of bench.tokens new tokens (qvl_pipeline.bench.ssd); a failed measurement is reported, not raised."""
+    bench = config.bench
+    progress(f"SSD streaming: ssd_stream under {bench.ssd_share:.0%} of the weights vs resident, {bench.rounds} "
+             f"repetition(s), each run in a fresh process")
+    try:
+        return ssd.measure(run_config, folder, bench.ssd_share, bench.tokens, bench.rounds, say=progress)
+    except RuntimeError as exc:
+        return {"error": str(exc)}
+
+
+def ssd_lines(part: dict[str, Any]) -> list[str]:
+    return [f"SSD streaming: failed: {part['error']}"] if "error" in part else ssd.render(part)
+
+
 def run(config: RootConfig, container: RootContainer, results_dir: Path | None = None) -> int:
     if config.image or config.images or config.video:
         raise ConfigError("task=bench takes its picture from bench.image, not image=/images=/video=",
@@ -134,6 +154,8 @@ def run(config: RootConfig, container: RootContainer, results_dir: Path | None =
     run_config = dataclasses.replace(config, model=dataclasses.replace(config.model, path=str(folder)),
                                      progress=False)
     model_facts(run_config.model)               # a missing or broken checkpoint fails now, in one line
+    if bench.ssd:                               # a streaming budget that cannot be planned fails now, too
+        ssd.budget_gib(ssd.stream_config(run_config, bench.tokens), bench.ssd_share)
     progress("measuring RAM copy bandwidth")
     bandwidth = measure_memory_gb_s()
     spec = {"config": config_to_dict(run_config), "folder": str(folder), "image": str(image), "prompt": prompt,
@@ -159,10 +181,12 @@ def run(config: RootConfig, container: RootContainer, results_dir: Path | None =
         accuracy["tiny parity config"] = tiny_accuracy(config, prompt)
         accuracy["the benchmarked checkpoint"] = systems[OURS].pop("accuracy")
     report = build_report(config, source, image, prompt, bandwidth, systems, accuracy)
+    if bench.ssd:
+        report["ssd"] = ssd_part(run_config, folder, config)
     if config.output == "json":
         print(json.dumps(report, indent=2))
     else:
-        print(render(report))
+        print(render(report) + ("\n\n" + "\n".join(ssd_lines(report["ssd"])) if bench.ssd else ""))
     if results_dir is not None:
         written = write_unit(results_dir, {"bench.json": report, "plan.json": systems[OURS]["plan"]})
         progress(f"written: {written[0]}")

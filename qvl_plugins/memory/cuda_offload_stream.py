@@ -1,7 +1,13 @@
-"""Every decoder layer computes on the GPU while its large weights live in pinned CPU RAM: a side CUDA stream copies
-layer i+1's weights while layer i computes (an event orders each copy before its use), so VRAM holds about two
-layers' weights, the small per-layer tensors (norms), the parts that fit (head, embeddings, vision tower) and the KV
-cache.
+"""Every decoder layer computes on the GPU while the large weights of the layers that do not fit in VRAM live in
+pinned CPU RAM: a side CUDA stream copies layer i+1's weights while layer i computes (an event orders each copy
+before its use).
+
+What stays in VRAM is sized by the memory planner (mode `cuda_offload_stream` in qvl_pipeline.memory_plan) from the
+same VRAM budget every memory plugin uses (memory.vram_budget_gb, else the GPU's VRAM less the CUDA context's
+reserve): first every layer's KV cache and the window of layers in flight (two copies of the largest streamed
+layer); then, while they fit, the output head, the leading layers (kept resident, so fewer bytes cross the link per
+token), the vision tower and the embeddings. When even the KV cache and the window do not fit, the plugin is refused
+with the numbers and the smallest fix (a smaller context, a smaller weight format, a larger budget).
 
 When it pays (the rule `validate` applies): decode reads every weight once per token. Streamed, each token moves
 every layer's weights over the host link, ≈ weight bytes / gpu.pcie_gb_s (the GPU's maths hides behind the copies);
@@ -21,30 +27,30 @@ import torch
 from torch import nn
 
 from qvl_pipeline.slots import Fidelity, RunFacts
-from qvl_pipeline.slots.memory import MemoryManager, Placement
-from qvl_plugins.memory.budget import GIB, VRAM_RESERVE_GB
+from qvl_pipeline.slots.memory import MemoryManager, Placement, fits
+from qvl_pipeline.slots.memory_share import CPU, on_gpu
 
 STREAMED_DEVICE = "cuda"
-LAYERS_IN_FLIGHT = 2         # the layer computing and the next one being copied
 
 
 @dataclass(frozen=True)
 class CudaOffloadStreamOptions:
-    vram_reserve_gb: float = VRAM_RESERVE_GB
     min_speedup: float = 1.0        # stream only when pcie_gb_s ≥ min_speedup × the CPU's memory bandwidth
     stream_min_bytes: int = 65536   # tensors at least this large stream; smaller ones (norms) stay on the GPU
+    resident_layers: int | None = None   # leading layers kept in VRAM; null: as many as the VRAM budget holds
 
     def __post_init__(self) -> None:
         if self.min_speedup <= 0:
             raise ValueError(f"min_speedup must be > 0, got {self.min_speedup}")
         if self.stream_min_bytes < 0:
             raise ValueError(f"stream_min_bytes must be ≥ 0, got {self.stream_min_bytes}")
+        if self.resident_layers is not None and self.resident_layers < 0:
+            raise ValueError(f"resident_layers must be ≥ 0 or null, got {self.resident_layers}")
 
 
-def streaming_reasons(pcie_gb_s: float, cpu_gb_s: float, min_speedup: float, layer_bytes: int,
-                      vram_budget_bytes: float) -> list[str]:
-    """Why streaming layers over the host link would not beat computing them on the CPU, or would not fit (pure):
-    the link must carry at least `min_speedup` × the CPU's memory bandwidth, and two layers must fit in VRAM."""
+def streaming_reasons(pcie_gb_s: float, cpu_gb_s: float, min_speedup: float) -> list[str]:
+    """Why streaming layers over the host link would not beat computing them on the CPU (pure): the link must carry
+    at least `min_speedup` × the CPU's memory bandwidth. (Whether the window fits is the planner's check.)"""
     reasons = []
     if pcie_gb_s <= 0:
         reasons.append("the hardware profile states no gpu.pcie_gb_s (host link bandwidth), so streaming cannot be "
@@ -56,22 +62,21 @@ def streaming_reasons(pcie_gb_s: float, cpu_gb_s: float, min_speedup: float, lay
         reasons.append(f"the host link ({pcie_gb_s:g} GB/s) is slower than {min_speedup:g} × the CPU's memory "
                        f"bandwidth ({cpu_gb_s:g} GB/s): decode streams every layer's weights over the link for each "
                        f"token, so computing those layers on the CPU is {cpu_gb_s / pcie_gb_s:.1f}x faster")
-    if LAYERS_IN_FLIGHT * layer_bytes > vram_budget_bytes:
-        reasons.append(f"{LAYERS_IN_FLIGHT} decoder layers ({LAYERS_IN_FLIGHT * layer_bytes / GIB:.2f} GiB) do not "
-                       f"fit in the {max(0.0, vram_budget_bytes) / GIB:.2f} GiB of VRAM left after the reserve")
     return reasons
 
 
-def resident_parts(vram_budget_bytes: float, layer_bytes: Sequence[int], vision_bytes: int, embed_bytes: int,
-                   head_bytes: int) -> dict[str, bool]:
-    """Which fixed parts stay on the GPU (pure): the head, then the embeddings, then the vision tower, each while it
-    fits beside the layers in flight."""
-    left = vram_budget_bytes - LAYERS_IN_FLIGHT * max(layer_bytes, default=0)
-    resident = {}
-    for part, size in (("head", head_bytes), ("embed", embed_bytes), ("vision", vision_bytes)):
-        resident[part] = size <= left
-        left -= size if resident[part] else 0
-    return resident
+def smaller_offload_share(placement: Placement) -> Placement | None:
+    """The placement (as `place` made it: resident layers on the GPU, streamed ones at home on the CPU) with the
+    trailing half of its resident layers streamed instead; with none resident, the head, embeddings and vision tower
+    on the CPU; None when only the window and the KV caches are left on the GPU (pure)."""
+    resident = [i for i, device in enumerate(placement.layers) if on_gpu(device)]
+    if resident:
+        streamed = set(resident[len(resident) // 2:])
+        return replace(placement, layers=tuple(CPU if i in streamed else d for i, d in enumerate(placement.layers)),
+                       plan=None)
+    if any(on_gpu(d) for d in (placement.vision, placement.embed, placement.head)):
+        return replace(placement, vision=CPU, embed=CPU, head=CPU, plan=None)
+    return None
 
 
 # ---- the streaming mechanics (the copier is chosen once, at attach) ------------------------------------------------
@@ -203,40 +208,38 @@ class CudaOffloadStreamMemory(MemoryManager):
                "side CUDA stream: for models larger than VRAM on a host link faster than the CPU's RAM")
     Options = CudaOffloadStreamOptions
 
+    mode = "cuda_offload_stream"
+
     def __init__(self, facts: RunFacts, options: CudaOffloadStreamOptions | None = None, *, name: str = "") -> None:
         super().__init__(facts, options, name=name)
         self.streamer: LayerStreamer | None = None
+        self.placed: Placement | None = None         # the placement attach streamed from (what shrink shrinks) ...
+        self.running: Placement | None = None        # ... and what attach returned (every layer on the GPU)
 
     @classmethod
     def validate(cls, facts: RunFacts, options: CudaOffloadStreamOptions) -> list[str]:
+        """Usable on a CUDA GPU whose host link beats the CPU's RAM, when the planner's layout (KV caches and the
+        layers in flight in the VRAM budget; streamed layers and the CPU's parts in the RAM budget) fits."""
         hw = facts.hardware
         reasons = hw.cuda_reasons()
         if reasons:
             return reasons
         assert hw.gpu is not None
-        layer_bytes = facts.model.params.per_layer * facts.model.bytes_per_param
-        return streaming_reasons(hw.gpu.pcie_gb_s, hw.cpu.memory_bandwidth_gb_s, options.min_speedup, layer_bytes,
-                                 cls._budget(facts, options))
+        return streaming_reasons(hw.gpu.pcie_gb_s, hw.cpu.memory_bandwidth_gb_s, options.min_speedup) \
+            + fits(facts, "cuda_offload_stream", resident_layers=options.resident_layers)
 
-    @staticmethod
-    def _budget(facts: RunFacts, options: CudaOffloadStreamOptions) -> float:
-        gpu = facts.hardware.gpu
-        return 0.0 if gpu is None else (gpu.vram_gb - options.vram_reserve_gb) * GIB
-
-    def place(self, layer_bytes: list[int], vision_bytes: int, embed_bytes: int, head_bytes: int) -> Placement:
-        """The layers stay in CPU RAM (`attach` streams them); the head, embeddings and vision tower go to the GPU
-        while they fit beside the layers in flight."""
-        resident = resident_parts(self._budget(self.facts, self.options), layer_bytes, vision_bytes, embed_bytes,
-                                  head_bytes)
-        on = {part: STREAMED_DEVICE if fits else "cpu" for part, fits in resident.items()}
-        return Placement(vision=on["vision"], embed=on["embed"], head=on["head"],
-                         layers=tuple("cpu" for _ in layer_bytes))
+    def planner_options(self) -> dict[str, object]:
+        return {"resident_layers": self.options.resident_layers}
 
     def attach(self, layers: Sequence[nn.Module], placement: Placement) -> Placement:
+        """Stream the layers `place` left at home on the CPU; every layer then computes (and keeps its KV cache) on
+        the GPU."""
         device = torch.device(STREAMED_DEVICE)
-        self.streamer = LayerStreamer(layers, device, SideStreamCopier(device), self.options.stream_min_bytes,
-                                      pin=True)
-        return replace(placement, layers=tuple(STREAMED_DEVICE for _ in layers))
+        streamed = [layer for layer, home in zip(layers, placement.layers, strict=True) if not on_gpu(home)]
+        self.streamer = LayerStreamer(streamed, device, SideStreamCopier(device), self.options.stream_min_bytes,
+                                      pin=True) if streamed else None
+        self.placed, self.running = placement, replace(placement, layers=tuple(STREAMED_DEVICE for _ in layers))
+        return self.running
 
     def detach(self, layers: Sequence[nn.Module]) -> None:
         if self.streamer is not None:
@@ -244,5 +247,8 @@ class CudaOffloadStreamMemory(MemoryManager):
             self.streamer = None
 
     def shrink(self, placement: Placement) -> Placement | None:
-        """Two layers in flight is already the smallest share: after an out-of-memory the slot moves down its chain."""
-        return None
+        """After an out-of-memory: stream half of the resident layers, then move the head, embeddings and vision
+        tower to the CPU; with only the window and the KV caches left on the GPU, the slot moves down its chain."""
+        if self.placed is not None and placement == self.running:
+            placement = self.placed                  # the running placement: shrink what place() made
+        return smaller_offload_share(placement)

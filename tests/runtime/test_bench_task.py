@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from qvl_pipeline.bench import report as bench_report
+from qvl_pipeline.bench import ssd
 from qvl_pipeline.bench.worker import config_from_dict, config_to_dict, tensor_bytes, weights_read_per_token
 from qvl_pipeline.config.load import load_config
 from qvl_pipeline.container import make_container
@@ -176,6 +177,67 @@ def test_missing_transformers_is_one_line_and_the_rest_still_runs(minimal_run):
     assert (results / "plan.json").exists()
 
 
+@pytest.fixture(scope="module")
+def ssd_run(dirs, tmp_path_factory):
+    """opt=minimal with the SSD streaming part, through the CLI."""
+    return cli_bench(dirs, tmp_path_factory.mktemp("ssd"), "opt=minimal", "bench.accuracy=false", "bench.ssd=true")
+
+
+@pytest.mark.slow
+def test_bench_ssd_puts_its_rows_into_the_table_and_json(ssd_run):
+    run, report, _ = ssd_run
+    part = report["ssd"]
+    assert set(part["rows"]) == {ssd.STREAMED, ssd.STREAMED_CACHED, ssd.RESIDENT, ssd.ACCELERATE}
+    for name in (ssd.STREAMED, ssd.STREAMED_CACHED, ssd.RESIDENT):
+        row = part["rows"][name]
+        assert {"decode_tokens_per_s", "peak_rss_mib", "rss_over_budget", "disk_read_gb_s",
+                "fraction_of_sequential_read"} <= set(row), row
+        assert row["decode_tokens_per_s"] > 0 and row["peak_rss_mib"] > 0
+    streamed = part["runs"][ssd.STREAMED][0]
+    assert streamed["streamed_gib"] > 0 and "on disk" in streamed["placement"]      # it really streamed
+    assert len(part["sequential_read_mb_s"]) == part["reps"] == 1 and part["tokens"] == TOKENS
+    assert part["identical_tokens_ours"]
+    assert "SSD streaming: RAM budget" in run.stdout
+    for name in part["rows"]:
+        assert name in run.stdout
+    assert report["systems"]["qvl-pipeline"]["decode_tokens_per_s"] > 0           # the usual rows are still there
+
+
+@pytest.mark.slow
+def test_the_default_bench_has_no_ssd_part(minimal_run):
+    stderr, report, _ = minimal_run
+    assert "ssd" not in report and "SSD streaming" not in stderr
+
+
+def test_the_streaming_budget_is_never_below_what_ssd_stream_admits(dirs, monkeypatch):
+    """A tiny model's 30% is below the process's own runtime: the budget is the smallest ssd_stream admits, and with
+    it the planner leaves every part on disk."""
+    cache, folder = dirs
+    monkeypatch.setenv("QVL_CACHE_DIR", str(cache))
+    config = ssd.stream_config(load_config([f"model.path={folder}", "opt=minimal"]), TOKENS)
+    assert config.generate.max_context == ssd.PROMPT_POSITIONS + TOKENS
+    budget = ssd.budget_gib(config, 0.3)
+    assert budget["ram_budget_gib"] > 0.3 * budget["weights_gib"] and "smallest ssd_stream admits" in budget["source"]
+    memory = make_container(ssd.with_memory(config, "ssd_stream", budget["ram_budget_gib"])).core.memory()
+    plan = memory.plan()
+    assert set(plan.layers) == {"disk"} and (plan.vision, plan.head) == ("disk", "disk")
+    assert plan.ram <= budget["ram_budget_gib"] * 1024**3
+
+
+def test_the_ssd_summary_relates_each_run_to_the_disk_and_to_accelerate():
+    report = {"ram_budget_gib": 0.5, "sequential_read_mb_s": [1000, 3000],
+              "runs": {ssd.STREAMED: [{"decode_tokens_per_s": 4.0, "peak_rss_mib": 256.0,
+                                       "disk_gb_s_over_generate": 1.4}],
+                       ssd.RESIDENT: [{"error": "boom"}],
+                       ssd.ACCELERATE: [{"decode_tokens_per_s": 2.0, "peak_rss_mib": 900.0}]}}
+    rows = ssd.summarise(report)
+    assert rows[ssd.STREAMED] == {"decode_tokens_per_s": 4.0, "peak_rss_mib": 256.0, "rss_over_budget": 0.5,
+                                  "disk_read_gb_s": 1.4, "fraction_of_sequential_read": 0.7, "vs_accelerate": 2.0}
+    assert rows[ssd.RESIDENT] == {"error": "boom"}
+    assert rows[ssd.ACCELERATE]["vs_accelerate"] is None
+    assert "skipped" in ssd.summarise({**report, "runs": {ssd.ACCELERATE: []}})[ssd.ACCELERATE]
+
+
 @pytest.mark.parametrize(("override", "key"), [
     ("bench.tokens=0", "bench.tokens"),
     ("bench.tokens=100000", "bench.tokens"),
@@ -183,6 +245,9 @@ def test_missing_transformers_is_one_line_and_the_rest_still_runs(minimal_run):
     ("bench.compare=llamacpp", "bench.compare"),
     ("bench.model=qwen9_giant", "bench.model"),
     ("bench.image=", "bench.image"),
+    ("bench.ssd_share=0", "bench.ssd_share"),
+    ("bench.ssd_share=1.5", "bench.ssd_share"),
+    ("bench.ssd_share=nan", "bench.ssd_share"),
 ])
 def test_bad_bench_values_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError) as caught:
