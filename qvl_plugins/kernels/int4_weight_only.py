@@ -22,6 +22,7 @@ from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error,
 from qvl_plugins.kernels.int4_linear import ATEN_GROUP_SIZES, INT4PACK_MM, UNLIMITED_ROWS, Int4Linear
 from qvl_plugins.kernels.int8_weight_only import COMPUTE_DTYPES, QuantizableLinear, cache_binding, default_pack_rows
 from qvl_plugins.kernels.native_gemv import Int4Decode, Int8Decode, native_for
+from qvl_plugins.kernels.native_norm import NativeRMSNorm
 from qvl_plugins.kernels.quantized_model import Int4Format, Int8Format, LinearFormat, find_targets, quantize_model
 
 # 4-bit weights cannot meet APPROXIMATE's 5e-2 per layer: on Gaussian weights the relative error of a 16-level
@@ -101,9 +102,13 @@ class Int4WeightOnlyKernels(KernelsBackend):
         # for int8 layers + head against ATen's int8 GEMV, same VM).
         self._int8 = Int8Format(pack_cpu=vector, pack_max_rows=pack_rows,
                                 decode=Int8Decode(build, "int8") if built else None)
+        self._native = build if built else None             # decode-sized RMSNorms in one native call too
 
     def linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return QuantizableLinear(in_features, out_features, bias=bias)
+
+    def norm(self, size: int, eps: float) -> nn.Module:
+        return NativeRMSNorm(size, eps, self._native) if self._native is not None else super().norm(size, eps)
 
     def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
         return stored if self._compute is None else self._compute
