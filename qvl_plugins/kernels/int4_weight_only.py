@@ -17,10 +17,10 @@ from torch import nn
 from qvl_pipeline.hardware.profile import HardwareProfile
 from qvl_pipeline.slots import Fidelity, Plugin, RunFacts, SelfTestError
 from qvl_pipeline.slots.checks import prepared_pair
-from qvl_pipeline.slots.kernels import KernelsBackend
+from qvl_pipeline.slots.kernels import KernelsBackend, check_compute_option, choose_compute_dtype
 from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, relative_error, self_test_devices
 from qvl_plugins.kernels.int4_linear import ATEN_GROUP_SIZES, INT4PACK_MM, UNLIMITED_ROWS, Int4Linear
-from qvl_plugins.kernels.int8_weight_only import COMPUTE_DTYPES, QuantizableLinear, cache_binding, default_pack_rows
+from qvl_plugins.kernels.int8_weight_only import QuantizableLinear, cache_binding, default_pack_rows
 from qvl_plugins.kernels.native_gemv import Int4Decode, Int8Decode, native_for
 from qvl_plugins.kernels.native_norm import NativeRMSNorm
 from qvl_plugins.kernels.quantized_model import Int4Format, Int8Format, LinearFormat, find_targets, quantize_model
@@ -53,7 +53,8 @@ class Int4Options:
     int4_pack_max_rows: int | None = None        # decode_kernel=aten: rows up to which ATen's int4 GEMM is used,
                                                  # larger inputs (prefill) dequantise and run the native GEMM;
                                                  # None: 96 where bf16 matmul is native, else all rows
-    compute_dtype: str = "float32"               # activations' dtype: float32 | bfloat16 | float16 | stored
+    compute_dtype: str = "auto"                  # activations' dtype: auto | stored | float32 | bfloat16 | float16
+                                                 # (auto: as int8_weight_only's)
     decode_kernel: Literal["aten", "native"] = "aten"    # aten: ATen's int4 GEMM (34.6 ms/token for the 2B
                                                  # layers + head, AVX-512 VM); native: the project's int4 x int8
                                                  # GEMV (group 32, activations per 64; 73.9 ms there, compute bound)
@@ -65,8 +66,7 @@ class Int4Options:
             raise ValueError(f"group_size {self.group_size!r} is not one of {list(ATEN_GROUP_SIZES)}")
         if self.head_bits not in (4, 8):
             raise ValueError(f"head_bits {self.head_bits!r} is not 4 or 8")
-        if self.compute_dtype != "stored" and self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype {self.compute_dtype!r} is not one of {[*COMPUTE_DTYPES, 'stored']}")
+        check_compute_option(self.compute_dtype)
 
 
 class Int4WeightOnlyKernels(KernelsBackend):
@@ -79,8 +79,6 @@ class Int4WeightOnlyKernels(KernelsBackend):
 
     def __init__(self, facts: RunFacts, options: Int4Options | None = None, *, name: str = "") -> None:
         super().__init__(facts, options, name=name)
-        dtype = self.options.compute_dtype
-        self._compute = None if dtype == "stored" else COMPUTE_DTYPES[dtype]
         vector = self.hw.has_isa("avx2") or self.hw.has_isa("avx512f")
         build = native_for(facts, self.options.cache_dir) if vector else None
         built = build is not None and build.available
@@ -111,7 +109,10 @@ class Int4WeightOnlyKernels(KernelsBackend):
         return NativeRMSNorm(size, eps, self._native) if self._native is not None else super().norm(size, eps)
 
     def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
-        return stored if self._compute is None else self._compute
+        return choose_compute_dtype(self.options.compute_dtype, stored, self.hw).dtype
+
+    def compute_reason(self, stored: torch.dtype) -> str:
+        return choose_compute_dtype(self.options.compute_dtype, stored, self.hw).reason
 
     def _format_for(self, name: str, module: nn.Module) -> LinearFormat:
         # A layer whose inputs do not split into whole groups stays int8.

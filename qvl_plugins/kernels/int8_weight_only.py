@@ -10,20 +10,21 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qvl_pipeline.checkpoint.quant_cache import default_cache_dir
+from qvl_pipeline.hardware.chains import native_bf16
 from qvl_pipeline.hardware.profile import HardwareProfile
 from qvl_pipeline.slots import Fidelity, Plugin, RunFacts
 from qvl_pipeline.slots.checks import check_kernels
-from qvl_pipeline.slots.kernels import KernelsBackend
+from qvl_pipeline.slots.kernels import KernelsBackend, check_compute_option, choose_compute_dtype
 from qvl_pipeline.slots.selftest import self_test_devices
 from qvl_plugins.kernels.int8_linear import Int8Linear
 from qvl_plugins.kernels.native_gemv import Int8Decode
 from qvl_plugins.kernels.quantize import quantize_int8_rows
 from qvl_plugins.kernels.quantized_model import CacheBinding, Int8Format, find_targets, quantize_model
 
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Rows up to which the int8 GEMV beats widening the weight and running the GEMM, where bf16 matmul is native
 # (AVX512-BF16/AMX; 2048x6144 layer, 2 threads, bf16 activations: GEMV ~315 GFLOP/s at any row count, widen + bf16
 # GEMM 474 at 64 rows, 713 at 256). Without native bf16 the GEMM is emulated (~50 GFLOP/s): the GEMV takes all rows.
@@ -33,8 +34,7 @@ UNLIMITED_ROWS = 1 << 62
 
 def default_pack_rows(hw: HardwareProfile) -> int:
     """pack_max_rows when the option is not set: see NATIVE_BF16_PACK_ROWS."""
-    native_bf16 = hw.has_isa("avx512_bf16") or hw.has_isa("amx_bf16")
-    return NATIVE_BF16_PACK_ROWS if native_bf16 else UNLIMITED_ROWS
+    return NATIVE_BF16_PACK_ROWS if native_bf16(hw) else UNLIMITED_ROWS
 
 __all__ = ["Int8Linear", "Int8Options", "Int8WeightOnlyKernels", "QuantizableLinear", "quantize_per_channel"]
 
@@ -45,7 +45,16 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 class QuantizableLinear(nn.Linear):
-    """A plain nn.Linear ({weight, bias}, so checkpoints load) that prepare() turns into a quantised layer."""
+    """A plain nn.Linear ({weight, bias}, so checkpoints load) that prepare() turns into a quantised layer. One that
+    stays unquantised (the output head with quantize_head=false) keeps its stored weight and takes activations of
+    any dtype: it computes in the weight's dtype and returns the activations' (never an fp32 copy of a large weight).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:            # x: [..., in] -> [..., out] in x's dtype
+        weight = self.weight
+        if x.dtype == weight.dtype:
+            return F.linear(x, weight, self.bias)
+        return F.linear(x.to(weight.dtype), weight, self.bias).to(x.dtype)
 
 
 def cache_binding(facts: RunFacts, enabled: bool, cache_dir: str) -> CacheBinding | None:
@@ -66,13 +75,13 @@ class Int8Options:
                                     # embedding lookup keeps the exact table)
     pack_max_rows: int | None = None  # inputs up to this many rows use the int8 GEMV, larger ones widen the weight
                                       # and run the GEMM; None: 32 where bf16 matmul is native, else all rows
-    compute_dtype: str = "float32"  # activations' dtype: float32 | bfloat16 | float16 | stored
+    compute_dtype: str = "auto"     # activations' dtype: auto | stored | float32 | bfloat16 | float16; auto: the
+                                    # stored dtype where the CPU (or GPU) computes it natively, else float32
     cache: bool = True              # keep the quantised weights on disk (<cache_dir>/quantized/) for fast restarts
     cache_dir: str = ""             # "" = $QVL_CACHE_DIR or ~/.cache/qvl_pipeline
 
     def __post_init__(self) -> None:
-        if self.compute_dtype != "stored" and self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype {self.compute_dtype!r} is not one of {[*COMPUTE_DTYPES, 'stored']}")
+        check_compute_option(self.compute_dtype)
 
 
 class Int8WeightOnlyKernels(KernelsBackend):
@@ -87,8 +96,6 @@ class Int8WeightOnlyKernels(KernelsBackend):
         self.quantize_head = self.options.quantize_head
         self.pack_max_rows = (default_pack_rows(self.hw) if self.options.pack_max_rows is None
                               else self.options.pack_max_rows)
-        dtype = self.options.compute_dtype
-        self._compute = None if dtype == "stored" else COMPUTE_DTYPES[dtype]
         # ATen's int8 GEMV is vectorised for AVX2 and AVX-512 only; elsewhere its scalar loop loses to dequant.
         self.pack_cpu = self.hw.has_isa("avx2") or self.hw.has_isa("avx512f")
 
@@ -100,7 +107,10 @@ class Int8WeightOnlyKernels(KernelsBackend):
         return None
 
     def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
-        return stored if self._compute is None else self._compute
+        return choose_compute_dtype(self.options.compute_dtype, stored, self.hw).dtype
+
+    def compute_reason(self, stored: torch.dtype) -> str:
+        return choose_compute_dtype(self.options.compute_dtype, stored, self.hw).reason
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Swap every QuantizableLinear for an Int8Linear under the same name, and give the output head (also a
