@@ -131,8 +131,9 @@ class RunPlan:
             model["loaded"] = {"report": str(loaded.report), "seconds": round(loaded.seconds, 3),
                                "placement": loaded.placement.summary()}
             kv = kv_section(self.facts, kv_backend, loaded.placement.layers, loaded.model.dtype)
-        else:
-            kv = kv_section(self.facts, kv_backend, predicted_placement(self.facts, memory).layers, compute.dtype)
+        else:       # before loading: the dtype the loaded model will compute in (the run's activation_dtype)
+            dtype = getattr(torch, self.facts.activation_dtype)
+            kv = kv_section(self.facts, kv_backend, predicted_placement(self.facts, memory).layers, dtype)
         context = self.facts.context
         return {
             "hardware": self.report.to_dict(),
