@@ -42,17 +42,17 @@ class ComputeDtype:
 
 def native_half(hw: HardwareProfile, dtype: torch.dtype) -> tuple[str, str | None, str]:
     """(the device that computes the decoder, the feature with which it computes the 16-bit `dtype` natively or None,
-    what it would need): the GPU where torch can use one (every GPU memory plan puts the decoder's first layers
+    what it lacks otherwise): the GPU where torch can use one (every GPU memory plan puts the decoder's first layers
     there), else the CPU (bf16: AVX512-BF16 or AMX-BF16; no fp16 arithmetic flag is probed: fp16 counts as emulated)."""
     if hw.cuda_usable:
         assert hw.gpu is not None
         major, minor = GPU_NATIVE_FROM[dtype]
-        need = f"sm_{major}{minor}+"
-        return f"this GPU (sm_{hw.gpu.sm})", need if hw.gpu.compute_capability >= (major, minor) else None, need
+        native = hw.gpu.compute_capability >= (major, minor)
+        return "this GPU", f"sm_{hw.gpu.sm}" if native else None, f"sm_{hw.gpu.sm}; needs sm_{major}{minor}+"
     if dtype == torch.bfloat16:
         feature = "AMX-BF16" if hw.has_isa("amx_bf16") else "AVX512-BF16" if native_bf16(hw) else None
-        return "this CPU", feature, "AVX512-BF16/AMX"
-    return "this CPU", None, "AVX512-FP16/AMX-FP16 (not probed)"
+        return "this CPU", feature, "no AVX512-BF16/AMX"
+    return "this CPU", None, "AVX512-FP16/AMX-FP16 are not probed"
 
 
 def choose_compute_dtype(option: str, stored: torch.dtype, hw: HardwareProfile) -> ComputeDtype:
@@ -72,7 +72,7 @@ def choose_compute_dtype(option: str, stored: torch.dtype, hw: HardwareProfile) 
     name = dtype_name(stored)
     if feature is not None:
         return ComputeDtype(stored, f"the checkpoint's dtype, native on {device} ({feature})")
-    return ComputeDtype(torch.float32, f"{device} has no native {name} (no {need}): {name} matmuls would be "
+    return ComputeDtype(torch.float32, f"{device} has no native {name} ({need}): {name} matmuls would be "
                                        "emulated, fp32 is faster")
 
 
