@@ -55,11 +55,14 @@ def native_half(hw: HardwareProfile, dtype: torch.dtype) -> tuple[str, str | Non
     return "this CPU", None, "AVX512-FP16/AMX-FP16 are not probed"
 
 
-def choose_compute_dtype(option: str, stored: torch.dtype, hw: HardwareProfile) -> ComputeDtype:
+def choose_compute_dtype(option: str, stored: torch.dtype, hw: HardwareProfile, *,
+                         integer_matmuls: bool = False) -> ComputeDtype:
     """The compute dtype for a checkpoint stored as `stored` on `hw` under a `compute_dtype` option (pure).
 
-    auto: the stored dtype where it is fp32 or where the computing device does its 16-bit arithmetic natively;
-    fp32 elsewhere (an AVX2 CPU or a Pascal GPU emulates bf16/fp16 matmuls, several times slower than fp32).
+    auto: the stored dtype where it is fp32 or where the computing device does its 16-bit arithmetic natively; fp32
+    elsewhere (an AVX2 CPU or a Pascal GPU emulates bf16/fp16 matmuls, several times slower than fp32) — unless the
+    plugin multiplies every input on this CPU through an integer kernel (`integer_matmuls`): then no matmul runs in
+    the activations' dtype and the stored 16-bit dtype halves the bytes of the activations and the KV cache.
     stored: the checkpoint's dtype. A dtype name: that dtype.
     """
     if option == "stored":
@@ -72,6 +75,10 @@ def choose_compute_dtype(option: str, stored: torch.dtype, hw: HardwareProfile) 
     name = dtype_name(stored)
     if feature is not None:
         return ComputeDtype(stored, f"the checkpoint's dtype, native on {device} ({feature})")
+    if integer_matmuls and not hw.cuda_usable:
+        return ComputeDtype(stored, f"the checkpoint's dtype: {device} has no native {name} ({need}) but every "
+                                    "matmul runs through the integer kernel, so fp32 would only double the bytes of "
+                                    "the activations and the KV cache")
     return ComputeDtype(torch.float32, f"{device} has no native {name} ({need}): {name} matmuls would be "
                                        "emulated, fp32 is faster")
 

@@ -15,6 +15,7 @@ from qvl_plugins.kernels.fp32_compute import Fp32ComputeKernels
 from qvl_plugins.kernels.int4_weight_only import Int4Options, Int4WeightOnlyKernels
 from qvl_plugins.kernels.int8_dynamic import Int8DynamicKernels
 from qvl_plugins.kernels.int8_weight_only import Int8Options, Int8WeightOnlyKernels, QuantizableLinear
+from qvl_plugins.kernels.native_gemv import native_for
 from qvl_plugins.kernels.torch_native import TorchNativeKernels
 from tests.conftest import AMPERE, PASCAL, make_facts, make_profile
 
@@ -60,15 +61,37 @@ def test_an_emulated_avx2_profile_counts_as_avx2_and_an_unemulated_one_as_this_c
 
 
 @pytest.mark.parametrize("plugin", [Int8WeightOnlyKernels, Int8DynamicKernels, Int4WeightOnlyKernels])
-def test_quantised_plugins_default_to_auto_and_follow_the_rule(plugin):
+def test_quantised_plugins_default_to_auto(plugin):
     assert plugin.Options().compute_dtype == "auto"
+    stored = plugin(make_facts(isa=AVX2), plugin.Options(compute_dtype="stored"))
+    assert stored.compute_dtype(BF16) == BF16
+
+
+@pytest.mark.parametrize("plugin", [Int8WeightOnlyKernels, Int4WeightOnlyKernels])
+def test_plugins_that_multiply_in_the_activation_dtype_follow_the_rule(plugin):
     for isa, want in ((AVX2, FP32), (AVX512_BF16, BF16)):
-        kernels = plugin(make_facts(isa=isa))
+        kernels = plugin(make_facts(isa=isa, stored_dtype="bfloat16"))
         assert kernels.compute_dtype(BF16) == want
         assert kernels.compute(BF16).describe().startswith(str(want).removeprefix("torch.") + ": ")
         assert kernels.compute_dtype(FP32) == FP32
-    stored = plugin(make_facts(isa=AVX2), plugin.Options(compute_dtype="stored"))
-    assert stored.compute_dtype(BF16) == BF16
+
+
+@pytest.mark.skipif(not native_for(make_facts(isa=AVX2)).available,
+                    reason="needs the native int8 kernel (a C compiler)")
+def test_int8_dynamic_keeps_bf16_on_avx2_where_its_integer_kernel_takes_every_row():
+    kernels = Int8DynamicKernels(make_facts(isa=AVX2, stored_dtype="bfloat16"))
+    assert kernels.pack_max_rows > 10**9
+    choice = kernels.compute(BF16)
+    assert choice.dtype == BF16 and "every matmul runs through the integer kernel" in choice.reason
+    native = Int8DynamicKernels(make_facts(isa=AVX512_BF16, stored_dtype="bfloat16"))
+    assert native.compute_dtype(BF16) == BF16 and native.pack_max_rows == 32
+    explicit = Int8DynamicKernels(make_facts(isa=AVX2), Int8Options(compute_dtype="float32"))
+    assert explicit.compute_dtype(BF16) == FP32 and explicit.pack_max_rows > 10**9   # the integer kernel still wins
+
+
+def test_integer_matmuls_do_not_keep_bf16_on_a_gpu_without_it():
+    assert choose_compute_dtype("auto", BF16, make_profile(isa=AVX2, gpu=PASCAL), integer_matmuls=True).dtype == FP32
+    assert choose_compute_dtype("auto", BF16, make_profile(isa=AVX2), integer_matmuls=True).dtype == BF16
 
 
 def test_other_plugins_say_why():

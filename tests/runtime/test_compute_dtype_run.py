@@ -14,7 +14,8 @@ from qvl_pipeline.plan import render_plan
 from qvl_pipeline.runtime.pipeline import Pipeline
 from qvl_pipeline.slots.selftest import END_TO_END_TOLERANCE, relative_error
 from qvl_plugins.kernels.int8_linear import Int8Linear
-from tests.conftest import make_profile
+from qvl_plugins.kernels.native_gemv import native_for
+from tests.conftest import make_facts, make_profile
 
 # A CPU without native bf16 whatever this machine is (the profile's ISA caps the facts).
 AVX2 = ["hardware=cpu_avx2", "hardware.emulate=true"]
@@ -76,6 +77,14 @@ def test_activations_and_kv_cache_flow_in_the_compute_dtype(overrides, want):
     assert pipe.model.dtype == want
     assert activation_dtypes(pipe) == {"vision block": want, "vision merger": want, "decoder layer": want,
                                        "kv cache": want, "logits": want}
+
+
+@pytest.mark.skipif(not native_for(make_facts(isa=AVX2_ISA)).available,
+                    reason="needs the native int8 kernel (a C compiler)")
+def test_int8_dynamic_on_avx2_keeps_the_stored_dtype():
+    pipe = loaded(*AVX2, "kernels=int8_dynamic")
+    assert pipe.model.dtype == torch.bfloat16
+    assert set(activation_dtypes(pipe).values()) == {torch.bfloat16}
 
 
 def test_large_weights_stay_stored_and_small_ones_follow():
