@@ -21,7 +21,7 @@ from qvl_pipeline.slots.checks import check_kernels
 from qvl_pipeline.slots.kernels import ComputeDtype, KernelsBackend, check_compute_option, choose_compute_dtype
 from qvl_pipeline.slots.selftest import self_test_devices
 from qvl_plugins.kernels.int8_linear import Int8Linear
-from qvl_plugins.kernels.native_gemv import Int8Decode
+from qvl_plugins.kernels.native_gemv import Int8Decode, native_dtype_ok
 from qvl_plugins.kernels.quantize import quantize_int8_rows
 from qvl_plugins.kernels.quantized_model import CacheBinding, Int8Format, find_targets, quantize_model
 
@@ -131,8 +131,9 @@ class Int8WeightOnlyKernels(KernelsBackend):
         return self.compute(stored).reason
 
     def compute(self, stored: torch.dtype) -> ComputeDtype:
+        # The integer kernel takes bf16 and fp32 activations; others (fp16) would widen the weights into their GEMM.
         return choose_compute_dtype(self.options.compute_dtype, stored, self.hw,
-                                    integer_matmuls=self.integer_matmuls)
+                                    integer_matmuls=self.integer_matmuls and native_dtype_ok(stored))
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Swap every QuantizableLinear for an Int8Linear under the same name, and give the output head (also a
