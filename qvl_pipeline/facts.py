@@ -126,6 +126,8 @@ class RunFacts:
     # How the chosen kv_cache plugin stores the cache; the resolver sets it for the memory slot and the run, with the
     # context derived at its size (None: not known yet, the model's dtype is assumed).
     kv: KVFacts | None = None
+    # The dtype the chosen kernels plugin's activations and KV cache flow in; set with `weights` (None: not known).
+    compute_dtype: str | None = None
 
     @property
     def weight_format(self) -> WeightFormat:
@@ -133,9 +135,12 @@ class RunFacts:
 
     @property
     def activation_dtype(self) -> str:
-        """The dtype the model's activations, and so its KV cache, are in (Qwen3VL.dtype, its token embeddings'):
-        the loader's dtype (`model.stored_dtype`, the checkpoint's or model.dtype), unless the kernels plugin's
-        weight format widens the weights outside the linears (fp32_compute: float32)."""
+        """The dtype the model's activations, and so its KV cache, are in (Qwen3VL.dtype): the chosen kernels
+        plugin's compute dtype once known (`compute_dtype`), else the loader's dtype (`model.stored_dtype`, the
+        checkpoint's or model.dtype), unless the kernels plugin's weight format widens the weights outside the
+        linears (fp32_compute: float32)."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
         stored = self.model.stored_dtype
         return "float32" if self.weight_format.other_bytes > DTYPE_BYTES[stored] else stored
 

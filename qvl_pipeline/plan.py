@@ -14,7 +14,8 @@ from qvl_pipeline.hardware.build import HardwareReport
 from qvl_pipeline.memory_plan import MODES, derive_budgets
 from qvl_pipeline.model.sizing import FORMAT_BYTES
 from qvl_pipeline.resolver import Resolver
-from qvl_pipeline.slots import CacheShape, KVCacheBackend, MemoryManager, Placement
+from qvl_pipeline.slots import CacheShape, KernelsBackend, KVCacheBackend, MemoryManager, Placement
+from qvl_pipeline.slots.kernels import dtype_name
 from qvl_pipeline.slots.memory import model_bytes, plan_for
 from qvl_pipeline.slots.memory_share import layer_devices_summary
 
@@ -122,11 +123,15 @@ class RunPlan:
         model["memory_on_profile"] = described_memory(self.report, memory, explicit, self._memory_rejects)
         kv_backend = self.resolver.resolve("kv_cache")
         assert isinstance(kv_backend, KVCacheBackend)
+        kernels = self.resolver.resolve("kernels")
+        assert isinstance(kernels, KernelsBackend)
+        compute = kernels.compute(getattr(torch, self.facts.model.stored_dtype))
+        model["compute"] = {"dtype": dtype_name(compute.dtype), "reason": compute.reason}
         if loaded is not None:
             model["loaded"] = {"report": str(loaded.report), "seconds": round(loaded.seconds, 3),
                                "placement": loaded.placement.summary()}
             kv = kv_section(self.facts, kv_backend, loaded.placement.layers, loaded.model.dtype)
-        else:       # before loading: the dtype the loaded model will compute in (the loader's, see activation_dtype)
+        else:       # before loading: the dtype the loaded model will compute in (the run's activation_dtype)
             dtype = getattr(torch, self.facts.activation_dtype)
             kv = kv_section(self.facts, kv_backend, predicted_placement(self.facts, memory).layers, dtype)
         context = self.facts.context
@@ -235,6 +240,8 @@ def render_plan(plan: Mapping[str, Any]) -> str:
     lines.append(f"model: {model['source']}, {model['dtype']}: {p['total'] / 1e6:,.1f} M parameters "
                  f"(vision {p['vision'] / 1e6:,.1f} M, text {p['text'] / 1e6:,.1f} M, "
                  f"{p['decoder_layers']} decoder layers)")
+    compute = model["compute"]
+    lines.append(f"  compute dtype: {compute['dtype']}: {compute['reason']}")
     loaded = model.get("loaded")
     lines.append(f"  placement: {loaded['placement'] if loaded else model['placement']}")
     if model.get("memory"):

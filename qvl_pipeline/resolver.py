@@ -7,11 +7,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import torch
+
 from qvl_pipeline.errors import ConfigError, PluginError, QvlError
 from qvl_pipeline.facts import RunFacts
 from qvl_pipeline.options import build_options, options_as_dict
 from qvl_pipeline.registry import PluginRegistry, PluginSpec
 from qvl_pipeline.slots import SLOTS, Fidelity, KernelsBackend, KVCacheBackend, Plugin
+from qvl_pipeline.slots.kernels import dtype_name
 from qvl_pipeline.slots.kv_cache import planned_kv
 
 FIDELITY_BY_NAME = {level.name.lower(): level for level in Fidelity}
@@ -110,13 +113,16 @@ class Resolver:
 
     def run_facts(self) -> RunFacts:
         """The facts the run goes by: the gathered facts with what two plugins decide — how the chosen kernels
-        plugin stores the weights (RunFacts.weights) and how the chosen kv_cache plugin stores the cache
-        (RunFacts.kv: its dtype and bytes per position) — and the context budget derived again at that size."""
+        plugin stores the weights (RunFacts.weights) and in which dtype it computes (RunFacts.compute_dtype), and how
+        the chosen kv_cache plugin stores the cache (RunFacts.kv: its dtype and bytes per position) — and the context
+        budget derived again at that size."""
         if self._run_facts is None:
             kernels = self.resolve("kernels")
-            fmt = kernels.weight_format(self.facts.model.stored_dtype) if isinstance(kernels, KernelsBackend) \
-                else None
-            facts = replace(self.facts, weights=fmt)
+            stored = self.facts.model.stored_dtype
+            facts = self.facts
+            if isinstance(kernels, KernelsBackend):
+                facts = replace(facts, weights=kernels.weight_format(stored),
+                                compute_dtype=dtype_name(kernels.compute_dtype(getattr(torch, stored))))
             backend = self.resolve("kv_cache")
             if isinstance(backend, KVCacheBackend):
                 kv = planned_kv(backend, facts)

@@ -18,9 +18,11 @@ from qvl_pipeline.model.fusion import (
     scatter_features,
     split_output,
 )
+from qvl_pipeline.model.norms import RMSNorm
 from qvl_pipeline.model.positions import decode_position_ids, mrope_position_ids, token_types
 from qvl_pipeline.model.text import TextModel
 from qvl_pipeline.model.vision import VisionOutput, VisionTower, check_vision_input
+from qvl_pipeline.model.vision_blocks import PatchEmbed
 from qvl_pipeline.slots import AttentionBackend, CacheShape, KernelsBackend, KVCache, RotaryBackend
 
 
@@ -54,6 +56,7 @@ class Qwen3VL(nn.Module):
         self.model = _Body(visual, language_model)
         self.lm_head = lm_head
         self.feature_cache = feature_cache
+        self.compute_dtype: torch.dtype | None = None      # set by use_compute_dtype; None: the embeddings' dtype
 
     @classmethod
     def build(cls, config: ModelConfig, *, attention: AttentionBackend, rotary: RotaryBackend,
@@ -66,8 +69,21 @@ class Qwen3VL(nn.Module):
     # ---- small facts --------------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype activations flow in (that of the token embeddings)."""
-        return self.model.language_model.embed_tokens.weight.dtype
+        """The dtype activations flow in: the kernels plugin's compute dtype (use_compute_dtype), else that of the
+        token embeddings."""
+        return self.compute_dtype or self.model.language_model.embed_tokens.weight.dtype
+
+    def use_compute_dtype(self, dtype: torch.dtype) -> None:
+        """Let activations (hidden states, the KV cache, the vision tower's) flow in `dtype` when it differs from the
+        loaded weights': the norms and the patch embedding, which the activations meet directly and which are small,
+        are cast to it; the token embedding table stays as stored (its looked-up rows are cast), so does the vision
+        position table (its interpolated rows are cast); the linear layers belong to the kernels plugin, which takes
+        activations of its compute dtype. Run once after the kernels plugin's prepare, before placement."""
+        if dtype != self.dtype:
+            for module in self.modules():
+                if isinstance(module, (RMSNorm, nn.LayerNorm, PatchEmbed)):
+                    module.to(dtype)
+        self.compute_dtype = dtype
 
     @property
     def device(self) -> torch.device:
@@ -111,7 +127,7 @@ class Qwen3VL(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [b, s] -> token embeddings [b, s, hidden]."""
         embed = self.model.language_model.embed_tokens
-        return embed(input_ids.to(embed.weight.device))
+        return embed(input_ids.to(embed.weight.device)).to(self.dtype)
 
     def embed_and_fuse(self, input_ids: torch.Tensor, images: VisionOutput | None = None,
                        videos: VisionOutput | None = None, image_grid_thw: torch.Tensor | None = None,
@@ -173,7 +189,7 @@ class Qwen3VL(nn.Module):
         """Final hidden states [..., hidden] -> logits [..., vocab] (tied head: the embedding matrix)."""
         if self.lm_head is None:
             weight = self.model.language_model.embed_tokens.weight
-            return F.linear(hidden.to(weight.device), weight)
+            return F.linear(hidden.to(weight.device, weight.dtype), weight)      # the stored table, never a copy
         return self.lm_head(hidden.to(next(self.lm_head.parameters()).device))
 
     def decode_step(self, token_ids: torch.Tensor, cache: KVCache, rope_delta: torch.Tensor) -> torch.Tensor:

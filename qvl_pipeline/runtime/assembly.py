@@ -176,10 +176,13 @@ def place(model: Qwen3VL, memory: MemoryManager) -> Placement:
 
 def load_model(skeleton_model: Qwen3VL, folder: Path, kernels: Any, memory: MemoryManager, dtype: str,
                progress: bool) -> LoadedModel:
-    """Fill the meta-device model from the checkpoint, let the kernels plugin prepare it, place it."""
+    """Fill the meta-device model from the checkpoint, let the kernels plugin prepare it, let activations flow in the
+    plugin's compute dtype for the dtype the weights were loaded in, place it."""
     start = time.perf_counter()
     report = load_checkpoint(folder, skeleton_model, dtype=None if dtype == "auto" else dtype, progress=progress)
+    stored = skeleton_model.dtype                        # the token embeddings' dtype as loaded
     model = kernels.prepare(skeleton_model)
+    model.use_compute_dtype(kernels.compute_dtype(stored))
     model.eval()
     placement = place(model, memory)
     return LoadedModel(model, report, placement, time.perf_counter() - start)

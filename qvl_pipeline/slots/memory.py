@@ -109,13 +109,13 @@ def bandwidths(hw: HardwareProfile) -> Bandwidths:
 
 def model_bytes(facts: RunFacts, fmt: WeightFormat | None = None) -> ModelBytes:
     """The planner's view of the run's model in `fmt` (default: the chosen kernels plugin's), estimated from
-    config.json; the KV cache as the kv_cache plugin stores it (`facts.kv`), else in the model's float dtype."""
+    config.json; the KV cache as the kv_cache plugin stores it (`facts.kv`), else in the activation dtype."""
     fmt = fmt or facts.weight_format
     s = facts.model.sizes(fmt)
     if facts.kv is not None:                          # every layer's bytes -> one layer's (the planner's unit)
         kv = -(-facts.kv.bytes_per_position // s.layers)
     else:
-        kv = kv_bytes_per_position(facts.model.hf_config, FLOAT_BYTES[facts.model.stored_dtype])
+        kv = kv_bytes_per_position(facts.model.hf_config, FLOAT_BYTES[facts.activation_dtype])
     return ModelBytes(layers=(s.layer,) * s.layers, vision=s.vision, vision_block=s.vision_block,
                       vision_depth=s.vision_depth, embed=s.embed, head=s.head, kv_per_position=kv,
                       label=fmt.name)

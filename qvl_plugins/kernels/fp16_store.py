@@ -36,6 +36,9 @@ class Fp16StoreFp32ComputeKernels(KernelsBackend):
     def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
         return torch.float32
 
+    def compute_reason(self, stored: torch.dtype) -> str:
+        return "fp16_store computes in fp32 (the Pascal rule: fp16 storage, fp32 compute)"
+
     def prepare(self, model: nn.Module) -> nn.Module:
         """Linear weights to fp16 (biases fp32), norms to fp32; whatever the loader produced elsewhere stays."""
         for module in model.modules():

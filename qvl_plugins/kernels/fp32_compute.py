@@ -30,6 +30,9 @@ class Fp32ComputeKernels(KernelsBackend):
     def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
         return torch.float32
 
+    def compute_reason(self, stored: torch.dtype) -> str:
+        return "fp32_compute upcasts every weight to fp32"
+
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.to(torch.float32)        # floating parameters and buffers only; integer buffers stay
 

@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qvl_pipeline.hardware.chains import native_bf16
 from qvl_pipeline.hardware.profile import HardwareProfile
 from qvl_pipeline.slots import Fidelity, Plugin, RunFacts, SelfTestError
 from qvl_pipeline.slots.checks import prepared_pair
-from qvl_pipeline.slots.kernels import KernelsBackend
+from qvl_pipeline.slots.kernels import KernelsBackend, check_compute_option, choose_compute_dtype
 from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, relative_error, self_test_devices
 from qvl_plugins.kernels.int4_linear import ATEN_GROUP_SIZES, INT4PACK_MM, UNLIMITED_ROWS, Int4Linear
-from qvl_plugins.kernels.int8_weight_only import COMPUTE_DTYPES, QuantizableLinear, cache_binding, default_pack_rows
+from qvl_plugins.kernels.int8_weight_only import QuantizableLinear, cache_binding, default_pack_rows
 from qvl_plugins.kernels.native_gemv import Int4Decode, Int8Decode, native_for
 from qvl_plugins.kernels.native_norm import NativeRMSNorm
 from qvl_plugins.kernels.quantized_model import Int4Format, Int8Format, LinearFormat, find_targets, quantize_model
@@ -32,16 +33,20 @@ INT4_WEIGHT_ERROR = 0.12
 SELF_TEST_SHAPE = (256, 128)       # in_features a multiple of every group size, out_features whole tiles of every
                                    # ATen layout (so the prefill path runs too)
 NATIVE_GROUP = 32                  # the group size the native decode GEMV takes
-# Rows up to which ATen's int4 GEMM beats dequantising the weight and running the GEMM, where bf16 matmul is native
-# (AVX512-BF16/AMX; 1 thread: 2048x6144 layer 16.5 vs 16.6 ms at 96 rows, 22.2 vs 18.9 at 128, 38.8 vs 23.8 at
-# 223). Without native bf16 the GEMM is emulated: ATen's kernel takes every row.
+# Rows up to which ATen's int4 GEMM beats dequantising the weight and running the GEMM in the compute dtype: bf16
+# where bf16 matmul is native (AVX512-BF16/AMX; 1 thread: 2048x6144 layer 16.5 vs 16.6 ms at 96 rows, 22.2 vs 18.9 at
+# 128, 38.8 vs 23.8 at 223); fp32 (AVX2 emulated on an AVX-512 VM, 1 thread, CPU time, 2048x6144: 36.5 vs 38.1 ms at
+# 96 rows, 85.2 vs 75.4 at 223, 295 vs 228 at 784). A 16-bit GEMM the CPU emulates never wins: ATen's kernel takes
+# every row.
 NATIVE_BF16_INT4_PACK_ROWS = 96
+FP32_INT4_PACK_ROWS = 128
 
 
-def default_int4_pack_rows(hw: HardwareProfile) -> int:
-    """int4_pack_max_rows when the option is not set: see NATIVE_BF16_INT4_PACK_ROWS."""
-    native_bf16 = hw.has_isa("avx512_bf16") or hw.has_isa("amx_bf16")
-    return NATIVE_BF16_INT4_PACK_ROWS if native_bf16 else UNLIMITED_ROWS
+def default_int4_pack_rows(hw: HardwareProfile, compute: torch.dtype) -> int:
+    """int4_pack_max_rows when the option is not set, for activations in `compute`: see the constants above."""
+    if compute == torch.bfloat16 and native_bf16(hw):
+        return NATIVE_BF16_INT4_PACK_ROWS
+    return FP32_INT4_PACK_ROWS if compute == torch.float32 else UNLIMITED_ROWS
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,9 @@ class Int4Options:
     pack_max_rows: int | None = None             # int8 head: rows up to which its GEMV is used (None: see int8)
     int4_pack_max_rows: int | None = None        # decode_kernel=aten: rows up to which ATen's int4 GEMM is used,
                                                  # larger inputs (prefill) dequantise and run the native GEMM;
-                                                 # None: 96 where bf16 matmul is native, else all rows
-    compute_dtype: str = "float32"               # activations' dtype: float32 | bfloat16 | float16 | stored
+                                                 # None: 96 in native bf16, 128 in fp32, else all rows
+    compute_dtype: str = "auto"                  # activations' dtype: auto | stored | float32 | bfloat16 | float16
+                                                 # (auto: as int8_weight_only's)
     decode_kernel: Literal["aten", "native"] = "aten"    # aten: ATen's int4 GEMM (34.6 ms/token for the 2B
                                                  # layers + head, AVX-512 VM); native: the project's int4 x int8
                                                  # GEMV (group 32, activations per 64; 73.9 ms there, compute bound)
@@ -65,8 +71,7 @@ class Int4Options:
             raise ValueError(f"group_size {self.group_size!r} is not one of {list(ATEN_GROUP_SIZES)}")
         if self.head_bits not in (4, 8):
             raise ValueError(f"head_bits {self.head_bits!r} is not 4 or 8")
-        if self.compute_dtype != "stored" and self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype {self.compute_dtype!r} is not one of {[*COMPUTE_DTYPES, 'stored']}")
+        check_compute_option(self.compute_dtype)
 
 
 class Int4WeightOnlyKernels(KernelsBackend):
@@ -79,8 +84,6 @@ class Int4WeightOnlyKernels(KernelsBackend):
 
     def __init__(self, facts: RunFacts, options: Int4Options | None = None, *, name: str = "") -> None:
         super().__init__(facts, options, name=name)
-        dtype = self.options.compute_dtype
-        self._compute = None if dtype == "stored" else COMPUTE_DTYPES[dtype]
         vector = self.hw.has_isa("avx2") or self.hw.has_isa("avx512f")
         build = native_for(facts, self.options.cache_dir) if vector else None
         built = build is not None and build.available
@@ -89,7 +92,8 @@ class Int4WeightOnlyKernels(KernelsBackend):
         # native decode GEMV the plain layout is kept (prefill widens it).
         self.use_aten = not native and INT4PACK_MM is not None and vector
         self.decode_kernel = "native" if native else ("aten" if self.use_aten else "dequant")
-        int4_rows = (default_int4_pack_rows(self.hw) if self.options.int4_pack_max_rows is None
+        compute = self.compute_dtype(getattr(torch, facts.model.stored_dtype))
+        int4_rows = (default_int4_pack_rows(self.hw, compute) if self.options.int4_pack_max_rows is None
                      else self.options.int4_pack_max_rows)
         decode = Int4Decode(build) if native else None
         self._int4 = Int4Format(group=self.options.group_size, use_aten=self.use_aten, decode=decode,
@@ -97,7 +101,8 @@ class Int4WeightOnlyKernels(KernelsBackend):
         # Rows the self-test runs: decode, a few, and past each row limit a kernel switches at.
         limits = [decode.max_rows] if decode is not None else ([int4_rows] if self.use_aten else [])
         self._test_rows = (1, 5, 40, *(n + 1 for n in limits if n < UNLIMITED_ROWS and n + 1 not in (5, 40)))
-        pack_rows = default_pack_rows(self.hw) if self.options.pack_max_rows is None else self.options.pack_max_rows
+        pack_rows = (default_pack_rows(self.hw, compute, built) if self.options.pack_max_rows is None
+                     else self.options.pack_max_rows)
         # The int8 head decodes through the native int8 x int8 GEMV wherever it builds (52.7 vs 62.5 ms/token
         # for int8 layers + head against ATen's int8 GEMV, same VM).
         self._int8 = Int8Format(pack_cpu=vector, pack_max_rows=pack_rows,
@@ -111,7 +116,10 @@ class Int4WeightOnlyKernels(KernelsBackend):
         return NativeRMSNorm(size, eps, self._native) if self._native is not None else super().norm(size, eps)
 
     def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
-        return stored if self._compute is None else self._compute
+        return choose_compute_dtype(self.options.compute_dtype, stored, self.hw).dtype
+
+    def compute_reason(self, stored: torch.dtype) -> str:
+        return choose_compute_dtype(self.options.compute_dtype, stored, self.hw).reason
 
     def _format_for(self, name: str, module: nn.Module) -> LinearFormat:
         # A layer whose inputs do not split into whole groups stays int8.

@@ -21,6 +21,7 @@ from qvl_plugins.kernels.int4_linear import (
     tile_format,
 )
 from qvl_plugins.kernels.int4_weight_only import (
+    FP32_INT4_PACK_ROWS,
     NATIVE_BF16_INT4_PACK_ROWS,
     Int4Options,
     Int4WeightOnlyKernels,
@@ -37,7 +38,7 @@ from qvl_plugins.kernels.quantize import (
 from qvl_plugins.kernels.torch_native import TorchNativeKernels
 from tests.conftest import make_facts
 
-NATIVE_BF16 = make_facts(isa=("avx2", "fma", "avx512f", "avx512_bf16"))
+NATIVE_BF16 = make_facts(isa=("avx2", "fma", "avx512f", "avx512_bf16"), stored_dtype="bfloat16")
 ATEN = Int4Options(decode_kernel="aten")
 AVX2 = make_facts()
 NATIVE = TorchNativeKernels(AVX2)
@@ -191,10 +192,16 @@ def test_prefill_under_autograd_keeps_its_own_weights():
     assert torch.allclose(grad, layer.dequantize().sum(0).expand(6, 64), atol=1e-4)
 
 
-def test_row_limit_follows_native_bf16():
-    assert default_int4_pack_rows(NATIVE_BF16.hardware) == NATIVE_BF16_INT4_PACK_ROWS
-    assert default_int4_pack_rows(make_facts(isa=("avx2", "amx_bf16")).hardware) == NATIVE_BF16_INT4_PACK_ROWS
-    assert default_int4_pack_rows(AVX2.hardware) == UNLIMITED_ROWS                # emulated bf16: ATen takes all
+def test_row_limit_follows_the_compute_dtype():
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert default_int4_pack_rows(NATIVE_BF16.hardware, bf16) == NATIVE_BF16_INT4_PACK_ROWS
+    assert default_int4_pack_rows(make_facts(isa=("avx2", "amx_bf16")).hardware, bf16) == NATIVE_BF16_INT4_PACK_ROWS
+    assert default_int4_pack_rows(AVX2.hardware, bf16) == UNLIMITED_ROWS         # emulated bf16: ATen takes all
+    assert default_int4_pack_rows(AVX2.hardware, fp32) == FP32_INT4_PACK_ROWS
+    assert default_int4_pack_rows(NATIVE_BF16.hardware, fp32) == FP32_INT4_PACK_ROWS
+    avx2_bf16 = make_facts(stored_dtype="bfloat16")
+    assert Int4WeightOnlyKernels(avx2_bf16, ATEN)._int4.pack_max_rows == FP32_INT4_PACK_ROWS     # auto: fp32
+    assert Int4WeightOnlyKernels(avx2_bf16, Int4Options(compute_dtype="stored"))._int4.pack_max_rows == UNLIMITED_ROWS
     assert Int4WeightOnlyKernels(AVX2, Int4Options(int4_pack_max_rows=7))._int4.pack_max_rows == 7
 
 

@@ -243,10 +243,13 @@ def test_int8_bf16_compute_dtype_option():
     assert out.dtype == torch.bfloat16 and relative_error(out, ref(x)) < 2e-2
 
 
-def test_int8_gemv_row_limit_follows_native_bf16():
-    assert Int8WeightOnlyKernels(make_facts(isa=("avx2", "avx512f", "avx512_bf16"))).pack_max_rows == 32
-    assert Int8WeightOnlyKernels(make_facts(isa=("avx2", "amx_bf16"))).pack_max_rows == 32
-    assert Int8WeightOnlyKernels(FACTS).pack_max_rows > 10**9              # AVX2 only: the GEMV takes every row
+def test_int8_gemv_row_limit_follows_the_compute_dtype():
+    bf16 = {"stored_dtype": "bfloat16"}
+    assert Int8WeightOnlyKernels(make_facts(isa=("avx2", "avx512f", "avx512_bf16"), **bf16)).pack_max_rows == 32
+    assert Int8WeightOnlyKernels(make_facts(isa=("avx2", "amx_bf16"), **bf16)).pack_max_rows == 32
+    assert Int8WeightOnlyKernels(make_facts(**bf16)).pack_max_rows == 64          # AVX2: auto computes in fp32
+    stored = Int8WeightOnlyKernels(make_facts(**bf16), Int8Options(compute_dtype="stored"))
+    assert stored.pack_max_rows > 10**9                                # AVX2, emulated bf16: the GEMV takes every row
     assert Int8WeightOnlyKernels(FACTS, Int8Options(pack_max_rows=7)).pack_max_rows == 7
     _, mine = quantized_pair(64, 48, facts=make_facts(isa=("avx2", "avx512_bf16")))
     mine(torch.randn(40, 64))                                               # past the limit: the dequant GEMM
