@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from torch import nn
+
 from qvl_pipeline.slots import Fidelity, NoOptions, RunFacts
-from qvl_pipeline.slots.memory import MemoryManager, fits
+from qvl_pipeline.slots.memory import MemoryManager, Placement, fits
+from qvl_plugins.memory.paging import read_in
 
 
 class CpuMemory(MemoryManager):
@@ -16,3 +21,16 @@ class CpuMemory(MemoryManager):
         """Usable when the weights (in the chosen kernels' format), the KV cache for the context and the runtime
         fit the RAM budget."""
         return fits(facts, "cpu")
+
+    def attach(self, layers: Sequence[nn.Module], placement: Placement) -> Placement:
+        """Read the memory-mapped weights every request computes with (decoder layers, vision tower, final norm,
+        head) into memory at load, so that the first request does not fault them in from disk; the embedding table
+        is left mapped unless it is the head (a lookup touches a few rows)."""
+        head = getattr(layers, "head", None)
+        parts = [*layers, getattr(layers, "vision", None), getattr(layers, "norm", None),
+                 head if head is not None else getattr(layers, "embed", None)]
+        try:
+            read_in(p for p in parts if p is not None)
+        except OSError:             # read-ahead only: a file that cannot deliver fails where it is used, with its error
+            pass
+        return placement

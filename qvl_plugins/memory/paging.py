@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 PAGE = mmap.PAGESIZE
 MADV_DONTNEED = 4
@@ -217,3 +218,23 @@ def drop_file_cache(path: str | os.PathLike[str]) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def read_in(modules: Iterable[nn.Module]) -> int:
+    """Read the file-backed (memory-mapped) weights of `modules` into memory now, blocking; returns the bytes.
+
+    A resident run maps its weights from the checkpoint or the quantised-weight cache; without this, the first
+    request's vision tower and prefill fault them in from disk inside the time to first token (a cold 2 GB int8
+    cache at ~0.5 GB/s: +2-4 s measured in the peers kit) instead of at load. No-op for anonymous memory and where
+    page residency is not managed (not Linux)."""
+    if supported():
+        return 0
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    extents = residency(tensors).extents
+    if not extents:
+        return 0
+    pager = Pager((e.path for e in extents), drop_page_cache=False)
+    try:
+        return pager.load(extents)
+    finally:
+        pager.close()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from qvl_pipeline.errors import CheckpointError
+from qvl_pipeline.slots.memory import ModelParts
 from qvl_plugins.memory.paging import Extent, Residency
 from qvl_plugins.memory.row_chunks import ChunkedHead, TiedRows, row_slice, split_head, splits_exactly
 from qvl_plugins.memory.streaming import Prefetcher, State, Stream, Unit
@@ -161,3 +162,24 @@ class RowsTwisted(nn.Module):
 
 def test_a_head_that_does_not_split_exactly_stays_whole():
     assert split_head(RowsTwisted(), nn.Embedding(1, 256), 2) is None
+
+
+def test_read_in_reads_mapped_weights_and_the_cpu_plugin_reads_its_parts_at_attach(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from qvl_plugins.memory import cpu, paging
+
+    if paging.supported():
+        pytest.skip(f"page residency not managed here: {paging.supported()}")
+    save_file({"w": torch.randn(256, 1024)}, str(tmp_path / "w.safetensors"))
+    mapped = nn.Linear(1024, 256, bias=False)
+    mapped.weight = nn.Parameter(load_file(str(tmp_path / "w.safetensors"))["w"], requires_grad=False)
+    anonymous = nn.Linear(8, 8)
+    assert paging.read_in([mapped]) >= 256 * 1024 * 4                  # the file pages backing the weight
+    assert paging.read_in([anonymous]) == 0                               # nothing mapped: nothing to read
+    seen: list[list[nn.Module]] = []
+    monkeypatch.setattr(cpu, "read_in", lambda modules: seen.append(list(modules)) or 0)
+    parts = ModelParts(layers=(mapped,), vision=anonymous, embed=nn.Embedding(4, 8), head=None)
+    placement = object()
+    assert cpu.CpuMemory.attach(cpu.CpuMemory.__new__(cpu.CpuMemory), parts, placement) is placement
+    assert seen[0][:2] == [mapped, anonymous] and seen[0][-1] is parts.embed   # tied head: the table is read too
