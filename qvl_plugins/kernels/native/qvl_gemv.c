@@ -43,16 +43,16 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* n values (bf16 or fp32) -> fp32 */
+static inline void to_f32(const void *p, int bf16, int64_t n, float *out) {
+    if (bf16) { const uint16_t *b = (const uint16_t *)p; for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(b[i]); }
+    else memcpy(out, p, (size_t)n * 4);
+}
+
 /* x [M, K] (bf16 or fp32) -> fp32 copy. */
 static float *activations_f32(const void *x, int x_bf16, int64_t M, int64_t K) {
     float *xf = (float *)aligned_alloc(64, (size_t)((M * K * 4 + 63) / 64 * 64));
-    if (!xf) return NULL;
-    if (x_bf16) {
-        const uint16_t *xb = (const uint16_t *)x;
-        for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(xb[i]);
-    } else {
-        memcpy(xf, x, (size_t)(M * K * 4));
-    }
+    if (xf) to_f32(x, x_bf16, M * K, xf);
     return xf;
 }
 
@@ -579,12 +579,6 @@ int qvl_int4_gemv_a8(const uint8_t *q, const uint16_t *sz, int64_t group, const 
  * Values are bf16 or fp32 (flag 1 / 0); every bf16 result is rounded to nearest even exactly where the reference
  * rounds (torch computes a bf16 op in fp32 and rounds its result). Built with -ffp-contract=off: no fused
  * multiply-add changes a product's rounding. */
-
-/* n values (bf16 or fp32) -> fp32 */
-static inline void to_f32(const void *p, int bf16, int64_t n, float *out) {
-    if (bf16) { const uint16_t *b = (const uint16_t *)p; for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(b[i]); }
-    else memcpy(out, p, (size_t)n * 4);
-}
 
 /* n fp32 -> bf16 (round to nearest even; values here are never NaN unless the input was) or fp32 */
 static inline void from_f32(const float *v, int bf16, int64_t n, void *p) {
