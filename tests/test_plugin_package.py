@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,7 +22,11 @@ EXAMPLE = ROOT / "plugins" / "example"
 def fresh_python(tmp_path_factory) -> Path:
     """A new virtual environment that sees this one's packages (torch, qvl-pipeline) and gets the example
     plugin package installed into its own site-packages."""
-    env_dir = tmp_path_factory.mktemp("fresh") / "venv"
+    fresh = tmp_path_factory.mktemp("fresh")
+    env_dir = fresh / "venv"
+    # Built from a private copy: setuptools builds in the source tree (build/, *.egg-info), and two xdist workers
+    # installing from plugins/example at once collided there ("File exists: build/bdist...").
+    source = shutil.copytree(EXAMPLE, fresh / "example", ignore=shutil.ignore_patterns("build", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
     python = env_dir / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
@@ -29,7 +34,7 @@ def fresh_python(tmp_path_factory) -> Path:
     parent = sysconfig.get_path("purelib")
     Path(site, "parent_env.pth").write_text(f"import site; site.addsitedir({parent!r})\n")
     install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                              str(EXAMPLE)], capture_output=True, text=True, timeout=300)
+                              str(source)], capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr
     return python
 
