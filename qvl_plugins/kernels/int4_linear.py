@@ -11,7 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from qvl_plugins.kernels.int8_linear import frozen
-from qvl_plugins.kernels.native_gemv import Int4Decode, native_dtype_ok
+from qvl_plugins.kernels.native_gemv import (
+    INT4_TILED,
+    Q4_TILE_ROWS,
+    Int4Decode,
+    int4_tileable,
+    native_dtype_ok,
+    tile_int4_codes,
+    tile_scale_zero,
+    untile_int4_codes,
+    untile_scale_zero,
+)
 from qvl_plugins.kernels.quantize import (
     block_rows,
     dequantize_int4,
@@ -112,10 +122,13 @@ class Int4Linear(nn.Module):
     """y = x · Wᵀ + bias with W[o, i] = (q[o, i] − 8) · scale[g, o] + zero[g, o], g = i // group.
 
     Frozen parameters weight_int4 [out, in / 2] uint8 (codes, in `layout`) and weight_scale_zero
-    [in / group, out, 2] bf16; bias as given. Kernel, chosen when the weights are set or moved (never per call):
+    [in / group, out, 2] bf16 ([out / 16, in / group, 16, 2] in INT4_TILED); bias as given. Layouts: PLAIN (two
+    codes per byte), ATen's CPU layout, or INT4_TILED (native_gemv.py; only with a native `decode` GEMV, on CPU).
+    Kernel, chosen when the weights are set or moved (never per call):
+    on CPU in INT4_TILED, the native int4 × int8 GEMV for inputs of up to decode.max_rows rows, larger ones (prefill)
+    through the weight dequantised natively into a reused buffer and the native GEMM;
     on CPU with the ATen layout, ATen's int4 GEMM (activations rounded to bf16, fp32 accumulation, bf16 result) for
     inputs of up to `pack_max_rows` rows, larger ones (prefill) through the dequantised tiles (see _tiled_matmul);
-    on CPU with the plain layout and a native `decode` GEMV, that kernel for inputs of up to decode.max_rows rows;
     elsewhere the weight is dequantised to the activations' dtype (rounded once) and multiplied by the native GEMM:
     on CPU the whole layer into a reused buffer (see scratch.py), on a GPU a block of output rows at a time.
     """
@@ -132,6 +145,8 @@ class Int4Linear(nn.Module):
         self.bias = None if bias is None else frozen(bias)                        # [out]
         self.layout = layout
         self.decode = decode if decode is not None and decode.usable(in_features, group) else None
+        if layout == INT4_TILED and (self.decode is None or not int4_tileable(self.out_features, in_features, group)):
+            raise ValueError(f"tiled int4 weights {list(weight_int4.shape)} need a native decode GEMV that takes them")
         self.pack_max_rows = pack_max_rows
         self._select_kernel()
 
@@ -139,19 +154,25 @@ class Int4Linear(nn.Module):
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, group: int, use_aten: bool,
                  release_source: bool = False, decode: Int4Decode | None = None,
                  pack_max_rows: int = UNLIMITED_ROWS) -> Int4Linear:
-        """From a float weight [out, in], quantised a block of rows at a time; ATen's layout when `use_aten` and
-        the kernel takes this shape, else the plain layout."""
+        """From a float weight [out, in], quantised a block of rows at a time, in the layout int4_layout picks."""
         out_f, in_f = weight.shape
-        aten = use_aten and aten_int4_usable(in_f, out_f, group)
-        packed, scale_zero = quantize_int4_groups(weight.detach(), group, pack=_aten_pack if aten else pack_nibbles,
-                                                  row_multiple=ATEN_ROW_TILE if aten else 1,
+        layout = int4_layout(out_f, in_f, group, use_aten, decode)
+        pack, multiple = {INT4_TILED: (tile_int4_codes, Q4_TILE_ROWS), PLAIN: (pack_nibbles, 1)}.get(
+            layout, (_aten_pack, ATEN_ROW_TILE))
+        packed, scale_zero = quantize_int4_groups(weight.detach(), group, pack=pack, row_multiple=multiple,
                                                   release_source=release_source)
-        return cls(packed, scale_zero, bias, in_features=in_f, group=group, layout=aten_layout() if aten else PLAIN,
-                   decode=decode, pack_max_rows=pack_max_rows)
+        if layout == INT4_TILED:
+            scale_zero = tile_scale_zero(scale_zero)
+        return cls(packed, scale_zero, bias, in_features=in_f, group=group, layout=layout, decode=decode,
+                   pack_max_rows=pack_max_rows)
 
     def to_plain(self) -> None:
-        """Convert the codes to the plain layout (for a device or process without this ATen layout)."""
-        if self.layout != PLAIN:
+        """Convert the codes to the plain layout (for a device or process without this layout's kernel)."""
+        if self.layout == INT4_TILED:
+            self.weight_int4 = frozen(pack_nibbles(untile_int4_codes(self.weight_int4.data)))
+            self.weight_scale_zero = frozen(untile_scale_zero(self.weight_scale_zero.data))
+            self.layout = PLAIN
+        elif self.layout != PLAIN:
             if self.layout != aten_layout():
                 raise RuntimeError(f"int4 weights packed as {self.layout} cannot be read in a process whose ATen "
                                    f"layout is {aten_layout()}: quantise again")
@@ -160,11 +181,14 @@ class Int4Linear(nn.Module):
 
     def _select_kernel(self) -> None:
         on_cpu = self.weight_int4.device.type == "cpu"
-        if self.layout != PLAIN and not (on_cpu and self.layout == aten_layout()):
+        readable = self.decode is not None if self.layout == INT4_TILED else self.layout == aten_layout()
+        if self.layout != PLAIN and not (on_cpu and readable):
             self.to_plain()
-        self._aten = self.layout != PLAIN
-        self._native = self.decode if on_cpu and self.layout == PLAIN else None
-        self._dequant_rows = rows_per_block(self.out_features, self.in_features) if on_cpu else self.out_features
+        self._aten = self.layout not in (PLAIN, INT4_TILED)
+        self._native = self.decode if self.layout == INT4_TILED else None
+        multiple = Q4_TILE_ROWS if self.layout == INT4_TILED else 1
+        self._dequant_rows = (rows_per_block(self.out_features, self.in_features, multiple) if on_cpu
+                              else self.out_features)
         self._widen_into_scratch = on_cpu
         # Prefill through the native GEMM on the dequantised tiles: when some inputs are meant for it and the layer
         # is whole tiles (ATen packs a partial last tile differently).
@@ -175,7 +199,7 @@ class Int4Linear(nn.Module):
         if self.layout != PLAIN:
             probe = fn(torch.empty(0, dtype=torch.uint8, device=self.weight_int4.device))
             if probe.device != self.weight_int4.device:
-                self.to_plain()                        # the ATen layout is readable only here: convert first
+                self.to_plain()                # a tiled or ATen layout is read only by this device's kernels
         scale_zero = self.weight_scale_zero.detach()       # the parameter's data is swapped in place
         super()._apply(fn, recurse)
         if self.weight_scale_zero.dtype != scale_zero.dtype:        # a dtype cast of the model: scales keep theirs
@@ -186,11 +210,14 @@ class Int4Linear(nn.Module):
     @property
     def kernel(self) -> str:
         if self._native is not None:
-            return f"{self._native.name} (decode), dequant"
+            return f"{self._native.name} (decode), native dequant"
         return "int4pack_mm" if self._aten else "dequant"
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the layer multiplies by, [out, in] in `dtype` (for checks; a full-size copy)."""
+        if self.layout == INT4_TILED:
+            return dequantize_int4(untile_int4_codes(self.weight_int4.data), untile_scale_zero(self.weight_scale_zero),
+                                   self.group, slice(None), dtype)
         codes = self.weight_int4.data
         if self.layout != PLAIN:
             codes = aten_to_plain(codes, self.in_features)
@@ -217,9 +244,11 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _widened(self, rows: slice, x: torch.Tensor) -> torch.Tensor:
-        """Plain-layout rows `rows` of the weight [rows, in] in x's dtype: on CPU dequantised transposed into the
-        reused scratch buffer (unless autograd keeps it) and returned as a view, elsewhere a fresh tensor (a GPU's
-        caching allocator reuses it)."""
+        """Rows `rows` of the weight [rows, in] in x's dtype: on CPU dequantised into the reused scratch buffer
+        (unless autograd keeps it; PLAIN: transposed, returned as a view), elsewhere a fresh tensor (a GPU's caching
+        allocator reuses it)."""
+        if self.layout == INT4_TILED:
+            return self._widened_tiles(rows, x)
         if not self._widen_into_scratch:
             return dequantize_int4(unpack_nibbles(self.weight_int4[rows]), self.weight_scale_zero[:, rows],
                                    self.group, slice(None), x.dtype)
@@ -230,6 +259,18 @@ class Int4Linear(nn.Module):
         return dequantize_int4_plain(packed, self.weight_scale_zero[:, rows], self.group, out,
                                      codes=scratch(half, torch.uint8, x.device, "codes"),
                                      nibbles=scratch(half, torch.int8, x.device, "nibbles")).T   # [rows, in] view
+
+    def _widened_tiles(self, rows: slice, x: torch.Tensor) -> torch.Tensor:
+        """INT4_TILED rows `rows` (whole tiles) of the weight -> [rows, in] in x's dtype (a transposed view on the
+        native path)."""
+        start, stop, _ = rows.indices(self.out_features)
+        if not native_dtype_ok(x.dtype):                                          # e.g. fp16 activations
+            tiles = slice(start // Q4_TILE_ROWS, stop // Q4_TILE_ROWS)
+            return dequantize_int4(untile_int4_codes(self.weight_int4[start:stop]),
+                                   untile_scale_zero(self.weight_scale_zero[tiles]), self.group, slice(None), x.dtype)
+        shape = (self.in_features, stop - start)                                  # transposed: see widen_into
+        out = x.new_empty(shape) if recorded(x) else scratch(shape, x.dtype, x.device)
+        return self._native.widen_into(self.weight_int4, self.weight_scale_zero, self.group, start, out)
 
     def _widened_matmul(self, x: torch.Tensor) -> torch.Tensor:   # x: [..., in] -> [..., out], no bias
         """The plain layout's GEMM path: one native GEMM per block of `_dequant_rows` output rows (on CPU the whole
@@ -272,4 +313,12 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, group={self.group}, bias={self.bias is not None}, "
-                f"kernel={self.kernel}")
+                f"kernel={self.kernel}, layout={self.layout}")
+
+
+def int4_layout(out_features: int, in_features: int, group: int, use_aten: bool, decode: Int4Decode | None) -> str:
+    """The layout a weight of this shape is stored in: INT4_TILED with a native decode GEMV that takes it, ATen's
+    CPU layout when `use_aten` and its kernel takes the shape, else PLAIN."""
+    if decode is not None and decode.usable(in_features, group) and int4_tileable(out_features, in_features, group):
+        return INT4_TILED
+    return aten_layout() if use_aten and aten_int4_usable(in_features, out_features, group) else PLAIN

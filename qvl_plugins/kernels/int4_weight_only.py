@@ -1,4 +1,5 @@
-"""Weight-only int4: group-wise asymmetric 4-bit weights (ATen's CPU int4 GEMM), activations stay in their dtype.
+"""Int4 weights: group-wise asymmetric 4-bit weights; decode through the project's native int4 x int8 GEMV (or ATen's
+CPU int4 GEMM, whose activations stay in their dtype), prefill through the widened weights.
 
 The plugin is a thin wrapper: the layer is `Int4Linear` (int4_linear.py), quantisation is streamed
 (quantize.py), and the model-wide swap with its disk cache is `quantize_model` (quantized_model.py). The output
@@ -32,7 +33,6 @@ from qvl_plugins.kernels.quantized_model import Int4Format, Int8Format, LinearFo
 INT4_WEIGHT_ERROR = 0.12
 SELF_TEST_SHAPE = (256, 128)       # in_features a multiple of every group size, out_features whole tiles of every
                                    # ATen layout (so the prefill path runs too)
-NATIVE_GROUP = 32                  # the group size the native decode GEMV takes
 # Rows up to which ATen's int4 GEMM beats dequantising the weight and running the GEMM in the compute dtype: bf16
 # where bf16 matmul is native (AVX512-BF16/AMX; 1 thread: 2048x6144 layer 16.5 vs 16.6 ms at 96 rows, 22.2 vs 18.9 at
 # 128, 38.8 vs 23.8 at 223); fp32 (AVX2 emulated on an AVX-512 VM, 1 thread, CPU time, 2048x6144: 36.5 vs 38.1 ms at
@@ -60,9 +60,11 @@ class Int4Options:
                                                  # None: 96 in native bf16, 128 in fp32, else all rows
     compute_dtype: str = "auto"                  # activations' dtype: auto | stored | float32 | bfloat16 | float16
                                                  # (auto: as int8_weight_only's)
-    decode_kernel: Literal["aten", "native"] = "aten"    # aten: ATen's int4 GEMM (34.6 ms/token for the 2B
-                                                 # layers + head, AVX-512 VM); native: the project's int4 x int8
-                                                 # GEMV (group 32, activations per 64; 73.9 ms there, compute bound)
+    decode_kernel: Literal["native", "aten"] = "native"  # native: the project's int4 x int8 GEMV over weights
+                                                 # in tiles of 16 rows (activations quantised per 32 columns; 2B
+                                                 # layers, 0.88 GB: 18-22 ms/token, 40-48 GB/s, 2 threads, AVX-512
+                                                 # VM) where a C compiler builds it; aten: ATen's int4 GEMM (24-32
+                                                 # ms, 28-36 GB/s there; activations stay bf16)
     cache: bool = True                           # keep the quantised weights on disk for fast restarts
     cache_dir: str = ""                          # "" = $QVL_CACHE_DIR or ~/.cache/qvl_pipeline
 
@@ -87,9 +89,9 @@ class Int4WeightOnlyKernels(KernelsBackend):
         vector = self.hw.has_isa("avx2") or self.hw.has_isa("avx512f")
         build = native_for(facts, self.options.cache_dir) if vector else None
         built = build is not None and build.available
-        native = built and self.options.decode_kernel == "native" and self.options.group_size == NATIVE_GROUP
+        native = built and self.options.decode_kernel == "native"
         # ATen's int4 GEMM is vectorised for AVX2 and AVX-512 only; elsewhere the dequant path is used. With the
-        # native decode GEMV the plain layout is kept (prefill widens it).
+        # native decode GEMV the weights are stored in its tiles (prefill widens them natively).
         self.use_aten = not native and INT4PACK_MM is not None and vector
         self.decode_kernel = "native" if native else ("aten" if self.use_aten else "dequant")
         compute = self.compute_dtype(getattr(torch, facts.model.stored_dtype))

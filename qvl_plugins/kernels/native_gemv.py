@@ -99,8 +99,6 @@ def _bind(lib: ctypes.CDLL) -> None:
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.qvl_int8_gemv.argtypes = [ptr, ptr, ptr, i32, ptr, i32, i64, i64, i64, i32]
     lib.qvl_int8_gemv.restype = i32
-    lib.qvl_int4_gemv.argtypes = [ptr, ptr, i64, ptr, i32, ptr, i32, i64, i64, i64, i32]
-    lib.qvl_int4_gemv.restype = i32
     lib.qvl_int8_gemv_a8.argtypes = [ptr, ptr, ptr, i32, ptr, i32, i64, i64, i64, i32]
     lib.qvl_int8_gemv_a8.restype = i32
     lib.qvl_int8_gemv_a8_tiled.argtypes = [ptr, ptr, ptr, i32, ptr, i32, i64, i64, i64, i32]
@@ -115,8 +113,11 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qvl_rms_norm.restype = i32
     lib.qvl_rope.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i64]
     lib.qvl_rope.restype = i32
-    lib.qvl_int4_gemv_a8.argtypes = [ptr, ptr, i64, ptr, i32, ptr, i32, i64, i64, i64, i32]
-    lib.qvl_int4_gemv_a8.restype = i32
+    lib.qvl_int4_tiles_gemv.argtypes = [ptr, ptr, i64, ptr, i32, ptr, i32, i64, i64, i64, i32]
+    lib.qvl_int4_tiles_gemv.restype = i32
+    lib.qvl_int4_tiles_widen.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, i32, i32]
+    lib.qvl_int4_tiles_widen.restype = i32
+    lib.qvl_int4_tiles_isa.restype = ctypes.c_char_p
     lib.qvl_gemv_lanes.restype = i32
     lib.qvl_a8_block.restype = i32
     lib.qvl_gemv_isa.restype = ctypes.c_char_p
@@ -237,23 +238,6 @@ def untile_widen(build: NativeBuild, weight: torch.Tensor, row0: int, out: torch
     return out
 
 
-def int4_gemv(build: NativeBuild, x: torch.Tensor, codes: torch.Tensor, scale_zero: torch.Tensor, group: int,
-              threads: int, a8: bool = True) -> torch.Tensor:
-    """x [M, K] bf16|fp32 contiguous, codes [N, K/2] uint8 (plain layout), scale_zero [K/group, N, 2] bf16 ->
-    [M, N] in x's dtype; `a8`: the activations quantised to int8 per block of 64 (group 32 only)."""
-    assert build.lib is not None
-    m, k = x.shape
-    n = codes.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype)
-    flag = _DTYPE_FLAG[x.dtype]
-    gemv = build.lib.qvl_int4_gemv_a8 if a8 else build.lib.qvl_int4_gemv
-    rc = gemv(codes.data_ptr(), scale_zero.data_ptr(), group, x.data_ptr(), flag, y.data_ptr(), flag, m, n, k,
-              threads)
-    if rc:
-        raise RuntimeError(f"native int4 GEMV failed with code {rc} (shape {m}x{k} · {n}x{k}, group {group})")
-    return y
-
-
 @dataclass(frozen=True)
 class Int8Decode:
     """The native int8 decode GEMV a layer calls for inputs of a few rows: int8 × int8 integer dot products with
@@ -305,24 +289,85 @@ def untile(weight: torch.Tensor) -> torch.Tensor:
     return weight.view(n // TILE_ROWS, k // TILE_BLOCK, TILE_ROWS, TILE_BLOCK).permute(0, 2, 1, 3).reshape(n, k)
 
 
+# The int4 decode layout (qvl_gemv.c, "int4 weights in tiles"): tiles of Q4_TILE_ROWS output rows, codes
+# [N / 16, K / 8, 16, 4] bytes (byte (o, r, i): column 8o + i of row r in the low nibble, 8o + 4 + i in the high)
+# and scale_zero [N / 16, K / group, 16, 2]. Activations are quantised per block of Q4_BLOCK columns.
+INT4_TILED = "tiles16x8"
+Q4_TILE_ROWS = 16
+Q4_BLOCK = 32
+
+
+def int4_tileable(out_features: int, in_features: int, group: int) -> bool:
+    """Whether an int4 weight of this shape and group size can be stored INT4_TILED."""
+    return out_features % Q4_TILE_ROWS == 0 and group % Q4_BLOCK == 0 and in_features % group == 0
+
+
+def tile_int4_codes(codes: torch.Tensor) -> torch.Tensor:
+    """codes [rows, in] (0..15, any int dtype; rows % 16 == 0) -> INT4_TILED bytes [rows, in / 2] uint8."""
+    rows, in_f = codes.shape
+    c = codes.to(torch.uint8).view(rows // Q4_TILE_ROWS, Q4_TILE_ROWS, in_f // 8, 2, 4).permute(0, 2, 1, 4, 3)
+    return (c[..., 0] | (c[..., 1] << 4)).reshape(rows, in_f // 2)         # [tiles, in / 8, 16, 4] in order
+
+
+def untile_int4_codes(tiled: torch.Tensor) -> torch.Tensor:
+    """INT4_TILED bytes [rows, in / 2] -> codes [rows, in] uint8 (the inverse of tile_int4_codes)."""
+    rows, half = tiled.shape
+    b = tiled.view(rows // Q4_TILE_ROWS, half // 4, Q4_TILE_ROWS, 4)                   # [tiles, in / 8, 16, 4]
+    c = torch.stack([b & 0xF, b >> 4], dim=-1)                                          # [tiles, in / 8, 16, 4, 2]
+    return c.permute(0, 2, 1, 4, 3).reshape(rows, half * 2)
+
+
+def tile_scale_zero(scale_zero: torch.Tensor) -> torch.Tensor:
+    """scale_zero [in / group, out, 2] -> INT4_TILED order [out / 16, in / group, 16, 2] (contiguous)."""
+    groups, out_f, _ = scale_zero.shape
+    return scale_zero.view(groups, out_f // Q4_TILE_ROWS, Q4_TILE_ROWS, 2).transpose(0, 1).contiguous()
+
+
+def untile_scale_zero(tiled: torch.Tensor) -> torch.Tensor:
+    """INT4_TILED scale_zero [out / 16, in / group, 16, 2] -> [in / group, out, 2] (contiguous)."""
+    tiles, groups = tiled.shape[:2]
+    return tiled.transpose(0, 1).reshape(groups, tiles * Q4_TILE_ROWS, 2).contiguous()
+
+
 @dataclass(frozen=True)
 class Int4Decode:
-    """The native int4 decode GEMV (plain layout, group 32): int4 × int8 integer dot products, the activations
-    quantised per block of 64 columns."""
+    """The native int4 decode GEMV over INT4_TILED weights: int4 × int8 integer dot products (AVX512-VNNI
+    vpdpbusd, AVX2 vpmaddubsw or plain C), the activations quantised per block of 32 columns; also widens tiled
+    weights for the prefill GEMM."""
 
     build: NativeBuild
     max_rows: int = 32                      # inputs of more rows (prefill) take the layer's GEMM path
 
     @property
     def name(self) -> str:
-        return f"native_w4a8_{self.build.lib.qvl_a8_isa().decode()}"
+        return f"native_w4a8_{self.build.lib.qvl_int4_tiles_isa().decode()}"
 
     def usable(self, in_features: int, group: int) -> bool:
-        return group == 32 and in_features % int(self.build.lib.qvl_a8_block()) == 0
+        return group % Q4_BLOCK == 0 and in_features % group == 0
 
     def __call__(self, x: torch.Tensor, codes: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
-        """x [M, K] contiguous bf16|fp32 -> [M, N] in x's dtype."""
-        return int4_gemv(self.build, x, codes, scale_zero, group, torch.get_num_threads(), a8=True)
+        """x [M, K] contiguous bf16|fp32, codes and scale_zero INT4_TILED -> [M, N] in x's dtype."""
+        m, k = x.shape
+        n = codes.shape[0]
+        y = torch.empty(m, n, dtype=x.dtype)
+        flag = _DTYPE_FLAG[x.dtype]
+        rc = self.build.lib.qvl_int4_tiles_gemv(codes.data_ptr(), scale_zero.data_ptr(), group, x.data_ptr(), flag,
+                                                y.data_ptr(), flag, m, n, k, torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"native int4 GEMV failed with code {rc} (shape {m}x{k} · {n}x{k}, group {group})")
+        return y
+
+    def widen_into(self, codes: torch.Tensor, scale_zero: torch.Tensor, group: int, row0: int,
+                   out: torch.Tensor) -> torch.Tensor:
+        """Rows [row0, row0 + rows) of an INT4_TILED weight dequantised into out [in, rows] (bf16|fp32, contiguous;
+        transposed) -> the weight rows as a view [rows, in]: z + (q − 8) · s rounded once, as
+        dequantize_int4_plain."""
+        k, rows = out.shape
+        rc = self.build.lib.qvl_int4_tiles_widen(codes.data_ptr(), scale_zero.data_ptr(), group, row0, rows, k,
+                                                 out.data_ptr(), _DTYPE_FLAG[out.dtype], torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"native int4 widening failed with code {rc} (rows {row0}+{rows} of {k} columns)")
+        return out.T
 
 
 def rms_norm(build: NativeBuild, x: torch.Tensor, weight: torch.Tensor, eps: float,

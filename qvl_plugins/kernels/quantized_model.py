@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from qvl_pipeline.checkpoint.quant_cache import QuantCache, SourceCheckpoint, cache_key
-from qvl_plugins.kernels.int4_linear import PLAIN, UNLIMITED_ROWS, Int4Linear, aten_int4_usable, aten_layout
+from qvl_plugins.kernels.int4_linear import PLAIN, UNLIMITED_ROWS, Int4Linear, aten_layout, int4_layout
 from qvl_plugins.kernels.int8_linear import Int8Linear
-from qvl_plugins.kernels.native_gemv import ROWS, TILED, Int4Decode, Int8Decode
+from qvl_plugins.kernels.native_gemv import INT4_TILED, Q4_TILE_ROWS, ROWS, TILED, Int4Decode, Int8Decode
 from qvl_plugins.kernels.quantize import reused_block_buffers, trim_heap
 
 HEAD = "lm_head"
@@ -86,21 +86,27 @@ class Int8Format:
 
 @dataclass(frozen=True)
 class Int4Format:
-    """Group-wise asymmetric int4 (Int4Linear), in ATen's CPU layout where `use_aten` and the shape allow it."""
+    """Group-wise asymmetric int4 (Int4Linear): INT4_TILED with a native `decode` GEMV, else ATen's CPU layout where
+    `use_aten`, else plain (per shape: see int4_layout)."""
 
     group: int
     use_aten: bool
-    decode: Int4Decode | None = None          # the native decode GEMV (plain layout; not part of the stored tensors)
+    decode: Int4Decode | None = None          # the native decode GEMV (its INT4_TILED layout is in params())
     pack_max_rows: int = UNLIMITED_ROWS       # ATen layout: inputs above this many rows dequantise and run the GEMM
     name: str = "int4_group_asym"
 
     def params(self) -> dict[str, Any]:
         # ATen's packed layout depends on the CPU capability and may change with the torch version.
-        layout = {"layout": aten_layout(), "torch": torch.__version__} if self.use_aten else {"layout": PLAIN}
+        if self.decode is not None:
+            layout = {"layout": INT4_TILED}
+        elif self.use_aten:
+            layout = {"layout": aten_layout(), "torch": torch.__version__}
+        else:
+            layout = {"layout": PLAIN}
         return {"version": 1, "group": self.group, **layout}
 
     def _layout(self, out_features: int, in_features: int) -> str:
-        return aten_layout() if self.use_aten and aten_int4_usable(in_features, out_features, self.group) else PLAIN
+        return int4_layout(out_features, in_features, self.group, self.use_aten, self.decode)
 
     def quantize(self, weight: torch.Tensor, bias: torch.Tensor | None, release_source: bool) -> nn.Module:
         return Int4Linear.quantize(weight, bias, group=self.group, use_aten=self.use_aten,
@@ -111,8 +117,11 @@ class Int4Format:
         return {"weight_int4": module.weight_int4, "weight_scale_zero": module.weight_scale_zero}
 
     def expected(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+        groups = in_features // self.group
+        tiled = self._layout(out_features, in_features) == INT4_TILED
+        scale_zero = (out_features // Q4_TILE_ROWS, groups, Q4_TILE_ROWS, 2) if tiled else (groups, out_features, 2)
         return {"weight_int4": ((out_features, in_features // 2), torch.uint8),
-                "weight_scale_zero": ((in_features // self.group, out_features, 2), torch.bfloat16)}
+                "weight_scale_zero": (scale_zero, torch.bfloat16)}
 
     def restore(self, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None, in_features: int) -> nn.Module:
         out_features = state["weight_int4"].shape[0]

@@ -27,6 +27,7 @@ from qvl_plugins.kernels.int4_weight_only import (
     Int4WeightOnlyKernels,
     default_int4_pack_rows,
 )
+from qvl_plugins.kernels.native_gemv import Int4Decode
 from qvl_plugins.kernels.quantize import (
     dequantize_int4,
     dequantize_int4_plain,
@@ -225,17 +226,30 @@ def test_faulty_tiling_fails_self_test(monkeypatch):
 
 
 def test_faulty_plain_dequant_fails_self_test(monkeypatch):
-    """A plausible bug: the plain prefill path swaps each byte's two codes."""
-    from qvl_plugins.kernels import int4_linear as module
-
-    real = module.dequantize_int4_plain
+    """A plausible bug: the plain layout's dequantisation (a CPU with neither ATen's nor the native kernel) swaps each
+    byte's two codes."""
+    real = int4_linear.dequantize_int4_plain
 
     def swapped(packed, *args, **kwargs):
         return real((packed << 4) | (packed >> 4), *args, **kwargs)
 
-    monkeypatch.setattr(module, "dequantize_int4_plain", swapped)
-    kernels = Int4WeightOnlyKernels(NATIVE_BF16, Int4Options(decode_kernel="native"))
-    if kernels.use_aten:
-        pytest.skip("the native kernel does not build here: no plain-layout path to check")
+    monkeypatch.setattr(int4_linear, "dequantize_int4_plain", swapped)
+    kernels = Int4WeightOnlyKernels(make_facts(isa=()), Int4Options())
+    assert kernels.decode_kernel == "dequant"
     with pytest.raises(SelfTestError, match=r"row.*relative error"):
+        kernels.self_test(NATIVE)
+
+
+def test_faulty_tiled_widening_fails_self_test(monkeypatch):
+    """A plausible bug: the native prefill widening of the tiled layout swaps each byte's two codes."""
+    kernels = Int4WeightOnlyKernels(NATIVE_BF16, Int4Options(decode_kernel="native"))
+    if kernels.decode_kernel != "native":
+        pytest.skip("the native kernel does not build here: no tiled layout to check")
+    real = Int4Decode.widen_into
+
+    def swapped(self, codes, *args, **kwargs):
+        return real(self, (codes << 4) | (codes >> 4), *args, **kwargs)
+
+    monkeypatch.setattr(Int4Decode, "widen_into", swapped)
+    with pytest.raises(SelfTestError, match=r"(33|40) row\(s\).*relative error"):
         kernels.self_test(NATIVE)

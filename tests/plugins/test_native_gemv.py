@@ -9,8 +9,24 @@ import torch
 from qvl_pipeline.config.load import load_config
 from qvl_pipeline.container import make_container
 from qvl_plugins.kernels import native_gemv
-from qvl_plugins.kernels.native_gemv import Int8Decode, int4_gemv, int8_gemv, load_native
-from qvl_plugins.kernels.quantize import dequantize_int4, pack_nibbles, quantize_int4_groups, unpack_nibbles
+from qvl_plugins.kernels.native_gemv import (
+    Int4Decode,
+    Int8Decode,
+    int4_tileable,
+    int8_gemv,
+    load_native,
+    tile_int4_codes,
+    tile_scale_zero,
+    untile_int4_codes,
+    untile_scale_zero,
+)
+from qvl_plugins.kernels.quantize import (
+    dequantize_int4,
+    dequantize_int4_plain,
+    pack_nibbles,
+    quantize_int4_groups,
+    unpack_nibbles,
+)
 
 ISAS = {"scalar": (), "avx2": ("avx2", "fma"), "avx512": ("avx2", "fma", "avx512f", "avx512bw"),
         "avx512_vnni": ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni")}
@@ -62,16 +78,47 @@ def test_int8_kernels_match_the_dequantised_product(build, dtype, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int4_kernels_match_the_dequantised_product(build, dtype):
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_tiled_kernel_matches_the_dequantised_product(build, dtype, group):
     gen = torch.Generator().manual_seed(1)
-    n, k = 21, 256
-    codes, sz = quantize_int4_groups(torch.randn(n, k, generator=gen), 32, pack=pack_nibbles, row_multiple=1,
-                                     release_source=False)
-    weight = dequantize_int4(unpack_nibbles(codes), sz, 32, slice(None), torch.float32)
-    x = torch.randn(2, k, generator=gen).to(dtype)
-    want = x.float() @ weight.T
-    assert _rel(int4_gemv(build, x, codes, sz, 32, 2, a8=False), want) < (1e-5 if dtype == torch.float32 else 1e-2)
-    assert _rel(int4_gemv(build, x, codes, sz, 32, 2, a8=True), want) < 2e-2
+    n, k = 48, 256                                    # three tiles of 16 rows
+    codes, sz = quantize_int4_groups(torch.randn(n, k, generator=gen), group, pack=pack_nibbles)
+    plain = unpack_nibbles(codes)
+    tiled, tiled_sz = tile_int4_codes(plain), tile_scale_zero(sz)
+    assert torch.equal(untile_int4_codes(tiled), plain) and torch.equal(untile_scale_zero(tiled_sz), sz)
+    weight = dequantize_int4(plain, sz, group, slice(None), torch.float32)
+    x = torch.randn(3, k, generator=gen).to(dtype)
+    decode = Int4Decode(build)
+    got = decode(x, tiled, tiled_sz, group)
+    assert got.dtype == dtype and got.shape == (3, n)
+    assert _rel(got, x.float() @ weight.T) < 2e-2                   # int8 activations per 32 columns: NEAR
+    # the prefill path's widening: bit-equal to the plain layout's dequantisation, from any tile on
+    want = torch.empty(k, n, dtype=dtype)
+    dequantize_int4_plain(codes, sz, group, want, torch.empty(k // 2, n, dtype=torch.uint8),
+                          torch.empty(k // 2, n, dtype=torch.int8))
+    out = torch.empty(k, 32, dtype=dtype)
+    assert torch.equal(decode.widen_into(tiled, tiled_sz, group, 16, out), want.T[16:48])
+
+
+def test_int4_tiled_kernel_results_agree_across_isas(tmp_path_factory):
+    """The integer dot products are exact and each lane sums in the same order: every ISA gives the same bits."""
+    gen = torch.Generator().manual_seed(2)
+    codes, sz = quantize_int4_groups(torch.randn(32, 128, generator=gen), 32, pack=pack_nibbles)
+    tiled, tiled_sz = tile_int4_codes(unpack_nibbles(codes)), tile_scale_zero(sz)
+    x = torch.randn(2, 128, generator=gen)
+    where = str(tmp_path_factory.getbasetemp() / "native")
+    results = {name: Int4Decode(load_native(isa, where))(x, tiled, tiled_sz, 32)
+               for name, isa in ISAS.items() if _runnable(isa)}
+    first = next(iter(results.values()))
+    for name, y in results.items():
+        torch.testing.assert_close(y, first, rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_int4_tiled_kernel_refuses_bad_shapes(build):
+    decode = Int4Decode(build)
+    with pytest.raises(RuntimeError, match="failed with code 1"):          # 24 rows: not whole tiles of 16
+        decode(torch.zeros(1, 64), torch.zeros(24, 32, dtype=torch.uint8), torch.zeros(1, 2, 16, 2), 32)
+    assert not decode.usable(64, 48) and decode.usable(64, 32) and not int4_tileable(24, 64, 32)
 
 
 def test_bad_shapes_are_refused_not_read_out_of_bounds(build):
@@ -188,6 +235,35 @@ def test_an_int8_layer_stores_tiles_for_the_native_gemv_and_every_path_reads_the
     with pytest.raises(ValueError, match="tiled int8 weight"):
         Int8Linear(tiled.weight_int8, tiled.weight_scale, None, pack_cpu=True, pack_max_rows=4,
                    layout=native_gemv.TILED)                                  # tiles without the GEMV that reads them
+
+
+def test_an_int4_layer_stores_tiles_for_the_native_gemv_and_every_path_reads_them_as_plain(build):
+    from qvl_plugins.kernels.int4_linear import PLAIN, Int4Linear
+
+    gen = torch.Generator().manual_seed(4)
+    weight, bias = torch.randn(80, 128, generator=gen), torch.randn(80, generator=gen)
+    tiled = Int4Linear.quantize(weight, bias, group=32, use_aten=False, decode=Int4Decode(build))
+    plain = Int4Linear.quantize(weight, bias, group=32, use_aten=False)           # the plain dequant path only
+    assert tiled.layout == native_gemv.INT4_TILED and plain.layout == PLAIN
+    assert tiled.weight_scale_zero.shape == (5, 4, 16, 2)
+    assert torch.equal(tiled.dequantize(), plain.dequantize())
+    for dtype in (torch.float32, torch.bfloat16):
+        prefill = torch.randn(2, 20, 128, generator=gen).to(dtype)                   # 40 rows: past max_rows
+        assert torch.equal(tiled(prefill), plain(prefill))                          # widened natively, exactly
+        decode = torch.randn(1, 1, 128, generator=gen).to(dtype)
+        assert _rel(tiled(decode), plain(decode).float()) < 2e-2                     # int8 activations: NEAR
+    half = torch.randn(1, 40, 128, generator=gen).half()
+    torch.testing.assert_close(tiled(half), plain(half))                           # fp16: the torch untiling
+    recorded = torch.randn(40, 128, generator=gen).requires_grad_(True)
+    assert torch.equal(tiled(recorded), plain(recorded.detach()))                   # autograd: a fresh buffer
+    odd = Int4Linear.quantize(torch.randn(24, 128, generator=gen), None, group=32, use_aten=False,
+                              decode=Int4Decode(build))
+    assert odd.layout == PLAIN                                                       # 24 rows: not whole tiles
+    moved = tiled.to("meta")                                                         # off the CPU: plain again
+    assert moved.layout == PLAIN and moved.weight_scale_zero.shape == (4, 80, 2)
+    with pytest.raises(ValueError, match="tiled int4 weights"):
+        Int4Linear(tiled.weight_int4, tiled.weight_scale_zero, None, in_features=128, group=32,
+                   layout=native_gemv.INT4_TILED)                                   # tiles without their GEMV
 
 
 # --- the decode step's RMSNorm -----------------------------------------------------------------------------------

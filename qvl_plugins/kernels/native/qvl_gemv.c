@@ -2,12 +2,12 @@
  *
  * Built at first use by qvl_plugins/kernels/native_gemv.py with the C compiler for the vector ISA the run may use
  * (-mavx512f -mavx512bw, or -mavx2 -mfma, or plain C), OpenMP bound to the libgomp torch already loaded, and
- * called through ctypes. Maths: fp32 accumulation of the exact dequantised weight times the fp32 activations;
- * activations and results may be bf16 (converted here, round to nearest even) or fp32.
- *
- *   int8: y[m, n] = scale[n] * sum_k w[n, k] * x[m, k]                     w [N, K] int8, scale [N] fp32
- *   int4: y[m, n] = sum_k ((q[n, k] - 8) * s[g, n] + z[g, n]) * x[m, k]   g = k / group,
- *         q [N, K/2] uint8 (column 2j in the low nibble of byte j, 2j+1 in the high), sz [K/group, N, 2] bf16
+ * called through ctypes. Kernels:
+ *   int8 weights [N, K] x fp32 activations: fp32 accumulation of the exact weight (qvl_int8_gemv);
+ *   int8 weights (row-major or in tiles of 4 rows) x int8 activations per block of 64 (qvl_int8_gemv_a8*);
+ *   int4 weights in tiles of 16 rows x int8 activations per block of 32 (qvl_int4_tiles_gemv);
+ *   the decode step's RMSNorm and rotary.
+ * Activations and results may be bf16 (converted here, round to nearest even) or fp32.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -74,12 +74,6 @@ static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
 static inline vf i8_to_vf(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
-/* LANES bytes -> their low and high nibbles as fp32 */
-static inline void u4_to_vf(const uint8_t *p, vf *lo, vf *hi) {
-    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-    *lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-    *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-}
 #elif defined(__AVX2__)
 #define LANES 8
 typedef __m256 vf;
@@ -92,11 +86,6 @@ static inline float vsum(vf a) { return hsum256(a); }
 static inline vf i8_to_vf(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
-static inline void u4_to_vf(const uint8_t *p, vf *lo, vf *hi) {
-    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    *lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
-    *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
-}
 #else
 #define LANES 1
 typedef float vf;
@@ -107,7 +96,6 @@ static inline vf vmul(vf a, vf b) { return a * b; }
 static inline vf vset1(float a) { return a; }
 static inline float vsum(vf a) { return a; }
 static inline vf i8_to_vf(const int8_t *p) { return (float)*p; }
-static inline void u4_to_vf(const uint8_t *p, vf *lo, vf *hi) { *lo = (float)(*p & 15); *hi = (float)(*p >> 4); }
 #endif
 
 const char *qvl_gemv_isa(void) {
@@ -160,62 +148,6 @@ int qvl_int8_gemv(const int8_t *w, const float *scale, const void *x, int x_bf16
         }
     }
     free(xf);
-    return 0;
-}
-
-/* One int4 row against one activation row: xd holds x regrouped per chunk of 2*LANES columns as
- * [even columns (LANES), odd columns (LANES)], xs the per-group sums of x. */
-static inline float int4_row(const uint8_t *q, const uint16_t *sz, int64_t N, int64_t n, const float *xd,
-                             const float *xs, int64_t K, int64_t group) {
-    const int64_t chunk = 2 * LANES, groups = K / group;
-    vf acc = vzero();
-    float offset = 0.0f;
-    for (int64_t g = 0; g < groups; g++) {
-        float s = bf16_to_f32(sz[(g * N + n) * 2]), z = bf16_to_f32(sz[(g * N + n) * 2 + 1]);
-        vf t = vzero();
-        for (int64_t c = g * group; c < (g + 1) * group; c += chunk) {
-            vf lo, hi;
-            u4_to_vf(q + c / 2, &lo, &hi);
-            t = vfma(lo, vload(xd + c), t);
-            t = vfma(hi, vload(xd + c + LANES), t);
-        }
-        acc = vfma(t, vset1(s), acc);
-        offset += (z - 8.0f * s) * xs[g];
-    }
-    return vsum(acc) + offset;
-}
-
-int qvl_int4_gemv(const uint8_t *q, const uint16_t *sz, int64_t group, const void *x, int x_bf16, void *y,
-                  int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
-    const int64_t chunk = 2 * LANES, groups = K / group;
-    if (group % chunk || K % group) return 1;
-    float *xf = activations_f32(x, x_bf16, M, K);
-    float *xd = (float *)aligned_alloc(64, (size_t)((M * K * 4 + 63) / 64 * 64));
-    float *xs = (float *)malloc((size_t)(M * groups * 4));
-    if (!xf || !xd || !xs) { free(xf); free(xd); free(xs); return 2; }
-    for (int64_t m = 0; m < M; m++) {
-        const float *xm = xf + m * K;
-        float *dm = xd + m * K;
-        for (int64_t c = 0; c < K; c += chunk)
-            for (int64_t j = 0; j < LANES; j++) {
-                dm[c + j] = xm[c + 2 * j];
-                dm[c + LANES + j] = xm[c + 2 * j + 1];
-            }
-        for (int64_t g = 0; g < groups; g++) {
-            float s = 0.0f;
-            for (int64_t k = g * group; k < (g + 1) * group; k++) s += xm[k];
-            xs[m * groups + g] = s;
-        }
-    }
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *qn = q + n * (K / 2);
-        for (int64_t m = 0; m < M; m++)
-            store(y, y_bf16, m * N + n, int4_row(qn, sz, N, n, xd + m * K, xs + m * groups, K, group));
-    }
-    free(xf);
-    free(xd);
-    free(xs);
     return 0;
 }
 
@@ -438,140 +370,247 @@ int qvl_int8_untile_widen(const int8_t *w, int64_t row0, int64_t rows, int64_t K
     return 0;
 }
 
-/* ---- int4 weights x int8 activations ---------------------------------------------------------------------------
- * y[m, n] = sum_g s[g, n] * sum_{k in g} (q[n, k] - 8) * x[m, k] + z[g, n] * sum_{k in g} x[m, k]
- * with x ~ sx[m, b] * xq in the first term only (activations quantised per block of ABLOCK = 64 columns, each
- * block two weight groups of 32; the centred codes keep the rounding error small) and the exact group sums in the
- * second. The codes are unsigned (0..15), so vpdpbusd takes them as they are; the -8 is applied through the
- * integer group sums of xq.
- * The activations are regrouped per block like the nibbles: [even columns (32) | odd columns (32)].
- * Needs group == 32 (the project's default), K % 64 == 0. */
-#define QGROUP 32
+/* ---- int4 weights in tiles x int8 activations -------------------------------------------------------------------
+ * Weights: group-wise asymmetric int4, w[n, k] = (q[n, k] - 8) * s[g, n] + z[g, n], g = k / group (group a multiple
+ * of 32). Stored in tiles of Q4_ROWS = 16 output rows, tile t = rows 16t .. 16t + 15:
+ *   codes  [N / 16][K / 8][16][4] bytes: byte (o, r, i) = q[16t + r, 8o + i] | q[16t + r, 8o + 4 + i] << 4
+ *   sz     [N / 16][K / group][16][2] bf16: (s, z) of each row of the tile, group by group
+ * so a tile's codes and its scales are each one sequential stream, and one 64-byte load holds four input columns of
+ * all 16 rows in its low nibbles and the next four in its high nibbles: lane r of an integer dot product is row r.
+ * Activations are quantised per block of Q4_BLOCK = 32 columns (symmetric, scale sx = max|x| / 127, round half away
+ * from zero); per block b, with qs[b] = sum of its quantised values and xs[b] the exact sum of x over it:
+ *   y[m, n] = sum_b s * sx[b] * (sum_{k in b} q[n, k] * xq[k] - 8 * qs[b]) + z * xs[b]
+ * (the zero term uses the exact sums, so only the centred part carries the activations' rounding). */
+#define Q4_ROWS 16
+#define Q4_BLOCK 32
 
-/* xq regrouped per 64-column block, sx [M, K/64], xsum [M, K/32] (exact group sums of x), xqsum [M, K/32]
- * (group sums of xq times the block's scale) */
-static void regroup_activations(const float *xf, int64_t M, int64_t K, int8_t *xq, float *sx, float *xsum,
-                                float *xqsum) {
-    const int64_t blocks = K / ABLOCK;
-    for (int64_t m = 0; m < M; m++) {
+/* x [M, K] fp32 -> xq [M, K] int8, sx, xs [M, K / 32] fp32, qs [M, K / 32] int32 */
+static void quantize_blocks32(const float *xf, int64_t M, int64_t K, int8_t *xq, float *sx, float *xs, int32_t *qs) {
+    const int64_t blocks = K / Q4_BLOCK;
+    for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < blocks; b++) {
-            const float *xb = xf + m * K + b * ABLOCK;
-            int8_t *qb = xq + m * K + b * ABLOCK;
-            float amax = 0.0f, s0 = 0.0f, s1 = 0.0f;
-            for (int64_t k = 0; k < ABLOCK; k++) {
-                float a = xb[k] < 0 ? -xb[k] : xb[k];
-                if (a > amax) amax = a;
-                if (k < QGROUP) s0 += xb[k]; else s1 += xb[k];
-            }
+            const float *x = xf + m * K + b * Q4_BLOCK;
+            int8_t *q = xq + m * K + b * Q4_BLOCK;
+            float amax = 0.0f, sum = 0.0f;
+            for (int k = 0; k < Q4_BLOCK; k++) { float a = fabsf(x[k]); if (a > amax) amax = a; sum += x[k]; }
             float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            int32_t q0 = 0, q1 = 0;
-            for (int64_t j = 0; j < ABLOCK / 2; j++)
-                for (int64_t h = 0; h < 2; h++) {
-                    float v = xb[2 * j + h] * inv;
-                    int32_t q = (int32_t)(v < 0 ? v - 0.5f : v + 0.5f);
-                    q = q > 127 ? 127 : (q < -127 ? -127 : q);
-                    qb[h * (ABLOCK / 2) + j] = (int8_t)q;
-                    if (2 * j + h < QGROUP) q0 += q; else q1 += q;
-                }
+            int32_t qsum = 0;
+            for (int k = 0; k < Q4_BLOCK; k++) {
+                float v = x[k] * inv;
+                int32_t c = (int32_t)(v < 0 ? v - 0.5f : v + 0.5f);
+                c = c > 127 ? 127 : (c < -127 ? -127 : c);
+                q[k] = (int8_t)c;
+                qsum += c;
+            }
             sx[m * blocks + b] = amax / 127.0f;
-            xqsum[m * (K / QGROUP) + 2 * b] = (amax / 127.0f) * (float)q0;
-            xqsum[m * (K / QGROUP) + 2 * b + 1] = (amax / 127.0f) * (float)q1;
-            xsum[m * (K / QGROUP) + 2 * b] = s0;
-            xsum[m * (K / QGROUP) + 2 * b + 1] = s1;
+            xs[m * blocks + b] = sum;
+            qs[m * blocks + b] = qsum;
         }
-    }
 }
 
+static inline int32_t load_i32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+/* One tile (16 rows) against one quantised activation row: the 16 results into out. */
+static void q4_tile(const uint8_t *codes, const uint16_t *sz, const int8_t *xq, const float *sx, const float *xs,
+                    const int32_t *qs, int64_t K, int64_t group, float *out) {
+    const int64_t blocks = K / Q4_BLOCK, per_group = group / Q4_BLOCK;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-/* one 64-column block of one row: 32 code bytes, the regrouped activations, the two groups' scales times sx */
-static inline __m512 q4_block(const uint8_t *q, const int8_t *xq, float sa, float sb, __m512 acc) {
-    const __m256i low = _mm256_set1_epi8(15);
-    __m256i bytes = _mm256_loadu_si256((const __m256i *)q);
-    __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, low)),
-                                       _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low), 1);
-    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512((const void *)xq));
-    __m512 s = _mm512_mask_blend_ps((__mmask16)0xF0F0, _mm512_set1_ps(sa), _mm512_set1_ps(sb));
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc);
-}
-#define Q4_SUM(a) _mm512_reduce_add_ps(a)
-#elif defined(__AVX2__)
-/* AVX2: 16 code bytes (one group) at a time; lanes of maddubs hold [lo 16 | hi 16] of the group */
-static inline __m256 q4_group(const uint8_t *q, const int8_t *xlo, const int8_t *xhi, float s, __m256 acc) {
-    const __m128i low = _mm_set1_epi8(15);
-    __m128i bytes = _mm_loadu_si128((const __m128i *)q);
-    __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
-    __m256i x = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)xhi), _mm_loadu_si128((const __m128i *)xlo));
-    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc);
-}
-static inline __m256 q4_block(const uint8_t *q, const int8_t *xq, float sa, float sb, __m256 acc) {
-    /* group A: code bytes 0-15 hold columns 0..31 (even in lo, odd in hi); their x: evens xq[0..15], odds
-     * xq[32..47]; group B: bytes 16-31, evens xq[16..31], odds xq[48..63] */
-    acc = q4_group(q, xq, xq + 32, sa, acc);
-    return q4_group(q + 16, xq + 16, xq + 48, sb, acc);
-}
-#define Q4_SUM(a) hsum256(a)
-#else
-static inline float q4_block(const uint8_t *q, const int8_t *xq, float sa, float sb, float acc) {
-    int32_t da = 0, db = 0;
-    for (int j = 0; j < 16; j++) {
-        da += (q[j] & 15) * xq[j] + (q[j] >> 4) * xq[32 + j];
-        db += (q[16 + j] & 15) * xq[16 + j] + (q[16 + j] >> 4) * xq[48 + j];
+    const __m512i low = _mm512_set1_epi8(15), high_half = _mm512_set1_epi32((int)0xFFFF0000u);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *c = codes + b * (Q4_ROWS * Q4_BLOCK / 2);
+        const int8_t *x = xq + b * Q4_BLOCK;
+        __m512i d[4];
+        for (int o = 0; o < 4; o++) {
+            __m512i v = _mm512_loadu_si512((const void *)(c + o * 64));
+            d[o] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low),
+                                       _mm512_set1_epi32(load_i32(x + 8 * o)));
+            d[o] = _mm512_dpbusd_epi32(d[o], _mm512_and_si512(_mm512_srli_epi16(v, 4), low),
+                                       _mm512_set1_epi32(load_i32(x + 8 * o + 4)));
+        }
+        __m512i dot = _mm512_add_epi32(_mm512_add_epi32(d[0], d[1]), _mm512_add_epi32(d[2], d[3]));
+        dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(8 * qs[b]));
+        __m512i p = _mm512_loadu_si512((const void *)(sz + (b / per_group) * 2 * Q4_ROWS));   /* 16 x (s, z) */
+        __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
+        __m512 z = _mm512_castsi512_ps(_mm512_and_si512(p, high_half));
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(sx[b])), _mm512_cvtepi32_ps(dot), acc);
+        acc = _mm512_fmadd_ps(z, _mm512_set1_ps(xs[b]), acc);
     }
-    return acc + sa * (float)da + sb * (float)db;
-}
-#define Q4_SUM(a) (a)
+    _mm512_storeu_ps(out, acc);
+#elif defined(__AVX2__)
+    /* two halves of 8 rows: bytes 0-31 and 32-63 of each 64-byte group of four columns, sharing the broadcast
+     * activations. vpmaddubsw of codes (0..15) and activations (-127..127) gives pairs of at most 3810; eight of
+     * them still fit int16. */
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256i high_half = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *c = codes + b * (Q4_ROWS * Q4_BLOCK / 2);
+        const int8_t *x = xq + b * Q4_BLOCK;
+        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+        for (int o = 0; o < 4; o++) {
+            __m256i xa = _mm256_set1_epi32(load_i32(x + 8 * o)), xb = _mm256_set1_epi32(load_i32(x + 8 * o + 4));
+            __m256i v0 = _mm256_loadu_si256((const __m256i *)(c + o * 64));
+            __m256i v1 = _mm256_loadu_si256((const __m256i *)(c + o * 64 + 32));
+            s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(v0, low), xa));
+            s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(v1, low), xa));
+            s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low), xb));
+            s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low), xb));
+        }
+        const __m256i centre = _mm256_set1_epi32(8 * qs[b]);
+        const __m256 scale_x = _mm256_set1_ps(sx[b]), sum_x = _mm256_set1_ps(xs[b]);
+        const uint16_t *p = sz + (b / per_group) * 2 * Q4_ROWS;
+        __m256i p0 = _mm256_loadu_si256((const __m256i *)p), p1 = _mm256_loadu_si256((const __m256i *)(p + 16));
+        __m256i d0 = _mm256_sub_epi32(_mm256_madd_epi16(s0, ones), centre);
+        __m256i d1 = _mm256_sub_epi32(_mm256_madd_epi16(s1, ones), centre);
+        acc0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(p0, 16)), scale_x),
+                               _mm256_cvtepi32_ps(d0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(p1, 16)), scale_x),
+                               _mm256_cvtepi32_ps(d1), acc1);
+        acc0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(p0, high_half)), sum_x, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(p1, high_half)), sum_x, acc1);
+    }
+    _mm256_storeu_ps(out, acc0);
+    _mm256_storeu_ps(out + 8, acc1);
+#else
+    for (int r = 0; r < Q4_ROWS; r++) {
+        float acc = 0.0f;
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t *c = codes + b * (Q4_ROWS * Q4_BLOCK / 2);
+            const int8_t *x = xq + b * Q4_BLOCK;
+            int32_t dot = 0;
+            for (int o = 0; o < 4; o++)
+                for (int i = 0; i < 4; i++) {
+                    uint8_t byte = c[o * 64 + r * 4 + i];
+                    dot += (byte & 15) * x[8 * o + i] + (byte >> 4) * x[8 * o + 4 + i];
+                }
+            const uint16_t *p = sz + (b / per_group) * 2 * Q4_ROWS + 2 * r;
+            acc += bf16_to_f32(p[0]) * sx[b] * (float)(dot - 8 * qs[b]) + bf16_to_f32(p[1]) * xs[b];
+        }
+        out[r] = acc;
+    }
 #endif
+}
 
-int qvl_int4_gemv_a8(const uint8_t *q, const uint16_t *sz, int64_t group, const void *x, int x_bf16, void *y,
-                     int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
-    if (group != QGROUP || K % ABLOCK) return 1;
-    const int64_t blocks = K / ABLOCK, groups = K / QGROUP;
+const char *qvl_int4_tiles_isa(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return "avx512_vnni";
+#elif defined(__AVX2__)
+    return "avx2";
+#else
+    return "scalar";
+#endif
+}
+
+/* y [M, N] = x [M, K] · Wᵀ with W in tiles (see above). N % 16 == 0, group % 32 == 0, K % group == 0. */
+int qvl_int4_tiles_gemv(const uint8_t *codes, const uint16_t *sz, int64_t group, const void *x, int x_bf16,
+                        void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
+    if (N % Q4_ROWS || group % Q4_BLOCK || K % group) return 1;
+    const int64_t blocks = K / Q4_BLOCK, groups = K / group, tiles = N / Q4_ROWS;
     float *xf = activations_f32(x, x_bf16, M, K);
     int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
-    float *sx = (float *)malloc((size_t)(M * blocks * 4));
-    float *xsum = (float *)malloc((size_t)(M * groups * 4));
-    float *xqsum = (float *)malloc((size_t)(M * groups * 4));
-    if (!xf || !xq || !sx || !xsum || !xqsum) { free(xf); free(xq); free(sx); free(xsum); free(xqsum); return 2; }
-    regroup_activations(xf, M, K, xq, sx, xsum, xqsum);
-    const int64_t row_blocks = (N + ROWS - 1) / ROWS;
+    float *sx = (float *)malloc((size_t)(M * blocks * 4)), *xs = (float *)malloc((size_t)(M * blocks * 4));
+    int32_t *qs = (int32_t *)malloc((size_t)(M * blocks * 4));
+    if (!xf || !xq || !sx || !xs || !qs) { free(xf); free(xq); free(sx); free(xs); free(qs); return 2; }
+    quantize_blocks32(xf, M, K, xq, sx, xs, qs);
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t rb = 0; rb < row_blocks; rb++) {
-        int64_t n0 = rb * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
+    for (int64_t t = 0; t < tiles; t++) {
+        const uint8_t *c = codes + t * Q4_ROWS * (K / 2);
+        const uint16_t *s = sz + t * groups * 2 * Q4_ROWS;
+        float out[Q4_ROWS];
         for (int64_t m = 0; m < M; m++) {
-            const int8_t *xm = xq + m * K;
-            const float *sm = sx + m * blocks, *xs = xsum + m * groups, *xqs = xqsum + m * groups;
-            for (int64_t r = 0; r < rows; r += 2) {          /* two rows in flight */
-                int64_t n = n0 + r;
-                int two = r + 1 < rows;
-                const uint8_t *q0 = q + n * (K / 2), *q1 = q0 + (K / 2);
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-                __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-#elif defined(__AVX2__)
-                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-#else
-                float a0 = 0.0f, a1 = 0.0f;
-#endif
-                float off0 = 0.0f, off1 = 0.0f;
-                for (int64_t b = 0; b < blocks; b++) {
-                    const uint16_t *p0 = sz + ((2 * b) * N + n) * 2, *p1 = sz + ((2 * b + 1) * N + n) * 2;
-                    float sa = bf16_to_f32(p0[0]), za = bf16_to_f32(p0[1]);
-                    float sb = bf16_to_f32(p1[0]), zb = bf16_to_f32(p1[1]);
-                    a0 = q4_block(q0 + b * 32, xm + b * ABLOCK, sa * sm[b], sb * sm[b], a0);
-                    off0 += za * xs[2 * b] + zb * xs[2 * b + 1] - 8.0f * (sa * xqs[2 * b] + sb * xqs[2 * b + 1]);
-                    if (two) {
-                        float ta = bf16_to_f32(p0[2]), ya = bf16_to_f32(p0[3]);
-                        float tb = bf16_to_f32(p1[2]), yb = bf16_to_f32(p1[3]);
-                        a1 = q4_block(q1 + b * 32, xm + b * ABLOCK, ta * sm[b], tb * sm[b], a1);
-                        off1 += ya * xs[2 * b] + yb * xs[2 * b + 1] - 8.0f * (ta * xqs[2 * b] + tb * xqs[2 * b + 1]);
-                    }
-                }
-                store(y, y_bf16, m * N + n, Q4_SUM(a0) + off0);
-                if (two) store(y, y_bf16, m * N + n + 1, Q4_SUM(a1) + off1);
-            }
+            q4_tile(c, s, xq + m * K, sx + m * blocks, xs + m * blocks, qs + m * blocks, K, group, out);
+            for (int r = 0; r < Q4_ROWS; r++) store(y, y_bf16, m * N + t * Q4_ROWS + r, out[r]);
         }
     }
-    free(xf); free(xq); free(sx); free(xsum); free(xqsum);
+    free(xf); free(xq); free(sx); free(xs); free(qs);
+    return 0;
+}
+
+/* Rows [row0, row0 + rows) of a tiled int4 weight dequantised into out [K, rows] (bf16 or fp32), transposed: column
+ * j of out is row row0 + j. w = z + (q - 8) * s in fp32 (the product is exact), rounded once to out's dtype, as the
+ * plain layout's dequantisation computes it. In a tile's 64-byte block of four columns, byte 4r + i holds row r's
+ * columns i and 4 + i: lane r of the block read as 32-bit words, shifted right by 8i, gives all 16 rows of a column,
+ * which are contiguous in the transposed out. Threads split the columns, so each writes whole rows of out.
+ * row0 and rows multiples of 16. */
+#if defined(__AVX512F__)
+static inline void widen_store16(__m512i v, __m512 s, __m512 z, void *out, int out_bf16, int64_t at) {
+    __m512 w = _mm512_add_ps(z, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, _mm512_set1_epi32(8))), s));
+    if (out_bf16) {       /* round to nearest even (no NaN here) */
+        __m512i u = _mm512_castps_si512(w);
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + at), _mm512_cvtepi32_epi16(u));
+    } else {
+        _mm512_storeu_ps((float *)out + at, w);
+    }
+}
+#elif defined(__AVX2__)
+static inline void widen_store8(__m256i v, __m256 s, __m256 z, void *out, int out_bf16, int64_t at) {
+    __m256 w = _mm256_add_ps(z, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v, _mm256_set1_epi32(8))), s));
+    if (out_bf16) {       /* round to nearest even (no NaN here) */
+        __m256i u = _mm256_castps_si256(w);
+        __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+        __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0x08);
+        _mm_storeu_si128((__m128i *)((uint16_t *)out + at), _mm256_castsi256_si128(packed));
+    } else {
+        _mm256_storeu_ps((float *)out + at, w);
+    }
+}
+#endif
+
+int qvl_int4_tiles_widen(const uint8_t *codes, const uint16_t *sz, int64_t group, int64_t row0, int64_t rows,
+                         int64_t K, void *out, int out_bf16, int threads) {
+    if (row0 % Q4_ROWS || rows % Q4_ROWS || group % Q4_BLOCK || K % group) return 1;
+    const int64_t groups = K / group, tiles = rows / Q4_ROWS, first = row0 / Q4_ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < K / 8; o++) {
+        const int64_t g = o * 8 / group;
+        for (int64_t t = 0; t < tiles; t++) {
+            const uint8_t *c = codes + (first + t) * Q4_ROWS * (K / 2) + o * 64;
+            const uint16_t *p = sz + ((first + t) * groups + g) * 2 * Q4_ROWS;
+#if defined(__AVX512F__)
+            __m512i pz = _mm512_loadu_si512((const void *)p);
+            __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pz, 16));
+            __m512 z = _mm512_castsi512_ps(_mm512_and_si512(pz, _mm512_set1_epi32((int)0xFFFF0000u)));
+            __m512i v = _mm512_loadu_si512((const void *)c);
+            const __m512i nibble = _mm512_set1_epi32(15);
+            for (int i = 0; i < 4; i++) {
+                __m512i b = _mm512_srli_epi32(v, 8 * i);
+                widen_store16(_mm512_and_si512(b, nibble), s, z, out, out_bf16, (o * 8 + i) * rows + t * Q4_ROWS);
+                widen_store16(_mm512_and_si512(_mm512_srli_epi32(b, 4), nibble), s, z, out, out_bf16,
+                              (o * 8 + 4 + i) * rows + t * Q4_ROWS);
+            }
+#elif defined(__AVX2__)
+            const __m256i nibble = _mm256_set1_epi32(15), high_half = _mm256_set1_epi32((int)0xFFFF0000u);
+            for (int h = 0; h < 2; h++) {
+                __m256i pz = _mm256_loadu_si256((const __m256i *)(p + 16 * h));
+                __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(pz, 16));
+                __m256 z = _mm256_castsi256_ps(_mm256_and_si256(pz, high_half));
+                __m256i v = _mm256_loadu_si256((const __m256i *)(c + 32 * h));
+                for (int i = 0; i < 4; i++) {
+                    __m256i b = _mm256_srli_epi32(v, 8 * i);
+                    int64_t at = t * Q4_ROWS + 8 * h;
+                    widen_store8(_mm256_and_si256(b, nibble), s, z, out, out_bf16, (o * 8 + i) * rows + at);
+                    widen_store8(_mm256_and_si256(_mm256_srli_epi32(b, 4), nibble), s, z, out, out_bf16,
+                                 (o * 8 + 4 + i) * rows + at);
+                }
+            }
+#else
+            for (int r = 0; r < Q4_ROWS; r++) {
+                float scale = bf16_to_f32(p[2 * r]), zero = bf16_to_f32(p[2 * r + 1]);
+                for (int i = 0; i < 4; i++) {
+                    uint8_t byte = c[r * 4 + i];
+                    float lo = zero + (float)((int)(byte & 15) - 8) * scale;
+                    float hi = zero + (float)((int)(byte >> 4) - 8) * scale;
+                    store(out, out_bf16, (o * 8 + i) * rows + t * Q4_ROWS + r, lo);
+                    store(out, out_bf16, (o * 8 + 4 + i) * rows + t * Q4_ROWS + r, hi);
+                }
+            }
+#endif
+        }
+    }
     return 0;
 }
 
