@@ -26,7 +26,7 @@ def cpu_chains(hw: HardwareProfile) -> Chains:
     quantised = ("int4_weight_only", *int8) if hw.has_isa("avx512f") else (*int8, "int4_weight_only")
     return {
         # Measured on a 2-core AVX-512 VM, 1024-token prefill: torch's fused CPU SDPA 3.4x faster than chunked.
-        "attention": ("sdpa", "chunked", "eager"),
+        "attention": ("native", "sdpa", "chunked", "eager"),   # native: the decode step in one C call
         "rotary": ("native", "cached", "reference"),    # native: the project's C rotation where it builds
         "kernels": (*quantised, *exact),
         "memory": ("cpu", "ssd_stream"),      # what the RAM budget cannot hold is streamed from disk

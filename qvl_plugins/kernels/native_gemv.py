@@ -118,6 +118,11 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qvl_int4_tiles_widen.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, i32, i32]
     lib.qvl_int4_tiles_widen.restype = i32
     lib.qvl_int4_tiles_isa.restype = ctypes.c_char_p
+    lib.qvl_decode_attention.argtypes = [ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i64, ptr, ptr,
+                                         ctypes.c_float, i32]
+    lib.qvl_decode_attention.restype = i32
+    lib.qvl_int8_rows_widen.argtypes = [ptr, ptr, ptr, i32, i64, i64, i64, i64, i64, i32]
+    lib.qvl_int8_rows_widen.restype = i32
     lib.qvl_gemv_lanes.restype = i32
     lib.qvl_a8_block.restype = i32
     lib.qvl_gemv_isa.restype = ctypes.c_char_p
@@ -395,3 +400,34 @@ def rope(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor
     if rc:
         raise RuntimeError(f"native rotary failed with code {rc} (q {list(q.shape)}, k {list(k.shape)})")
     return qo, ko
+
+
+def decode_attention(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Attention of one query position over the whole cache: q [b, h, 1, d], k/v [b, kvh, n, d] (any strides, the
+    last dimension contiguous; a view of a preallocated cache), one dtype (bf16|fp32) -> [b, 1, h, d] in it, with
+    fp32 scores, softmax and sums rounded once."""
+    b, h, _, d = q.shape
+    qc = q if q.is_contiguous() else q.contiguous()
+    out = torch.empty(b, 1, h, d, dtype=q.dtype)
+    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (k, v)]
+    rc = build.lib.qvl_decode_attention(qc.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                        _DTYPE_FLAG[q.dtype], b, h, k.shape[1], k.shape[2], d, strides[0],
+                                        strides[1], scale, torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"native decode attention failed with code {rc} (q {list(q.shape)}, k {list(k.shape)})")
+    return out
+
+
+def int8_rows_widen(build: NativeBuild, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q [b, h, n, d] int8 and scale [b, h, n, 1] fp32 (views of a cache: rows contiguous, each [n, d] block
+    contiguous) -> (q * scale).to(dtype) [b, h, n, d] contiguous, bit-equal, in one pass (dtype bf16|fp32)."""
+    b, h, n, d = q.shape
+    out = torch.empty(b, h, n, d, dtype=dtype)
+    if q.stride(0) != h * q.stride(1) or scale.stride(0) != h * scale.stride(1):
+        raise ValueError("int8 rows: the batch and head blocks must be evenly strided")
+    rc = build.lib.qvl_int8_rows_widen(q.data_ptr(), scale.data_ptr(), out.data_ptr(), _DTYPE_FLAG[dtype], b * h, n,
+                                       d, q.stride(1), scale.stride(1), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"native int8 row widening failed with code {rc} (shape {list(q.shape)})")
+    return out

@@ -95,7 +95,7 @@ def test_auto_chains_come_from_the_probed_facts():
     for hw in (avx2, bf16):
         assert derive_chains(hw)["kernels"].index("int8_weight_only") < derive_chains(hw)["kernels"].index(
             "fp32_compute")
-        assert derive_chains(hw)["attention"][0] == "sdpa"
+        assert derive_chains(hw)["attention"][:2] == ("native", "sdpa")
     assert derive_chains(make_profile(gpu=PASCAL))["attention"][0] == "sdpa_mem_efficient"
     container = make_container(load_config(["hardware=auto"]))
     container.core.prober.override(lambda path, measure: (avx2, []))
@@ -112,7 +112,7 @@ def test_i5_profile_without_cuda_uses_the_cpu_order_and_says_so():
     plan = container.core.plan().to_dict()
     assert plan["slots"]["memory"]["chosen"] == "cpu"
     # the profile lists [sdpa_mem_efficient, chunked, sdpa, eager] for its GPU; on the CPU sdpa is fastest
-    assert plan["slots"]["attention"]["chosen"] == "sdpa"
+    assert plan["slots"]["attention"]["chosen"] == "native"
     text = render_plan(plan)
     assert "no CUDA GPU usable by torch" in text and "give way to this CPU's" in text
 

@@ -70,6 +70,13 @@ static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf vset1(float a) { return _mm512_set1_ps(a); }
 static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline void vstore(float *p, vf a) { _mm512_storeu_ps(p, a); }
+/* LANES values at element i of p (bf16 or fp32) as fp32 */
+static inline vf load_as_f32(const void *p, int bf16, int64_t i) {
+    if (!bf16) return _mm512_loadu_ps((const float *)p + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 /* LANES int8 -> fp32 */
 static inline vf i8_to_vf(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
@@ -83,6 +90,12 @@ static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 static inline vf vset1(float a) { return _mm256_set1_ps(a); }
 static inline float vsum(vf a) { return hsum256(a); }
+static inline void vstore(float *p, vf a) { _mm256_storeu_ps(p, a); }
+static inline vf load_as_f32(const void *p, int bf16, int64_t i) {
+    if (!bf16) return _mm256_loadu_ps((const float *)p + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
 static inline vf i8_to_vf(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
@@ -685,6 +698,96 @@ int qvl_rope(const void *q, const void *k, const void *cos, const void *sin, voi
                 from_f32(a, bf16, d, o + base);
             }
         }
+    }
+    return 0;
+}
+
+/* ---- decode attention: one query position against the cache -----------------------------------------------------
+ * out[b, h] = softmax(scale * q[b, h] · k[b, h / groups, j]ᵀ over j < n) · v[b, h / groups]; fp32 scores, softmax
+ * and accumulation, the result rounded once to its dtype (bf16 or fp32, as q, k, v). A query head sees every key:
+ * the decoded position is the last one. k and v are addressed by strides (elements) per batch, kv head and
+ * position (a view of a preallocated cache), their last dimension contiguous. q and out are [b, h, d]
+ * contiguous. The scores are formed per query head in a buffer of n floats (per thread). */
+static inline float dot_f32(const float *a, const void *p, int bf16, int64_t d) {
+    float s = 0.0f;
+    int64_t i = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+    vf acc = vzero();
+    for (; i + LANES <= d; i += LANES) acc = vfma(vload(a + i), load_as_f32(p, bf16, i), acc);
+    s = vsum(acc);
+#endif
+    for (; i < d; i++) s += a[i] * (bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i]);
+    return s;
+}
+
+/* acc[0..d) += w * row */
+static inline void axpy_f32(float *acc, float w, const void *p, int bf16, int64_t d) {
+    int64_t i = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+    vf wv = vset1(w);
+    for (; i + LANES <= d; i += LANES) vstore(acc + i, vfma(load_as_f32(p, bf16, i), wv, vload(acc + i)));
+#endif
+    for (; i < d; i++) acc[i] += w * (bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i]);
+}
+
+int qvl_decode_attention(const void *q, const void *k, const void *v, void *out, int bf16, int64_t B, int64_t H,
+                         int64_t KVH, int64_t n, int64_t d, const int64_t *k_strides, const int64_t *v_strides,
+                         float scale, int threads) {
+    if (KVH <= 0 || H % KVH || n <= 0 || d > ELEM_MAX) return 1;
+    const int64_t groups = H / KVH, esize = bf16 ? 2 : 4;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        /* per kv head: the scores of its `groups` query heads [groups][n], their fp32 queries and sums [groups][d] */
+        float *scores = (float *)malloc((size_t)(n * groups) * 4);
+        float *qf = (float *)malloc((size_t)(d * groups) * 4), *acc = (float *)malloc((size_t)(d * groups) * 4);
+        if (!scores || !qf || !acc) failed = 1;
+        else {
+#pragma omp for schedule(static)
+            for (int64_t bk = 0; bk < B * KVH; bk++) {             /* each key and value is read once per kv head */
+                const int64_t b = bk / KVH, kvh = bk % KVH, h0 = b * H + kvh * groups;
+                const char *kb = (const char *)k + (b * k_strides[0] + kvh * k_strides[1]) * esize;
+                const char *vb = (const char *)v + (b * v_strides[0] + kvh * v_strides[1]) * esize;
+                to_f32((const char *)q + h0 * d * esize, bf16, groups * d, qf);
+                for (int64_t j = 0; j < n; j++) {
+                    const char *kj = kb + j * k_strides[2] * esize;
+                    for (int64_t g = 0; g < groups; g++) scores[g * n + j] = scale * dot_f32(qf + g * d, kj, bf16, d);
+                }
+                for (int64_t g = 0; g < groups; g++) {
+                    float *sg = scores + g * n, top = -INFINITY, total = 0.0f;
+                    for (int64_t j = 0; j < n; j++) if (sg[j] > top) top = sg[j];
+                    for (int64_t j = 0; j < n; j++) { sg[j] = expf(sg[j] - top); total += sg[j]; }
+                    const float inv = 1.0f / total;
+                    for (int64_t j = 0; j < n; j++) sg[j] *= inv;
+                }
+                memset(acc, 0, (size_t)(groups * d) * 4);
+                for (int64_t j = 0; j < n; j++) {
+                    const char *vj = vb + j * v_strides[2] * esize;
+                    for (int64_t g = 0; g < groups; g++) axpy_f32(acc + g * d, scores[g * n + j], vj, bf16, d);
+                }
+                from_f32(acc, bf16, groups * d, (char *)out + h0 * d * esize);
+            }
+        }
+        free(scores); free(qf); free(acc);
+    }
+    return failed ? 2 : 0;
+}
+
+/* ---- int8 KV cache read-back -------------------------------------------------------------------------------------
+ * out[c, j, :] = q[c * q_stride + j * d + i] * scale[c * s_stride + j] for blocks c < C (batch x kv heads) and
+ * positions j < n: the int8 value times its row's fp32 scale, rounded to fp32 and then to out's dtype (bf16 or
+ * fp32), as torch computes (q * scale).to(dtype). out [C, n, d] contiguous. */
+int qvl_int8_rows_widen(const int8_t *q, const float *scale, void *out, int out_bf16, int64_t C, int64_t n,
+                        int64_t d, int64_t q_stride, int64_t s_stride, int threads) {
+    if (d > ELEM_MAX) return 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t cj = 0; cj < C * n; cj++) {
+        const int64_t c = cj / n, j = cj % n;
+        const int8_t *src = q + c * q_stride + j * d;
+        const float s = scale[c * s_stride + j];
+        float row[ELEM_MAX];
+        for (int64_t i = 0; i < d; i++) row[i] = (float)src[i] * s;
+        from_f32(row, out_bf16, d, (char *)out + cj * d * (out_bf16 ? 2 : 4));
     }
     return 0;
 }

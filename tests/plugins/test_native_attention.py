@@ -1,0 +1,103 @@
+"""The native decode attention (one query position in one C call) and the int8 KV cache's native read-back:
+parity with eager attention and with torch's read-back, the fallbacks, the self-test catching a faulty kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qvl_pipeline.slots.base import NoOptions, SelfTestError
+from qvl_pipeline.slots.kv_cache import CacheShape
+from qvl_pipeline.slots.selftest import relative_error
+from qvl_plugins.attention import native as native_attention
+from qvl_plugins.attention.eager import EagerAttention
+from qvl_plugins.attention.native import NativeDecodeAttention
+from qvl_plugins.attention.sdpa import SdpaAttention
+from qvl_plugins.kernels import native_gemv
+from qvl_plugins.kv_cache.int8 import Int8KVCache, Int8KVCacheStore, read_back
+from tests.conftest import make_facts
+
+FACTS = make_facts()
+EAGER = EagerAttention(FACTS)
+
+
+@pytest.fixture(scope="module")
+def plugin() -> NativeDecodeAttention:
+    reasons = NativeDecodeAttention.validate(FACTS, NoOptions())
+    if reasons:
+        pytest.skip(f"the native library does not build here: {reasons}")
+    return NativeDecodeAttention(FACTS)
+
+
+def cache_views(b, kvh, n, d, dtype, gen, max_len=40):
+    """k, v [b, kvh, n, d] as views of a preallocated [b, kvh, max_len, d] cache (strided like the real one)."""
+    k = torch.randn(b, kvh, max_len, d, generator=gen).to(dtype)
+    v = torch.randn(b, kvh, max_len, d, generator=gen).to(dtype)
+    return k[:, :, :n], v[:, :, :n]
+
+
+@pytest.mark.parametrize(("b", "h", "kvh", "n", "d"), [(1, 4, 2, 11, 16), (2, 6, 2, 33, 24), (1, 16, 8, 37, 128),
+                                                       (1, 2, 2, 1, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_matches_eager(plugin, b, h, kvh, n, d, dtype):
+    gen = torch.Generator().manual_seed(0)
+    k, v = cache_views(b, kvh, n, d, dtype, gen)
+    q = torch.randn(b, h, 1, d, generator=gen).to(dtype)
+    got = plugin.attend(q, k, v, causal=True, scale=d ** -0.5)
+    want = EAGER.attend(q.float(), k.float(), v.float(), causal=True, scale=d ** -0.5)
+    assert got.shape == (b, 1, h, d) and got.dtype == dtype
+    # fp32: summation order only (measured ≤ 2e-6); bf16: the result's one rounding (2^-9 relative)
+    assert relative_error(got.float(), want) <= (1e-5 if dtype == torch.float32 else 8e-3)
+
+
+def test_other_calls_are_torch_sdpa(plugin):
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, heads, n, 16, generator=gen) for heads, n in ((4, 5), (2, 9), (2, 9)))
+    assert torch.equal(plugin.attend(q, k, v, causal=True, scale=0.25),
+                       SdpaAttention(FACTS).attend(q, k, v, causal=True, scale=0.25))      # prefill
+    q1 = q[:, :, :1].half()
+    assert torch.equal(plugin.attend(q1, k.half(), v.half(), causal=True, scale=0.25),
+                       SdpaAttention(FACTS).attend(q1, k.half(), v.half(), causal=True, scale=0.25))  # fp16
+
+
+def test_self_test_passes_and_catches_a_faulty_kernel(plugin, monkeypatch):
+    plugin.self_test(EAGER)
+    real = native_attention.decode_attention
+
+    def unscaled(build, q, k, v, scale):                 # a plausible bug: the softmax scale dropped
+        return real(build, q, k, v, 1.0)
+
+    monkeypatch.setattr(native_attention, "decode_attention", unscaled)
+    with pytest.raises(SelfTestError, match="q_len=1"):
+        plugin.self_test(EAGER)
+
+
+def test_without_the_native_library_the_chain_moves_on(monkeypatch):
+    monkeypatch.setenv(native_gemv.DISABLE_ENV, "0")
+    native_gemv.load_native.cache_clear()
+    try:
+        reasons = NativeDecodeAttention.validate(FACTS, NoOptions())
+        assert reasons and "disabled" in reasons[0]
+    finally:
+        native_gemv.load_native.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_cache_native_read_back_is_bit_equal_to_torch(dtype):
+    build = native_gemv.native_for(FACTS)
+    if not build.available:
+        pytest.skip(build.reason)
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randint(-127, 128, (2, 3, 50, 24), generator=gen, dtype=torch.int8)[:, :, :37]    # cache views
+    scale = (torch.rand(2, 3, 50, 1, generator=gen) * 0.05)[:, :, :37]
+    got = read_back(q, scale, dtype, build)
+    assert got.is_contiguous() and torch.equal(got, (q * scale).to(dtype))
+    shape = CacheShape(layers=1, batch=1, kv_heads=2, head_dim=16, max_len=12)
+    fast, plain = Int8KVCacheStore(shape, dtype, ["cpu"], build), Int8KVCacheStore(shape, dtype, ["cpu"])
+    for n in (5, 1, 1):
+        k, v = torch.randn(1, 2, n, 16, generator=gen).to(dtype), torch.randn(1, 2, n, 16, generator=gen).to(dtype)
+        for got, want in zip(fast.append(0, k, v), plain.append(0, k, v), strict=True):
+            assert torch.equal(got, want)
+        fast.advance(n)
+        plain.advance(n)
+    assert Int8KVCache(FACTS).create(shape, dtype, ["cpu"]).native is build
