@@ -216,8 +216,7 @@ class Int4Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the layer multiplies by, [out, in] in `dtype` (for checks; a full-size copy)."""
         if self.layout == INT4_TILED:
-            return dequantize_int4(untile_int4_codes(self.weight_int4.data), untile_scale_zero(self.weight_scale_zero),
-                                   self.group, slice(None), dtype)
+            return self._dequantized_tiles(0, self.out_features, dtype)
         codes = self.weight_int4.data
         if self.layout != PLAIN:
             codes = aten_to_plain(codes, self.in_features)
@@ -265,16 +264,20 @@ class Int4Linear(nn.Module):
         native path)."""
         start, stop, _ = rows.indices(self.out_features)
         if not native_dtype_ok(x.dtype):                                          # e.g. fp16 activations
-            tiles = slice(start // Q4_TILE_ROWS, stop // Q4_TILE_ROWS)
-            return dequantize_int4(untile_int4_codes(self.weight_int4[start:stop]),
-                                   untile_scale_zero(self.weight_scale_zero[tiles]), self.group, slice(None), x.dtype)
+            return self._dequantized_tiles(start, stop, x.dtype)
         shape = (self.in_features, stop - start)                                  # transposed: see widen_into
         out = x.new_empty(shape) if recorded(x) else scratch(shape, x.dtype, x.device)
         return self._native.widen_into(self.weight_int4, self.weight_scale_zero, self.group, start, out)
 
+    def _dequantized_tiles(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """INT4_TILED rows [start, stop) (whole tiles) untiled in torch and dequantised -> [rows, in] in dtype."""
+        tiles = slice(start // Q4_TILE_ROWS, stop // Q4_TILE_ROWS)
+        return dequantize_int4(untile_int4_codes(self.weight_int4[start:stop]),
+                               untile_scale_zero(self.weight_scale_zero[tiles]), self.group, slice(None), dtype)
+
     def _widened_matmul(self, x: torch.Tensor) -> torch.Tensor:   # x: [..., in] -> [..., out], no bias
-        """The plain layout's GEMM path: one native GEMM per block of `_dequant_rows` output rows (on CPU the whole
-        layer unless it is huge)."""
+        """The GEMM path of the PLAIN and INT4_TILED layouts: one native GEMM per block of `_dequant_rows` output
+        rows (on CPU the whole layer unless it is huge)."""
         step = self._dequant_rows
         if step >= self.out_features:
             return F.linear(x, self._widened(slice(None), x))
@@ -319,6 +322,6 @@ class Int4Linear(nn.Module):
 def int4_layout(out_features: int, in_features: int, group: int, use_aten: bool, decode: Int4Decode | None) -> str:
     """The layout a weight of this shape is stored in: INT4_TILED with a native decode GEMV that takes it, ATen's
     CPU layout when `use_aten` and its kernel takes the shape, else PLAIN."""
-    if decode is not None and decode.usable(in_features, group) and int4_tileable(out_features, in_features, group):
+    if decode is not None and int4_tileable(out_features, in_features, group):     # covers what decode.usable checks
         return INT4_TILED
     return aten_layout() if use_aten and aten_int4_usable(in_features, out_features, group) else PLAIN

@@ -160,6 +160,20 @@ def native_for(facts: RunFacts, cache_dir: str = "") -> NativeBuild:
     return load_native(tuple(facts.hardware.cpu.isa), cache_dir or os.environ.get(DIR_ENV) or str(default_cache_dir()))
 
 
+class UsesNativeLibrary:
+    """Mixin for a plugin that runs on the native library: it validates only where the library builds for the run's
+    CPU facts, and holds the build as `self._build`."""
+
+    def __init__(self, facts: RunFacts, options: object = None, *, name: str = "") -> None:
+        super().__init__(facts, options, name=name)
+        self._build: NativeBuild = native_for(facts)
+
+    @classmethod
+    def validate(cls, facts: RunFacts, options: object) -> list[str]:
+        build = native_for(facts)
+        return [] if build.available else [f"native library unavailable: {build.reason}"]
+
+
 _DTYPE_FLAG = {torch.bfloat16: 1, torch.float32: 0}
 
 

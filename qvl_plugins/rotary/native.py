@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from qvl_pipeline.slots import Fidelity, NoOptions, RunFacts
-from qvl_plugins.kernels.native_gemv import NativeBuild, native_dtype_ok, native_for, rope
+from qvl_pipeline.slots import Fidelity
+from qvl_plugins.kernels.native_gemv import UsesNativeLibrary, native_dtype_ok, rope
 from qvl_plugins.rotary.cached import CachedRotary
 
 
-class NativeRotary(CachedRotary):
+class NativeRotary(UsesNativeLibrary, CachedRotary):
     fidelity = Fidelity.EXACT
     summary = ("cached cos/sin tables; on the CPU q and k are rotated in one call of the project's native library "
                "(bit-equal to the reference), instead of ~20 torch ops per layer and step")
-
-    def __init__(self, facts: RunFacts, options: NoOptions | None = None, *, name: str = "") -> None:
-        super().__init__(facts, options, name=name)
-        self._build: NativeBuild = native_for(facts)
-
-    @classmethod
-    def validate(cls, facts: RunFacts, options: NoOptions) -> list[str]:
-        build = native_for(facts)
-        return [] if build.available else [f"native library unavailable: {build.reason}"]
 
     def apply(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
               upcast: bool) -> tuple[torch.Tensor, torch.Tensor]:
