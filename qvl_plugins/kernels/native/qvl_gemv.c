@@ -5,6 +5,8 @@
  * called through ctypes. Kernels:
  *   int8 weights [N, K] x fp32 activations: fp32 accumulation of the exact weight (qvl_int8_gemv);
  *   int8 weights (row-major or in tiles of 4 rows) x int8 activations per block of 64 (qvl_int8_gemv_a8*);
+ *   the same int8 x int8 product for prefill-sized inputs, a GEMM over panels of 32 rows (qvl_int8_gemm_a8_*,
+ *   AVX512-VNNI builds);
  *   int4 weights in tiles of 16 rows x int8 activations per block of 32 (qvl_int4_tiles_gemv);
  *   the decode step's RMSNorm and rotary.
  * Activations and results may be bf16 (converted here, round to nearest even) or fp32.
@@ -55,6 +57,8 @@ static float *activations_f32(const void *x, int x_bf16, int64_t M, int64_t K) {
     if (xf) to_f32(x, x_bf16, M * K, xf);
     return xf;
 }
+
+static inline int32_t load_i32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
 
 static inline void store(void *y, int y_bf16, int64_t i, float v) {
     if (y_bf16) ((uint16_t *)y)[i] = f32_to_bf16(v);
@@ -383,6 +387,196 @@ int qvl_int8_untile_widen(const int8_t *w, int64_t row0, int64_t rows, int64_t K
     return 0;
 }
 
+/* ---- int8 x int8 GEMM for prefill (AVX512-VNNI builds only) -----------------------------------------------------
+ * The same product as qvl_int8_gemv_a8_tiled (activations quantised per block of ABLOCK columns exactly as there),
+ * for many rows: every weight byte is used by all M rows, so it is compute bound and integer dot products
+ * (vpdpbusd: 64 multiply-adds an instruction) do the work of four bf16 or eight fp32 FMAs.
+ * Each thread copies GEMM_NR = 32 weight rows at a time out of the tiles into a panel [K / 4][32][4] bytes made
+ * unsigned (w + 128; one 64-byte load = four columns of 16 rows, lane r = row r), then runs GEMM_MR = 6 activation
+ * rows at a time over it: per block b of ABLOCK columns the integer sums start at -128 * (sum of the block's quantised
+ * activations), so they end as sum w * xq exactly, and are added in fp32 times the block's scale sx[m, b]. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define GEMM_MR 6
+#define GEMM_NR 32
+#define GEMM_GROUP_BYTES (384 * 1024)     /* packed panels a thread keeps (in L2) while the activations pass */
+
+int qvl_int8_gemm_available(void) { return 1; }
+
+/* x [M, K] -> xq [Mpad, K] int8 (rows past M zero), sx [Mpad, K / ABLOCK], qsum [Mpad, K / ABLOCK]: the decode
+ * GEMV's quantisation (quantize_activations), vectorised and bit-equal to it. */
+static void quantize_rows_a8(const void *x, int x_bf16, int64_t M, int64_t Mpad, int64_t K, int8_t *xq, float *sx,
+                             int32_t *qsum, int threads) {
+    const int64_t blocks = K / ABLOCK;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t m = 0; m < Mpad; m++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            int8_t *q = xq + m * K + b * ABLOCK;
+            if (m >= M) { memset(q, 0, ABLOCK); sx[m * blocks + b] = 0.0f; qsum[m * blocks + b] = 0; continue; }
+            __m512 v[4];
+            for (int j = 0; j < 4; j++) {
+                int64_t at = m * K + b * ABLOCK + 16 * j;
+                v[j] = x_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                    _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + at))), 16))
+                              : _mm512_loadu_ps((const float *)x + at);
+            }
+            __m512 a = _mm512_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])),
+                                     _mm512_max_ps(_mm512_abs_ps(v[2]), _mm512_abs_ps(v[3])));
+            float amax = _mm512_reduce_max_ps(a);
+            float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            const __m512 vinv = _mm512_set1_ps(inv), half = _mm512_set1_ps(0.5f);
+            const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+            __m512i total = _mm512_setzero_si512();
+            for (int j = 0; j < 4; j++) {
+                __m512 t = _mm512_mul_ps(v[j], vinv);
+                /* round half away from zero: |t| + 0.5 truncated, with t's sign */
+                __m512 r = _mm512_add_ps(_mm512_abs_ps(t), half);
+                __m512i iv = _mm512_cvttps_epi32(_mm512_castsi512_ps(_mm512_or_si512(
+                    _mm512_castps_si512(r), _mm512_and_si512(_mm512_castps_si512(t), sign))));
+                iv = _mm512_max_epi32(_mm512_min_epi32(iv, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+                total = _mm512_add_epi32(total, iv);
+                _mm_storeu_si128((__m128i *)(q + 16 * j), _mm512_cvtepi32_epi8(iv));
+            }
+            sx[m * blocks + b] = amax / 127.0f;
+            qsum[m * blocks + b] = _mm512_reduce_add_epi32(total);
+        }
+    }
+}
+
+/* Rows n0 .. n0 + 31 of a tiled int8 matrix [N, K] -> panel [K / 4][32][4] bytes, w + 128 (rows past N: 128). */
+static void gemm_panel(const int8_t *w, int64_t N, int64_t K, int64_t n0, uint32_t *panel) {
+    const int64_t steps = K / 4;
+    for (int64_t t = 0; t < GEMM_NR / TILE_ROWS; t++) {
+        int64_t row = n0 + t * TILE_ROWS;
+        if (row >= N) {
+            for (int64_t s = 0; s < steps; s++)
+                for (int r = 0; r < TILE_ROWS; r++) panel[s * GEMM_NR + t * TILE_ROWS + r] = 0x80808080u;
+            continue;
+        }
+        const int8_t *tile = w + row * K;                   /* [K / ABLOCK][TILE_ROWS][ABLOCK] */
+        for (int64_t b = 0; b < K / ABLOCK; b++)
+            for (int r = 0; r < TILE_ROWS; r++) {
+                const int8_t *src = tile + (b * TILE_ROWS + r) * ABLOCK;
+                uint32_t *dst = panel + b * (ABLOCK / 4) * GEMM_NR + t * TILE_ROWS + r;
+                for (int j = 0; j < ABLOCK / 4; j++) dst[j * GEMM_NR] = (uint32_t)load_i32(src + 4 * j) ^ 0x80808080u;
+            }
+    }
+}
+
+static inline void store16(void *y, int y_bf16, int64_t at, __m512 v, __mmask16 valid) {
+    if (y_bf16) {
+        __m512i u = _mm512_castps_si512(v);
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+        __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);     /* NaN stays NaN, as f32_to_bf16 */
+        r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+        _mm256_mask_storeu_epi16((uint16_t *)y + at, valid, _mm512_cvtepi32_epi16(r));
+    } else {
+        _mm512_mask_storeu_ps((float *)y + at, valid, v);
+    }
+}
+
+/* GEMM_MR activation rows m0.. against one panel (rows n0 .. n0 + 31 of a matrix with N rows, scales wscale[N]):
+ * y[m, n] for the rows m < M and n < N. The 12 integer sums stay in registers (named, so the compiler keeps them
+ * there); the fp32 sums live in L1 and are updated once per block. */
+#define GEMM_INIT(i) __m512i c##i##0 = _mm512_set1_epi32(-128 * qsum[(m0 + i) * blocks + b]), c##i##1 = c##i##0;
+#define GEMM_DOT(i) {                                                                                           \
+        __m512i a = _mm512_broadcastd_epi32(_mm_loadu_si32(xb + i * K + 4 * j));                                \
+        c##i##0 = _mm512_dpbusd_epi32(c##i##0, w0, a);                                                          \
+        c##i##1 = _mm512_dpbusd_epi32(c##i##1, w1, a); }
+#define GEMM_ADD(i) {                                                                                           \
+        __m512 s = _mm512_set1_ps(sx[(m0 + i) * blocks + b]);                                                   \
+        acc[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c##i##0), s, acc[i][0]);                                 \
+        acc[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c##i##1), s, acc[i][1]); }
+static void gemm_block(const uint32_t *panel, const int8_t *xq, const float *sx, const int32_t *qsum, int64_t K,
+                       int64_t m0, int64_t M, const float *wscale, int64_t N, int64_t n0, void *y, int y_bf16) {
+    _Static_assert(GEMM_MR == 6 && GEMM_NR == 32, "the macros below spell out 6 rows x 2 vectors");
+    const int64_t blocks = K / ABLOCK;
+    __m512 acc[GEMM_MR][2];
+    for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        GEMM_INIT(0) GEMM_INIT(1) GEMM_INIT(2) GEMM_INIT(3) GEMM_INIT(4) GEMM_INIT(5)
+        const uint32_t *pb = panel + b * (ABLOCK / 4) * GEMM_NR;
+        const int8_t *xb = xq + m0 * K + b * ABLOCK;
+#pragma GCC unroll 16
+        for (int j = 0; j < ABLOCK / 4; j++) {
+            __m512i w0 = _mm512_load_si512((const void *)(pb + j * GEMM_NR));
+            __m512i w1 = _mm512_load_si512((const void *)(pb + j * GEMM_NR + 16));
+            GEMM_DOT(0) GEMM_DOT(1) GEMM_DOT(2) GEMM_DOT(3) GEMM_DOT(4) GEMM_DOT(5)
+        }
+        GEMM_ADD(0) GEMM_ADD(1) GEMM_ADD(2) GEMM_ADD(3) GEMM_ADD(4) GEMM_ADD(5)
+    }
+    for (int h = 0; h < 2; h++) {
+        int64_t n = n0 + 16 * h;
+        if (n >= N) break;
+        __mmask16 valid = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1u);
+        __m512 s = _mm512_maskz_loadu_ps(valid, wscale + n);
+        for (int i = 0; i < GEMM_MR && m0 + i < M; i++)
+            store16(y, y_bf16, (m0 + i) * N + n, _mm512_mul_ps(acc[i][h], s), valid);
+    }
+}
+#undef GEMM_INIT
+#undef GEMM_DOT
+#undef GEMM_ADD
+
+/* Several TILED int8 matrices w[i] [N[i], K] (scales [N[i]] fp32) against the same x [M, K] (bf16 or fp32),
+ * quantised once; their panels shared out among the threads as one range; results y[i] [M, N[i]]. */
+int qvl_int8_gemm_a8_tiled_many(int count, const int8_t *const *w, const float *const *scale, const int64_t *N,
+                                void *const *y, const void *x, int x_bf16, int y_bf16, int64_t M, int64_t K,
+                                int threads) {
+    if (K % ABLOCK || count < 1 || count > 8) return 1;
+    /* Panels are packed GEMM_GROUP_BYTES at a time (up to 8), then every 6 activation rows run over all of them:
+     * the 6 rows stay in L1 while the packed panels stream from L2, and the activations are read once a group. */
+    const int64_t group = K * GEMM_NR * 8 <= GEMM_GROUP_BYTES ? 8
+                        : (K * GEMM_NR <= GEMM_GROUP_BYTES ? GEMM_GROUP_BYTES / (K * GEMM_NR) : 1);
+    int64_t first[9];                                    /* first panel group of each matrix in the shared range */
+    first[0] = 0;
+    for (int i = 0; i < count; i++) {
+        if (N[i] % TILE_ROWS) return 1;
+        first[i + 1] = first[i] + ((N[i] + GEMM_NR - 1) / GEMM_NR + group - 1) / group;
+    }
+    const int64_t Mpad = (M + GEMM_MR - 1) / GEMM_MR * GEMM_MR, blocks = K / ABLOCK;
+    int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)((Mpad * K + 63) / 64 * 64));
+    float *sx = (float *)malloc((size_t)(Mpad * blocks * 4));
+    int32_t *qsum = (int32_t *)malloc((size_t)(Mpad * blocks * 4));
+    if (!xq || !sx || !qsum) { free(xq); free(sx); free(qsum); return 2; }
+    quantize_rows_a8(x, x_bf16, M, Mpad, K, xq, sx, qsum, threads);
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        uint32_t *panel = (uint32_t *)aligned_alloc(64, (size_t)(group * K * GEMM_NR));
+        if (!panel) failed = 1;
+        else {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t p = 0; p < first[count]; p++) {
+                int i = 0;
+                while (p >= first[i + 1]) i++;
+                const int64_t n0 = (p - first[i]) * group * GEMM_NR;
+                int64_t panels = (N[i] - n0 + GEMM_NR - 1) / GEMM_NR;
+                if (panels > group) panels = group;
+                for (int64_t q = 0; q < panels; q++)
+                    gemm_panel(w[i], N[i], K, n0 + q * GEMM_NR, panel + q * (K / 4) * GEMM_NR);
+                for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR)
+                    for (int64_t q = 0; q < panels; q++)
+                        gemm_block(panel + q * (K / 4) * GEMM_NR, xq, sx, qsum, K, m0, M, scale[i], N[i],
+                                   n0 + q * GEMM_NR, y[i], y_bf16);
+            }
+        }
+        free(panel);
+    }
+    free(xq); free(sx); free(qsum);
+    return failed ? 2 : 0;
+}
+#else
+int qvl_int8_gemm_available(void) { return 0; }
+int qvl_int8_gemm_a8_tiled_many(int count, const int8_t *const *w, const float *const *scale, const int64_t *N,
+                                void *const *y, const void *x, int x_bf16, int y_bf16, int64_t M, int64_t K,
+                                int threads) {
+    (void)count; (void)w; (void)scale; (void)N; (void)y; (void)x; (void)x_bf16; (void)y_bf16; (void)M; (void)K;
+    (void)threads;
+    return 3;                                            /* no AVX512-VNNI in this build */
+}
+#endif
+
 /* ---- int4 weights in tiles x int8 activations -------------------------------------------------------------------
  * Weights: group-wise asymmetric int4, w[n, k] = (q[n, k] - 8) * s[g, n] + z[g, n], g = k / group (group a multiple
  * of 32). Stored in tiles of Q4_ROWS = 16 output rows, tile t = rows 16t .. 16t + 15:
@@ -421,7 +615,6 @@ static void quantize_blocks32(const float *xf, int64_t M, int64_t K, int8_t *xq,
         }
 }
 
-static inline int32_t load_i32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
 
 /* One tile (16 rows) against one quantised activation row: the 16 results into out. */
 static void q4_tile(const uint8_t *codes, const uint16_t *sz, const int8_t *xq, const float *sx, const float *xs,
