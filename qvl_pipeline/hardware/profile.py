@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 # Instruction-set flags the profiles and plugins speak about (names as in /proc/cpuinfo).
-KNOWN_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni",
-                   "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+KNOWN_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
+                   "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
 # Keys of the hardware config group that steer a run rather than describe the machine.

@@ -1,15 +1,18 @@
-"""int8 weights and, for decode, int8 activations: the project's native integer GEMV (llama.cpp Q8_0 style).
+"""int8 weights and int8 activations: the project's native integer GEMV and GEMM (llama.cpp Q8_0 style).
 
 Same stored weights as int8_weight_only (per-output-channel symmetric int8, the same quantised-weight cache).
 Inputs of up to pack_max_rows rows (decode) are quantised to int8 per block of 64 columns and multiplied with
-integer dot products (AVX512-VNNI vpdpbusd, or AVX2 vpmaddubsw) by native/qvl_gemv.c, built at first use;
-larger inputs (prefill) multiply the widened weights exactly, as int8_weight_only does. The integer kernel reads
-the int8 weights at the memory bound where ATen's int8 GEMV is compute bound (converting every weight to fp32).
+integer dot products (AVX512-VNNI vpdpbusd, or AVX2 vpmaddubsw) by native/qvl_gemv.c, built at first use; the
+integer kernel reads the int8 weights at the memory bound where ATen's int8 GEMV is compute bound (converting every
+weight to fp32). Larger inputs (prefill, the vision tower) run the same int8 x int8 product as a native GEMM where
+the CPU has AVX512-VNNI (prefill_kernel=auto; ~1.6x a bf16 GEMM on the 2B shapes), else multiply the widened
+weights exactly, as int8_weight_only does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,23 +20,38 @@ from torch import nn
 from qvl_pipeline.slots import Fidelity, RunFacts
 from qvl_plugins.kernels.int8_linear import decode_together
 from qvl_plugins.kernels.int8_weight_only import Int8Options, Int8WeightOnlyKernels
-from qvl_plugins.kernels.native_gemv import Int8Decode, native_for
+from qvl_plugins.kernels.native_gemv import Int8Decode, has_int8_gemm, native_for
 from qvl_plugins.kernels.native_norm import NativeRMSNorm
 
 VECTOR_ISAS = ("avx512_vnni", "avx512", "avx2")     # the native builds with integer dot products worth using
 
 
+PREFILL_KERNELS = ("auto", "widen")
+
+
+@dataclass(frozen=True)
+class Int8DynamicOptions(Int8Options):
+    prefill_kernel: str = "auto"    # inputs past pack_max_rows rows: auto = the native int8 x int8 GEMM where the
+                                    # CPU has AVX512-VNNI (int8 activations as in decode), else the widened weights;
+                                    # widen = always the exact widened weights in the activations' dtype
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prefill_kernel not in PREFILL_KERNELS:
+            raise ValueError(f"prefill_kernel must be one of {', '.join(PREFILL_KERNELS)}, not {self.prefill_kernel!r}")
+
+
 class Int8DynamicKernels(Int8WeightOnlyKernels):
     fidelity = Fidelity.NEAR
     summary = ("int8 weights; decode multiplies int8 activations (per block of 64) with integer dot products in "
-               "the project's native kernel (AVX512-VNNI / AVX2) over weights stored in tiles of 4 rows, prefill the "
-               "widened weights exactly, decode RMSNorm in one native call: the same bytes per token as "
-               "int8_weight_only at the memory bound instead of compute bound")
+               "the project's native kernel (AVX512-VNNI / AVX2) over weights stored in tiles of 4 rows, prefill "
+               "the same product as a native GEMM on AVX512-VNNI (elsewhere the widened weights), decode RMSNorm in "
+               "one native call: the same bytes per token as int8_weight_only at the memory bound")
 
-    Options = Int8Options
+    Options = Int8DynamicOptions
 
     @classmethod
-    def validate(cls, facts: RunFacts, options: Int8Options) -> list[str]:
+    def validate(cls, facts: RunFacts, options: Int8DynamicOptions) -> list[str]:
         reasons = super().validate(facts, options)
         if reasons:
             return reasons
@@ -54,4 +72,6 @@ class Int8DynamicKernels(Int8WeightOnlyKernels):
 
     def decode_gemv(self) -> Int8Decode | None:
         build = native_for(self.facts, self.options.cache_dir)
-        return Int8Decode(build, "int8") if build.available else None
+        if not build.available:
+            return None
+        return Int8Decode(build, "int8", prefill_gemm=self.options.prefill_kernel == "auto" and has_int8_gemm(build))

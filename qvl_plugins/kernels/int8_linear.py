@@ -45,8 +45,9 @@ class Int8Linear(nn.Module):
     Kernel, chosen when the weights are set or moved (never per call): on CPU, inputs of up to `pack_max_rows`
     rows go through the native decode GEMV when one is given and takes the shape (`decode`, native_gemv.py), else,
     with `pack_cpu` and in_features % 16 == 0, through ATen's int8 GEMV (activations and scales rounded to bf16,
-    fp32 accumulation, bf16 result); everything else (prefill, the vision tower) multiplies by the int8 weight
-    widened exactly to the activations' dtype with one native GEMM: on CPU into a reused per-thread buffer, the whole
+    fp32 accumulation, bf16 result). Larger inputs (prefill, the vision tower) of a TILED weight whose `decode` has
+    `prefill_gemm` run the same int8 × int8 product as a native GEMM; all others multiply by the int8 weight
+    widened exactly to the activations' dtype with one ATen GEMM: on CPU into a reused per-thread buffer, the whole
     layer unless it is huge (scratch.py), on a GPU into a fresh tensor.
     """
 
@@ -80,6 +81,7 @@ class Int8Linear(nn.Module):
         per block."""
         on_cpu = self.weight_int8.device.type == "cpu"
         self._native = self.decode if on_cpu else None
+        self._gemm = self._native is not None and self._native.prefill_gemm and self.layout == TILED
         use_pack = self.pack_cpu and on_cpu and self._native is None and self.layout == ROWS
         self._pack_scale: torch.Tensor | None = self.weight_scale.to(torch.bfloat16) if use_pack else None
         multiple = TILE_ROWS if self.layout == TILED else 1
@@ -98,7 +100,7 @@ class Int8Linear(nn.Module):
     @property
     def kernel(self) -> str:
         if self._native is not None:
-            return self._native.name
+            return self._native.name + ("+gemm" if self._gemm else "")
         return "int8pack_mm" if self._pack_scale is not None else "dequant"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:            # x: [..., in] -> [..., out]
@@ -108,6 +110,11 @@ class Int8Linear(nn.Module):
             if not a.is_contiguous():
                 a = a.contiguous()
             y = self._native(a, self.weight_int8, self.weight_scale, self.layout).view(*x.shape[:-1], -1)
+        elif self._gemm and native_dtype_ok(x.dtype) and not recorded(x):
+            a = x.reshape(rows, self.in_features)
+            if not a.is_contiguous():
+                a = a.contiguous()
+            y = self._native.many(a, [self.weight_int8], [self.weight_scale], gemm=True)[0].view(*x.shape[:-1], -1)
         elif self._pack_scale is not None and rows <= self.pack_max_rows:
             a = x.reshape(rows, self.in_features)
             if a.dtype != torch.bfloat16 or a.data_ptr() % ACT_ALIGN or not a.is_contiguous():
@@ -152,21 +159,25 @@ class Int8Linear(nn.Module):
 
 
 def decode_together(layers: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-    """x [..., in] through several Int8Linear layers of that same input in one native call (q/k/v, gate/up of a
-    decode step: one activation quantisation and one parallel range instead of one per layer), or None where
-    that does not apply (other layer types, a bias, rows layout, prefill-sized input, another dtype or device)."""
+    """x [..., in] through several Int8Linear layers of that same input in one native call (q/k/v, gate/up: one
+    activation quantisation and one parallel range instead of one per layer; the decode GEMV, or for larger inputs
+    the prefill GEMM where the layers have it), or None where that does not apply (other layer types, a bias, rows
+    layout, another dtype or device, a prefill-sized input without the GEMM)."""
     first = layers[0]
     if not isinstance(first, Int8Linear) or first._native is None or not native_dtype_ok(x.dtype):
         return None
     rows = x.numel() // first.in_features
-    if rows > first.pack_max_rows:
+    gemm = rows > first.pack_max_rows
+    if gemm and (not first._gemm or recorded(x)):
         return None
     for layer in layers:
         if not (isinstance(layer, Int8Linear) and layer._native == first._native and layer.layout == TILED
-                and layer.bias is None and layer.in_features == first.in_features):
+                and layer.bias is None and layer.in_features == first.in_features
+                and layer.pack_max_rows == first.pack_max_rows):
             return None
     a = x.reshape(rows, first.in_features)
     if not a.is_contiguous():
         a = a.contiguous()
-    ys = first._native.many(a, [layer.weight_int8 for layer in layers], [layer.weight_scale for layer in layers])
+    ys = first._native.many(a, [layer.weight_int8 for layer in layers], [layer.weight_scale for layer in layers],
+                            gemm=gemm)
     return tuple(y.view(*x.shape[:-1], -1) for y in ys)

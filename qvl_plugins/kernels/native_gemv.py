@@ -31,9 +31,10 @@ DISABLE_ENV = "QVL_NATIVE_KERNELS"      # 0: never build or use the native kerne
 DIR_ENV = "QVL_NATIVE_DIR"              # where builds are kept when the plugin names no cache_dir (default: the cache)
 # Vector ISA -> compiler flags; the first the run's CPU facts admit is built.
 ISA_FLAGS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
-    ("avx512_vnni", ("avx512f", "avx512bw", "avx512_vnni"),
+    ("avx512_vnni", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
      ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c")),
-    ("avx512", ("avx512f", "avx512bw"), ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c")),
+    ("avx512", ("avx512f", "avx512bw", "avx512vl"),
+     ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c")),
     ("avx2", ("avx2", "fma"), ("-mavx2", "-mfma", "-mf16c")),
     ("scalar", (), ()),
 )
@@ -105,6 +106,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qvl_int8_gemv_a8_tiled.restype = i32
     lib.qvl_int8_gemv_a8_tiled_many.argtypes = [i32, ptr, ptr, ptr, ptr, ptr, i32, i32, i64, i64, i32]
     lib.qvl_int8_gemv_a8_tiled_many.restype = i32
+    lib.qvl_int8_gemm_a8_tiled_many.argtypes = [i32, ptr, ptr, ptr, ptr, ptr, i32, i32, i64, i64, i32]
+    lib.qvl_int8_gemm_a8_tiled_many.restype = i32
+    lib.qvl_int8_gemm_available.restype = i32
     lib.qvl_int8_tile.argtypes = [ptr, i64, i64, i32]
     lib.qvl_int8_tile.restype = i32
     lib.qvl_int8_untile_widen.argtypes = [ptr, i64, i64, i64, ptr, i32, i32]
@@ -203,22 +207,29 @@ def int8_gemv(build: NativeBuild, x: torch.Tensor, weight: torch.Tensor, scale: 
 
 
 def int8_gemv_many(build: NativeBuild, x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor],
-                   threads: int) -> list[torch.Tensor]:
+                   threads: int, gemm: bool = False) -> list[torch.Tensor]:
     """x [M, K] bf16|fp32 contiguous against several TILED int8 weights [N_i, K] (scales [N_i] fp32) -> [M, N_i]
-    each, in x's dtype: the activations quantised once (int8 per block of 64), one parallel range of row blocks."""
+    each, in x's dtype: the activations quantised once (int8 per block of 64), one parallel range of row blocks;
+    `gemm`: the prefill GEMM (AVX512-VNNI builds, `has_int8_gemm`) instead of the decode GEMV, the same product."""
     assert build.lib is not None and 1 <= len(weights) <= 8
     m, k = x.shape
     count = len(weights)
     ys = [torch.empty(m, w.shape[0], dtype=x.dtype) for w in weights]
     ptrs = ctypes.c_void_p * count
-    rc = build.lib.qvl_int8_gemv_a8_tiled_many(
+    kernel = build.lib.qvl_int8_gemm_a8_tiled_many if gemm else build.lib.qvl_int8_gemv_a8_tiled_many
+    rc = kernel(
         count, ptrs(*(w.data_ptr() for w in weights)), ptrs(*(s.data_ptr() for s in scales)),
         (ctypes.c_int64 * count)(*(w.shape[0] for w in weights)), ptrs(*(y.data_ptr() for y in ys)),
         x.data_ptr(), _DTYPE_FLAG[x.dtype], _DTYPE_FLAG[x.dtype], m, k, threads)
     if rc:
-        raise RuntimeError(f"native int8 x int8 GEMV of {count} weights failed with code {rc} "
+        raise RuntimeError(f"native int8 x int8 {'GEMM' if gemm else 'GEMV'} of {count} weights failed with code {rc} "
                            f"(shapes {[tuple(w.shape) for w in weights]}, x {m}x{k})")
     return ys
+
+
+def has_int8_gemm(build: NativeBuild) -> bool:
+    """Whether the build has the int8 x int8 prefill GEMM (AVX512-VNNI builds)."""
+    return build.lib is not None and bool(build.lib.qvl_int8_gemm_available())
 
 
 # The int8 decode layout: each group of TILE_ROWS weight rows [TILE_ROWS, K] stored as [K / 64, TILE_ROWS, 64], so
@@ -261,10 +272,16 @@ def untile_widen(build: NativeBuild, weight: torch.Tensor, row0: int, out: torch
 class Int8Decode:
     """The native int8 decode GEMV a layer calls for inputs of a few rows: int8 × int8 integer dot products with
     the activations quantised per block of `block` columns (`a8`, over weights in TILED layout where the shape
-    allows), or fp32 accumulation of the widened weight."""
+    allows), or fp32 accumulation of the widened weight. `prefill_gemm`: larger inputs of TILED weights run the
+    same int8 × int8 product as a GEMM (int8 activations only; the build must have it, see has_int8_gemm)."""
 
     build: NativeBuild
     activations: str = "int8"             # int8 | exact
+    prefill_gemm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prefill_gemm and (self.activations != "int8" or not has_int8_gemm(self.build)):
+            raise ValueError(f"no int8 prefill GEMM for {self.activations} activations in a {self.build.isa} build")
 
     @property
     def name(self) -> str:
@@ -291,9 +308,12 @@ class Int8Decode:
         """Rows [row0, row0 + len(out)) of a TILED weight widened exactly into out (bf16|fp32), row-major."""
         return untile_widen(self.build, weight, row0, out, torch.get_num_threads())
 
-    def many(self, x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> list[torch.Tensor]:
-        """x [M, K] contiguous bf16|fp32 against several TILED weights of the same input -> [M, N_i] each."""
-        return int8_gemv_many(self.build, x, weights, scales, torch.get_num_threads())
+    def many(self, x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor],
+             gemm: bool = False) -> list[torch.Tensor]:
+        """x [M, K] contiguous bf16|fp32 against several TILED weights of the same input -> [M, N_i] each; `gemm`:
+        through the prefill GEMM (only with prefill_gemm)."""
+        assert self.prefill_gemm or not gemm
+        return int8_gemv_many(self.build, x, weights, scales, torch.get_num_threads(), gemm=gemm)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, layout: str = ROWS) -> torch.Tensor:
         """x [M, K] contiguous bf16|fp32, weight [N, K] int8 in `layout` -> [M, N] in x's dtype."""

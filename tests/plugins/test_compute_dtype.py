@@ -86,7 +86,7 @@ def test_int8_dynamic_keeps_bf16_on_avx2_where_its_integer_kernel_takes_every_ro
     native = Int8DynamicKernels(make_facts(isa=AVX512_BF16, stored_dtype="bfloat16"))
     assert native.compute_dtype(BF16) == BF16 and native.pack_max_rows == 32
     assert kernels.compute_dtype(FP16) == FP32             # fp16 activations would miss the integer kernel
-    explicit = Int8DynamicKernels(make_facts(isa=AVX2), Int8Options(compute_dtype="float32"))
+    explicit = Int8DynamicKernels(make_facts(isa=AVX2), Int8DynamicKernels.Options(compute_dtype="float32"))
     assert explicit.compute_dtype(BF16) == FP32 and explicit.pack_max_rows > 10**9   # the integer kernel still wins
 
 

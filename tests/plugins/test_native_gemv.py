@@ -28,8 +28,8 @@ from qvl_plugins.kernels.quantize import (
     unpack_nibbles,
 )
 
-ISAS = {"scalar": (), "avx2": ("avx2", "fma"), "avx512": ("avx2", "fma", "avx512f", "avx512bw"),
-        "avx512_vnni": ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni")}
+ISAS = {"scalar": (), "avx2": ("avx2", "fma"), "avx512": ("avx2", "fma", "avx512f", "avx512bw", "avx512vl"),
+        "avx512_vnni": ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")}
 
 
 def _cpu_flags() -> set[str]:
@@ -309,3 +309,93 @@ def test_layers_of_one_input_decode_together_exactly_as_one_by_one(build):
     with pytest.raises(RuntimeError, match="failed with code 1"):
         native_gemv.int8_gemv_many(build, torch.zeros(1, 128), [torch.zeros(6, 128, dtype=torch.int8)],
                                    [torch.ones(6)], 1)                  # 6 rows: not tiles
+
+
+# --- the int8 x int8 prefill GEMM (AVX512-VNNI builds) -------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_prefill_gemm_is_the_decode_gemvs_product(build, dtype):
+    if not native_gemv.has_int8_gemm(build):
+        with pytest.raises(ValueError, match="no int8 prefill GEMM"):
+            Int8Decode(build, prefill_gemm=True)
+        with pytest.raises(RuntimeError, match="GEMM of 1 weights failed with code 3"):
+            native_gemv.int8_gemv_many(build, torch.zeros(9, 128), [torch.zeros(8, 128, dtype=torch.int8)],
+                                       [torch.ones(8)], 1, gemm=True)
+        pytest.skip(f"the {build.isa} build has no int8 GEMM (AVX512-VNNI only)")
+    gen = torch.Generator().manual_seed(7)
+    k = 192
+    # rows: a tail past the blocks of 6; out features: tails past the panels of 32 and of 16, and whole panels
+    weights = [torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8) for n in (36, 100, 64)]
+    scales = [torch.rand(w.shape[0], generator=gen) * 0.01 + 1e-3 for w in weights]
+    tiled = [native_gemv.tile_(build, w.clone(), 2) for w in weights]
+    for m in (1, 6, 13):
+        x = (torch.randn(m, k, generator=gen) * torch.logspace(-2, 1, k)).to(dtype)  # blocks of unequal range
+        gemm = native_gemv.int8_gemv_many(build, x, tiled, scales, 2, gemm=True)
+        gemv = native_gemv.int8_gemv_many(build, x, tiled, scales, 2)
+        for got, want, w, s in zip(gemm, gemv, weights, scales, strict=True):
+            assert got.dtype == dtype and got.shape == (m, w.shape[0])
+            # the same integer sums and scales, added in another order: equal up to fp32 rounding (and one bf16
+            # rounding of the result)
+            tol = 1e-5 if dtype == torch.float32 else 8e-3
+            assert _rel(got, want.float()) < tol
+            assert _rel(got, (x.float() @ w.float().T) * s) < 2e-2          # int8 activations per 64: NEAR
+
+
+def test_an_int8_layer_with_the_prefill_gemm_runs_prefill_through_it(build):
+    from qvl_plugins.kernels.int8_linear import Int8Linear, decode_together
+
+    if not native_gemv.has_int8_gemm(build):
+        pytest.skip(f"the {build.isa} build has no int8 GEMM (AVX512-VNNI only)")
+    gen = torch.Generator().manual_seed(8)
+    gemm, plain = Int8Decode(build, prefill_gemm=True), Int8Decode(build)
+    weight, bias = torch.randn(72, 128, generator=gen), torch.randn(72, generator=gen)
+    layer = Int8Linear.quantize(weight, bias, pack_cpu=True, pack_max_rows=4, decode=gemm)
+    exact = Int8Linear.quantize(weight, bias, pack_cpu=False, pack_max_rows=0)        # widened, exact
+    assert layer.kernel.endswith("+gemm")
+    x = torch.randn(2, 9, 128, generator=gen)
+    y = layer(x)
+    assert y.shape == (2, 9, 72) and _rel(y, exact(x).float()) < 2e-2                # int8 activations: NEAR
+    assert _rel(y - layer.bias, native_gemv.int8_gemv_many(build, x.reshape(18, 128), [layer.weight_int8],
+                                                           [layer.weight_scale], 2)[0].view(2, 9, 72)) < 1e-5
+    recorded = x.clone().requires_grad_(True)
+    assert torch.equal(layer(recorded), exact(x))                 # under autograd: the exact widened weight
+    layers = [Int8Linear.quantize(torch.randn(n, 128, generator=gen), None, pack_cpu=True, pack_max_rows=4,
+                                  decode=gemm) for n in (64, 36)]
+    together = decode_together(layers, x)
+    assert together is not None
+    for got, one in zip(together, layers, strict=True):
+        assert torch.equal(got, one(x))                           # one quantisation, the same GEMM sums
+    without = Int8Linear.quantize(torch.randn(64, 128, generator=gen), None, pack_cpu=True, pack_max_rows=4,
+                                  decode=plain)
+    assert not without.kernel.endswith("+gemm") and decode_together([without], x) is None
+
+
+def test_int8_dynamic_takes_the_prefill_gemm_where_the_cpu_has_vnni_unless_told_to_widen():
+    from qvl_pipeline.errors import ConfigError
+    from qvl_pipeline.options import build_options
+    from qvl_plugins.kernels.int8_dynamic import Int8DynamicKernels, Int8DynamicOptions
+    from qvl_plugins.kernels.int8_weight_only import INTEGER_GEMM_PACK_ROWS, NATIVE_BF16_PACK_ROWS
+    from tests.conftest import make_facts
+
+    vnni = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
+    with pytest.raises(ConfigError, match="prefill_kernel"):
+        build_options(Int8DynamicOptions, {"prefill_kernel": "int8"}, "kernels.options.int8_dynamic")
+    if not _runnable(("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")):
+        pytest.skip("this CPU lacks AVX512-VNNI or AVX512-BF16")
+    facts = make_facts(isa=vnni, stored_dtype="bfloat16")
+    if not native_gemv.native_for(facts).available:
+        pytest.skip(native_gemv.native_for(facts).reason)
+    auto = Int8DynamicKernels(facts)
+    assert auto.decode_gemv().prefill_gemm and auto.pack_max_rows == INTEGER_GEMM_PACK_ROWS
+    assert auto.compute_dtype(torch.bfloat16) == torch.bfloat16
+    widen = Int8DynamicKernels(facts, Int8DynamicOptions(prefill_kernel="widen"))
+    assert not widen.decode_gemv().prefill_gemm and widen.pack_max_rows == NATIVE_BF16_PACK_ROWS
+
+
+def test_the_probe_reports_the_avx512_subsets_the_native_builds_need():
+    from qvl_pipeline.hardware.probe import read_cpuinfo
+
+    text = "model name\t: X\nflags\t\t: fpu sse4_2 avx avx2 fma f16c avx512f avx512bw avx512vl avx512_vnni\n"
+    _, isa = read_cpuinfo(text)
+    assert native_gemv.vector_isa(isa) == "avx512_vnni"
+    assert native_gemv.vector_isa(tuple(f for f in isa if f != "avx512vl")) == "avx2"     # no VL: no AVX-512 build
