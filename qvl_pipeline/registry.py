@@ -24,7 +24,7 @@ BUILTIN: dict[str, dict[str, str]] = {
     "attention": {
         "eager": "qvl_plugins.attention.eager:EagerAttention",
         "sdpa": "qvl_plugins.attention.sdpa:SdpaAttention",
-        "native": "qvl_plugins.attention.native:NativeDecodeAttention",
+        "native": "qvl_plugins.attention.native:NativeAttention",
         "chunked": "qvl_plugins.attention.chunked:ChunkedAttention",
         "sdpa_mem_efficient": "qvl_plugins.attention.sdpa_mem_efficient:SdpaMemEfficientAttention",
         "sdpa_flash": "qvl_plugins.attention.sdpa_flash:SdpaFlashAttention",

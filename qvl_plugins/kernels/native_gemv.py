@@ -125,6 +125,10 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qvl_decode_attention.argtypes = [ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i64, ptr, ptr,
                                          ctypes.c_float, i32]
     lib.qvl_decode_attention.restype = i32
+    lib.qvl_prefill_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, i64,
+                                          ctypes.c_float, i32]
+    lib.qvl_prefill_attention.restype = i32
+    lib.qvl_prefill_attention_available.restype = i32
     lib.qvl_int8_rows_widen.argtypes = [ptr, ptr, ptr, i32, i64, i64, i64, i64, i64, i32]
     lib.qvl_int8_rows_widen.restype = i32
     lib.qvl_gemv_lanes.restype = i32
@@ -450,6 +454,29 @@ def decode_attention(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, v: to
                                         strides[1], scale, torch.get_num_threads())
     if rc:
         raise RuntimeError(f"native decode attention failed with code {rc} (q {list(q.shape)}, k {list(k.shape)})")
+    return out
+
+
+PREFILL_ATTENTION_MAX_DIM = 256
+
+
+def has_prefill_attention(build: NativeBuild, isa: tuple[str, ...]) -> bool:
+    """Whether the build has the bf16 prefill attention and the run's CPU (ISA flags) the AVX512-BF16 it needs."""
+    return build.lib is not None and bool(build.lib.qvl_prefill_attention_available()) and "avx512_bf16" in isa
+
+
+def prefill_attention(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Bidirectional attention over one segment: q, k, v [heads, L, d] bf16 (any strides, d contiguous, d even and
+    at most PREFILL_ATTENTION_MAX_DIM) -> [L, heads, d] bf16; fp32 scores and softmax, p rounded to bf16 for p · v
+    (as torch's flash kernel), fp32 sums rounded once. Only where has_prefill_attention."""
+    h, n, d = q.shape
+    out = torch.empty(n, h, d, dtype=torch.bfloat16)
+    rc = build.lib.qvl_prefill_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), n, h, d,
+                                         q.stride(1), q.stride(0), k.stride(1), k.stride(0), v.stride(1), v.stride(0),
+                                         scale, torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"native prefill attention failed with code {rc} (q {list(q.shape)})")
     return out
 
 

@@ -11,7 +11,7 @@ from qvl_pipeline.slots.kv_cache import CacheShape
 from qvl_pipeline.slots.selftest import relative_error
 from qvl_plugins.attention import native as native_attention
 from qvl_plugins.attention.eager import EagerAttention
-from qvl_plugins.attention.native import NativeDecodeAttention
+from qvl_plugins.attention.native import NativeAttention
 from qvl_plugins.attention.sdpa import SdpaAttention
 from qvl_plugins.kernels import native_gemv
 from qvl_plugins.kv_cache.int8 import Int8KVCache, Int8KVCacheStore, read_back
@@ -22,11 +22,11 @@ EAGER = EagerAttention(FACTS)
 
 
 @pytest.fixture(scope="module")
-def plugin() -> NativeDecodeAttention:
-    reasons = NativeDecodeAttention.validate(FACTS, NoOptions())
+def plugin() -> NativeAttention:
+    reasons = NativeAttention.validate(FACTS, NoOptions())
     if reasons:
         pytest.skip(f"the native library does not build here: {reasons}")
-    return NativeDecodeAttention(FACTS)
+    return NativeAttention(FACTS)
 
 
 def cache_views(b, kvh, n, d, dtype, gen, max_len=40):
@@ -76,7 +76,7 @@ def test_without_the_native_library_the_chain_moves_on(monkeypatch):
     monkeypatch.setenv(native_gemv.DISABLE_ENV, "0")
     native_gemv.load_native.cache_clear()
     try:
-        reasons = NativeDecodeAttention.validate(FACTS, NoOptions())
+        reasons = NativeAttention.validate(FACTS, NoOptions())
         assert reasons and "disabled" in reasons[0]
     finally:
         native_gemv.load_native.cache_clear()
@@ -101,3 +101,67 @@ def test_int8_cache_native_read_back_is_bit_equal_to_torch(dtype):
         fast.advance(n)
         plain.advance(n)
     assert Int8KVCache(FACTS).create(shape, dtype, ["cpu"]).native is build
+
+
+# --- the vision tower's bf16 attention (AVX512-BF16) ---------------------------------------------------------------
+
+def _bf16_facts():
+    flags = set()
+    try:
+        line = next(ln for ln in open("/proc/cpuinfo").read().splitlines() if ln.startswith("flags"))
+        flags = set(line.split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        pass
+    isa = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+    if not set(isa) - {"sse4_2"} <= flags:
+        pytest.skip("this CPU lacks AVX512-BF16")
+    facts = make_facts(isa=isa)
+    if NativeAttention.validate(facts, NoOptions()):
+        pytest.skip("the native library does not build here")
+    return facts
+
+
+@pytest.mark.parametrize(("heads", "bounds", "d"), [(2, [0, 1], 16), (3, [0, 7], 64), (2, [0, 37], 72),
+                                                    (16, [0, 100], 64), (4, [0, 3, 40, 90], 128)])
+def test_vision_attention_in_bf16_matches_eager(heads, bounds, d):
+    plugin = NativeAttention(_bf16_facts())
+    assert plugin._prefill
+    gen = torch.Generator().manual_seed(3)
+    n = bounds[-1]
+    qkv = (torch.randn(n, 3, heads, d, generator=gen) * 2).to(torch.bfloat16)     # fused projection, as the tower
+    q, k, v = (t.transpose(0, 1) for t in qkv.unbind(1))                          # [heads, n, d] strided views
+    cu = torch.tensor(bounds)
+    got = plugin.attend_varlen(q, k, v, cu, scale=d ** -0.5)
+    want = EAGER.attend_varlen(q.float(), k.float(), v.float(), cu, scale=d ** -0.5)
+    torch_bf16 = SdpaAttention(FACTS).attend_varlen(q, k, v, cu, scale=d ** -0.5)
+    assert got.shape == (n, heads, d) and got.dtype == torch.bfloat16
+    # p rounded to bf16 for p · v and the result's one rounding, as torch's own bf16 kernel (measured alike)
+    assert relative_error(got.float(), want) <= 1e-2
+    assert relative_error(torch_bf16.float(), want) <= 1e-2
+
+
+def test_vision_attention_elsewhere_is_torch_sdpa(monkeypatch):
+    facts = _bf16_facts()
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 9, 16, generator=gen) for _ in range(3))
+    cu = torch.tensor([0, 4, 9])
+    assert torch.equal(NativeAttention(facts).attend_varlen(q, k, v, cu, scale=0.25),
+                       SdpaAttention(facts).attend_varlen(q, k, v, cu, scale=0.25))            # fp32
+    no_bf16 = make_facts(isa=("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"))
+    assert not NativeAttention(no_bf16)._prefill                                              # the CPU lacks it
+    odd = torch.randn(2, 9, 15, generator=gen).to(torch.bfloat16)
+    assert torch.equal(NativeAttention(facts).attend_varlen(odd, odd, odd, cu, scale=0.25),
+                       SdpaAttention(facts).attend_varlen(odd, odd, odd, cu, scale=0.25))       # odd head_dim
+
+
+def test_the_self_test_covers_the_bf16_vision_path(monkeypatch):
+    plugin = NativeAttention(_bf16_facts())
+    plugin.self_test(EAGER)
+    real = native_attention.prefill_attention
+
+    def unscaled(build, q, k, v, scale):                 # the softmax scale dropped
+        return real(build, q, k, v, 1.0)
+
+    monkeypatch.setattr(native_attention, "prefill_attention", unscaled)
+    with pytest.raises(SelfTestError, match="attend_varlen"):
+        plugin.self_test(EAGER)
