@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -325,3 +326,26 @@ def int4_layout(out_features: int, in_features: int, group: int, use_aten: bool,
     if decode is not None and int4_tileable(out_features, in_features, group):     # covers what decode.usable checks
         return INT4_TILED
     return aten_layout() if use_aten and aten_int4_usable(in_features, out_features, group) else PLAIN
+
+
+def decode_together(layers: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """x [..., in] through several INT4_TILED Int4Linear layers of that same input and group size in one native
+    call (q/k/v, gate/up of a decode step: one activation quantisation and one parallel range instead of one per
+    layer; bit-equal to one call each), or None where that does not apply (other layer types, a bias, another
+    layout, group, dtype or device, a prefill-sized input)."""
+    first = layers[0]
+    if not isinstance(first, Int4Linear) or first._native is None or not native_dtype_ok(x.dtype):
+        return None
+    rows = x.numel() // first.in_features
+    if rows > first._native.max_rows or len(layers) > 8:
+        return None
+    for layer in layers:
+        if not (isinstance(layer, Int4Linear) and layer._native == first._native and layer.layout == INT4_TILED
+                and layer.bias is None and layer.in_features == first.in_features and layer.group == first.group):
+            return None
+    a = x.reshape(rows, first.in_features)
+    if not a.is_contiguous():
+        a = a.contiguous()
+    ys = first._native.many(a, [layer.weight_int4 for layer in layers],
+                            [layer.weight_scale_zero for layer in layers], first.group)
+    return tuple(y.view(*x.shape[:-1], -1) for y in ys)

@@ -8,6 +8,7 @@ head (also a tied one) is int8 by default: it is the most error-sensitive layer 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,7 +22,7 @@ from qvl_pipeline.slots import Fidelity, Plugin, RunFacts, SelfTestError
 from qvl_pipeline.slots.checks import prepared_pair
 from qvl_pipeline.slots.kernels import KernelsBackend, check_compute_option, choose_compute_dtype
 from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, relative_error, self_test_devices
-from qvl_plugins.kernels.int4_linear import ATEN_GROUP_SIZES, INT4PACK_MM, UNLIMITED_ROWS, Int4Linear
+from qvl_plugins.kernels.int4_linear import ATEN_GROUP_SIZES, INT4PACK_MM, UNLIMITED_ROWS, Int4Linear, decode_together
 from qvl_plugins.kernels.int8_weight_only import QuantizableLinear, cache_binding, default_pack_rows
 from qvl_plugins.kernels.native_gemv import Int4Decode, Int8Decode, native_for
 from qvl_plugins.kernels.native_norm import NativeRMSNorm
@@ -113,6 +114,10 @@ class Int4WeightOnlyKernels(KernelsBackend):
 
     def linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return QuantizableLinear(in_features, out_features, bias=bias)
+
+    def project(self, x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
+        together = decode_together(layers, x)
+        return together if together is not None else super().project(x, layers)
 
     def norm(self, size: int, eps: float) -> nn.Module:
         return NativeRMSNorm(size, eps, self._native) if self._native is not None else super().norm(size, eps)

@@ -119,6 +119,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qvl_rope.restype = i32
     lib.qvl_int4_tiles_gemv.argtypes = [ptr, ptr, i64, ptr, i32, ptr, i32, i64, i64, i64, i32]
     lib.qvl_int4_tiles_gemv.restype = i32
+    lib.qvl_int4_tiles_gemv_many.argtypes = [i32, ptr, ptr, ptr, ptr, i64, ptr, i32, i32, i64, i64, i32]
+    lib.qvl_int4_tiles_gemv_many.restype = i32
     lib.qvl_int4_tiles_widen.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, i32, i32]
     lib.qvl_int4_tiles_widen.restype = i32
     lib.qvl_int4_tiles_isa.restype = ctypes.c_char_p
@@ -399,6 +401,25 @@ class Int4Decode:
         if rc:
             raise RuntimeError(f"native int4 GEMV failed with code {rc} (shape {m}x{k} · {n}x{k}, group {group})")
         return y
+
+    def many(self, x: torch.Tensor, codes: list[torch.Tensor], scale_zero: list[torch.Tensor],
+             group: int) -> list[torch.Tensor]:
+        """x [M, K] contiguous bf16|fp32 against several INT4_TILED weights of the same input and group size ->
+        [M, N_i] each: one activation quantisation, one parallel range (bit-equal to one call per weight)."""
+        m, k = x.shape
+        count = len(codes)
+        assert 1 <= count <= 8 and len(scale_zero) == count
+        ys = [torch.empty(m, c.shape[0], dtype=x.dtype) for c in codes]
+        ptrs = ctypes.c_void_p * count
+        flag = _DTYPE_FLAG[x.dtype]
+        rc = self.build.lib.qvl_int4_tiles_gemv_many(
+            count, ptrs(*(c.data_ptr() for c in codes)), ptrs(*(s.data_ptr() for s in scale_zero)),
+            (ctypes.c_int64 * count)(*(c.shape[0] for c in codes)), ptrs(*(y.data_ptr() for y in ys)), group,
+            x.data_ptr(), flag, flag, m, k, torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"native int4 GEMV of {count} weights failed with code {rc} "
+                               f"(shapes {[tuple(c.shape) for c in codes]}, x {m}x{k}, group {group})")
+        return ys
 
     def widen_into(self, codes: torch.Tensor, scale_zero: torch.Tensor, group: int, row0: int,
                    out: torch.Tensor) -> torch.Tensor:

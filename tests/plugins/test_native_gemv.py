@@ -399,3 +399,26 @@ def test_the_probe_reports_the_avx512_subsets_the_native_builds_need():
     _, isa = read_cpuinfo(text)
     assert native_gemv.vector_isa(isa) == "avx512_vnni"
     assert native_gemv.vector_isa(tuple(f for f in isa if f != "avx512vl")) == "avx2"     # no VL: no AVX-512 build
+
+
+def test_int4_layers_of_one_input_decode_together_exactly_as_one_by_one(build):
+    from qvl_plugins.kernels.int4_linear import Int4Linear, decode_together
+
+    gen = torch.Generator().manual_seed(9)
+    decode = Int4Decode(build)
+    layers = [Int4Linear.quantize(torch.randn(n, 128, generator=gen), None, group=32, use_aten=False, decode=decode)
+              for n in (64, 32, 48)]
+    assert all(layer.layout == native_gemv.INT4_TILED for layer in layers)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(1, 3, 128, generator=gen).to(dtype)
+        together = decode_together(layers, x)
+        assert together is not None
+        for got, layer in zip(together, layers, strict=True):
+            assert torch.equal(got, layer(x))                          # same quantised activations, same sums
+    assert decode_together(layers, torch.randn(1, 40, 128, generator=gen)) is None       # prefill: own path
+    other_group = Int4Linear.quantize(torch.randn(16, 128, generator=gen), None, group=64, use_aten=False,
+                                      decode=decode)
+    assert decode_together([layers[0], other_group], torch.randn(1, 1, 128)) is None
+    with_bias = Int4Linear.quantize(torch.randn(16, 128, generator=gen), torch.randn(16, generator=gen), group=32,
+                                    use_aten=False, decode=decode)
+    assert decode_together([layers[0], with_bias], torch.randn(1, 1, 128)) is None

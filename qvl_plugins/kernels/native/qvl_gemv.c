@@ -402,31 +402,40 @@ int qvl_int8_untile_widen(const int8_t *w, int64_t row0, int64_t rows, int64_t K
 
 int qvl_int8_gemm_available(void) { return 1; }
 
-/* x [M, K] -> xq [Mpad, K] int8 (rows past M zero), sx [Mpad, K / ABLOCK], qsum [Mpad, K / ABLOCK]: the decode
- * GEMV's quantisation (quantize_activations), vectorised and bit-equal to it. */
-static void quantize_rows_a8(const void *x, int x_bf16, int64_t M, int64_t Mpad, int64_t K, int8_t *xq, float *sx,
-                             int32_t *qsum, int threads) {
-    const int64_t blocks = K / ABLOCK;
+/* x [M, K] -> per block of `block` (32 or 64) columns: xq [Mpad, K] int8 (rows past M zero), sx and qsum
+ * [Mpad, K / block], and where xs is given the block's exact sum of x: the decode GEMVs' quantisation
+ * (quantize_activations, quantize_blocks32) vectorised; xq, sx and qsum bit-equal to theirs (xs summed in another
+ * order). */
+static void quantize_rows_vec(const void *x, int x_bf16, int64_t M, int64_t Mpad, int64_t K, int64_t block,
+                              int8_t *xq, float *sx, int32_t *qsum, float *xs, int threads) {
+    const int64_t blocks = K / block;
+    const int nv = (int)(block / 16);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t m = 0; m < Mpad; m++) {
         for (int64_t b = 0; b < blocks; b++) {
-            int8_t *q = xq + m * K + b * ABLOCK;
-            if (m >= M) { memset(q, 0, ABLOCK); sx[m * blocks + b] = 0.0f; qsum[m * blocks + b] = 0; continue; }
-            __m512 v[4];
-            for (int j = 0; j < 4; j++) {
-                int64_t at = m * K + b * ABLOCK + 16 * j;
+            int8_t *q = xq + m * K + b * block;
+            if (m >= M) {
+                memset(q, 0, (size_t)block);
+                sx[m * blocks + b] = 0.0f;
+                qsum[m * blocks + b] = 0;
+                if (xs) xs[m * blocks + b] = 0.0f;
+                continue;
+            }
+            __m512 v[4], a = _mm512_setzero_ps(), total_x = _mm512_setzero_ps();
+            for (int j = 0; j < nv; j++) {
+                int64_t at = m * K + b * block + 16 * j;
                 v[j] = x_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
                                     _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + at))), 16))
                               : _mm512_loadu_ps((const float *)x + at);
+                a = _mm512_max_ps(a, _mm512_abs_ps(v[j]));
+                total_x = _mm512_add_ps(total_x, v[j]);
             }
-            __m512 a = _mm512_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])),
-                                     _mm512_max_ps(_mm512_abs_ps(v[2]), _mm512_abs_ps(v[3])));
             float amax = _mm512_reduce_max_ps(a);
             float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
             const __m512 vinv = _mm512_set1_ps(inv), half = _mm512_set1_ps(0.5f);
             const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
             __m512i total = _mm512_setzero_si512();
-            for (int j = 0; j < 4; j++) {
+            for (int j = 0; j < nv; j++) {
                 __m512 t = _mm512_mul_ps(v[j], vinv);
                 /* round half away from zero: |t| + 0.5 truncated, with t's sign */
                 __m512 r = _mm512_add_ps(_mm512_abs_ps(t), half);
@@ -438,6 +447,7 @@ static void quantize_rows_a8(const void *x, int x_bf16, int64_t M, int64_t Mpad,
             }
             sx[m * blocks + b] = amax / 127.0f;
             qsum[m * blocks + b] = _mm512_reduce_add_epi32(total);
+            if (xs) xs[m * blocks + b] = _mm512_reduce_add_ps(total_x);
         }
     }
 }
@@ -539,7 +549,7 @@ int qvl_int8_gemm_a8_tiled_many(int count, const int8_t *const *w, const float *
     float *sx = (float *)malloc((size_t)(Mpad * blocks * 4));
     int32_t *qsum = (int32_t *)malloc((size_t)(Mpad * blocks * 4));
     if (!xq || !sx || !qsum) { free(xq); free(sx); free(qsum); return 2; }
-    quantize_rows_a8(x, x_bf16, M, Mpad, K, xq, sx, qsum, threads);
+    quantize_rows_vec(x, x_bf16, M, Mpad, K, ABLOCK, xq, sx, qsum, NULL, threads);
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -709,10 +719,20 @@ const char *qvl_int4_tiles_isa(void) {
 }
 
 /* y [M, N] = x [M, K] · Wᵀ with W in tiles (see above). N % 16 == 0, group % 32 == 0, K % group == 0. */
-int qvl_int4_tiles_gemv(const uint8_t *codes, const uint16_t *sz, int64_t group, const void *x, int x_bf16,
-                        void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
-    if (N % Q4_ROWS || group % Q4_BLOCK || K % group) return 1;
-    const int64_t blocks = K / Q4_BLOCK, groups = K / group, tiles = N / Q4_ROWS;
+/* Several tiled int4 matrices (codes[i], sz[i], N[i] rows, one group size) against the same x [M, K], quantised
+ * once; their tiles shared out among the threads as one range; results y[i] [M, N[i]]. q/k/v and gate/up of a
+ * decode step take one call instead of one each (one activation quantisation, one parallel region). */
+int qvl_int4_tiles_gemv_many(int count, const uint8_t *const *codes, const uint16_t *const *sz, const int64_t *N,
+                             void *const *y, int64_t group, const void *x, int x_bf16, int y_bf16, int64_t M,
+                             int64_t K, int threads) {
+    if (count < 1 || count > 8 || group % Q4_BLOCK || K % group) return 1;
+    int64_t first[9];                                    /* first tile of each matrix in the shared range */
+    first[0] = 0;
+    for (int i = 0; i < count; i++) {
+        if (N[i] % Q4_ROWS) return 1;
+        first[i + 1] = first[i] + N[i] / Q4_ROWS;
+    }
+    const int64_t blocks = K / Q4_BLOCK, groups = K / group;
     float *xf = activations_f32(x, x_bf16, M, K);
     int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
     float *sx = (float *)malloc((size_t)(M * blocks * 4)), *xs = (float *)malloc((size_t)(M * blocks * 4));
@@ -720,18 +740,135 @@ int qvl_int4_tiles_gemv(const uint8_t *codes, const uint16_t *sz, int64_t group,
     if (!xf || !xq || !sx || !xs || !qs) { free(xf); free(xq); free(sx); free(xs); free(qs); return 2; }
     quantize_blocks32(xf, M, K, xq, sx, xs, qs);
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < tiles; t++) {
-        const uint8_t *c = codes + t * Q4_ROWS * (K / 2);
-        const uint16_t *s = sz + t * groups * 2 * Q4_ROWS;
+    for (int64_t g = 0; g < first[count]; g++) {
+        int i = 0;
+        while (g >= first[i + 1]) i++;
+        const int64_t t = g - first[i];
+        const uint8_t *c = codes[i] + t * Q4_ROWS * (K / 2);
+        const uint16_t *s = sz[i] + t * groups * 2 * Q4_ROWS;
         float out[Q4_ROWS];
         for (int64_t m = 0; m < M; m++) {
             q4_tile(c, s, xq + m * K, sx + m * blocks, xs + m * blocks, qs + m * blocks, K, group, out);
-            for (int r = 0; r < Q4_ROWS; r++) store(y, y_bf16, m * N + t * Q4_ROWS + r, out[r]);
+            for (int r = 0; r < Q4_ROWS; r++) store(y[i], y_bf16, m * N[i] + t * Q4_ROWS + r, out[r]);
         }
     }
     free(xf); free(xq); free(sx); free(xs); free(qs);
     return 0;
 }
+
+int qvl_int4_tiles_gemv(const uint8_t *codes, const uint16_t *sz, int64_t group, const void *x, int x_bf16,
+                        void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
+    return qvl_int4_tiles_gemv_many(1, &codes, &sz, &N, &y, group, x, x_bf16, y_bf16, M, K, threads);
+}
+
+/* The same int4 x int8 product for prefill-sized inputs, a GEMM straight over the tiles (AVX512-VNNI builds): two
+ * tiles (32 rows) and GEMM_MR = 6 activation rows at a time; per block of 32 columns the integer sums start at
+ * -8 * qs (the centring), take 8 vpdpbusd of the low and high nibbles, and are added in fp32 as s * sx * sum +
+ * z * xs, the GEMV's formula. Tiles are taken a group at a time (GEMM_GROUP_BYTES) while each 6 activation rows
+ * pass over them, as in the int8 GEMM. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define Q4G_INIT(i) __m512i c##i##0 = _mm512_set1_epi32(-8 * qs[(m0 + i) * blocks + b]), c##i##1 = c##i##0;
+#define Q4G_DOT(i) {                                                                                            \
+        __m512i xl = _mm512_set1_epi32(load_i32(xb + i * K + 8 * o));                                           \
+        __m512i xh = _mm512_set1_epi32(load_i32(xb + i * K + 8 * o + 4));                                       \
+        c##i##0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c##i##0, l0, xl), h0, xh);                            \
+        c##i##1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c##i##1, l1, xl), h1, xh); }
+#define Q4G_ADD(i) {                                                                                            \
+        const int64_t at = (m0 + i) * blocks + b;                                                               \
+        const __m512 scale_x = _mm512_set1_ps(sx[at]), sum_x = _mm512_set1_ps(xs[at]);                          \
+        acc[i][0] = _mm512_fmadd_ps(_mm512_mul_ps(s0, scale_x), _mm512_cvtepi32_ps(c##i##0), acc[i][0]);         \
+        acc[i][0] = _mm512_fmadd_ps(z0, sum_x, acc[i][0]);                                                      \
+        acc[i][1] = _mm512_fmadd_ps(_mm512_mul_ps(s1, scale_x), _mm512_cvtepi32_ps(c##i##1), acc[i][1]);         \
+        acc[i][1] = _mm512_fmadd_ps(z1, sum_x, acc[i][1]); }
+/* Tiles t0 and t1 (t1 may repeat t0 when the matrix has an odd number; then its results are not stored). */
+static void q4_gemm_block(const uint8_t *codes, const uint16_t *sz, int64_t group, int64_t t0, int64_t t1,
+                          int store1, const int8_t *xq, const float *sx, const float *xs, const int32_t *qs,
+                          int64_t K, int64_t m0, int64_t M, void *y, int y_bf16, int64_t N) {
+    _Static_assert(GEMM_MR == 6, "the macros spell out 6 rows");
+    const int64_t blocks = K / Q4_BLOCK, per_group = group / Q4_BLOCK, groups = K / group;
+    const uint8_t *cA = codes + t0 * Q4_ROWS * (K / 2), *cB = codes + t1 * Q4_ROWS * (K / 2);
+    const uint16_t *sA = sz + t0 * groups * 2 * Q4_ROWS, *sB = sz + t1 * groups * 2 * Q4_ROWS;
+    const __m512i low = _mm512_set1_epi8(15), high_half = _mm512_set1_epi32((int)0xFFFF0000u);
+    __m512 acc[GEMM_MR][2];
+    for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        Q4G_INIT(0) Q4G_INIT(1) Q4G_INIT(2) Q4G_INIT(3) Q4G_INIT(4) Q4G_INIT(5)
+        const uint8_t *ca = cA + b * (Q4_ROWS * Q4_BLOCK / 2), *cb = cB + b * (Q4_ROWS * Q4_BLOCK / 2);
+        const int8_t *xb = xq + m0 * K + b * Q4_BLOCK;
+#pragma GCC unroll 4
+        for (int o = 0; o < 4; o++) {
+            __m512i va = _mm512_loadu_si512((const void *)(ca + o * 64));
+            __m512i vb = _mm512_loadu_si512((const void *)(cb + o * 64));
+            __m512i l0 = _mm512_and_si512(va, low), h0 = _mm512_and_si512(_mm512_srli_epi16(va, 4), low);
+            __m512i l1 = _mm512_and_si512(vb, low), h1 = _mm512_and_si512(_mm512_srli_epi16(vb, 4), low);
+            Q4G_DOT(0) Q4G_DOT(1) Q4G_DOT(2) Q4G_DOT(3) Q4G_DOT(4) Q4G_DOT(5)
+        }
+        __m512i pa = _mm512_loadu_si512((const void *)(sA + (b / per_group) * 2 * Q4_ROWS));   /* 16 x (s, z) */
+        __m512i pb = _mm512_loadu_si512((const void *)(sB + (b / per_group) * 2 * Q4_ROWS));
+        const __m512 s0 = _mm512_castsi512_ps(_mm512_slli_epi32(pa, 16));
+        const __m512 z0 = _mm512_castsi512_ps(_mm512_and_si512(pa, high_half));
+        const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(pb, 16));
+        const __m512 z1 = _mm512_castsi512_ps(_mm512_and_si512(pb, high_half));
+        Q4G_ADD(0) Q4G_ADD(1) Q4G_ADD(2) Q4G_ADD(3) Q4G_ADD(4) Q4G_ADD(5)
+    }
+    for (int i = 0; i < GEMM_MR && m0 + i < M; i++) {
+        store16(y, y_bf16, (m0 + i) * N + t0 * Q4_ROWS, acc[i][0], (__mmask16)0xffff);
+        if (store1) store16(y, y_bf16, (m0 + i) * N + t1 * Q4_ROWS, acc[i][1], (__mmask16)0xffff);
+    }
+}
+#undef Q4G_INIT
+#undef Q4G_DOT
+#undef Q4G_ADD
+
+int qvl_int4_tiles_gemm_available(void) { return 1; }
+
+/* Several tiled int4 matrices (one group size) against the same x [M, K]: quantised once, pairs of tiles shared out
+ * among the threads a group at a time; results y[i] [M, N[i]]. */
+int qvl_int4_tiles_gemm_many(int count, const uint8_t *const *codes, const uint16_t *const *sz, const int64_t *N,
+                             void *const *y, int64_t group, const void *x, int x_bf16, int y_bf16, int64_t M,
+                             int64_t K, int threads) {
+    if (count < 1 || count > 8 || group % Q4_BLOCK || K % group) return 1;
+    const int64_t pair_bytes = 2 * Q4_ROWS * K / 2;
+    const int64_t per_item = pair_bytes * 8 <= GEMM_GROUP_BYTES ? 8
+                           : (pair_bytes <= GEMM_GROUP_BYTES ? GEMM_GROUP_BYTES / pair_bytes : 1);  /* tile pairs */
+    int64_t first[9];                                     /* first work item of each matrix in the shared range */
+    first[0] = 0;
+    for (int i = 0; i < count; i++) {
+        if (N[i] % Q4_ROWS) return 1;
+        int64_t pairs = (N[i] / Q4_ROWS + 1) / 2;
+        first[i + 1] = first[i] + (pairs + per_item - 1) / per_item;
+    }
+    const int64_t Mpad = (M + GEMM_MR - 1) / GEMM_MR * GEMM_MR, blocks = K / Q4_BLOCK;
+    int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)((Mpad * K + 63) / 64 * 64));
+    float *sx = (float *)malloc((size_t)(Mpad * blocks * 4)), *xs = (float *)malloc((size_t)(Mpad * blocks * 4));
+    int32_t *qs = (int32_t *)malloc((size_t)(Mpad * blocks * 4));
+    if (!xq || !sx || !xs || !qs) { free(xq); free(sx); free(xs); free(qs); return 2; }
+    quantize_rows_vec(x, x_bf16, M, Mpad, K, Q4_BLOCK, xq, sx, qs, xs, threads);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t item = 0; item < first[count]; item++) {
+        int i = 0;
+        while (item >= first[i + 1]) i++;
+        const int64_t tiles = N[i] / Q4_ROWS, p0 = (item - first[i]) * per_item;
+        const int64_t pairs = (tiles + 1) / 2, p1 = p0 + per_item < pairs ? p0 + per_item : pairs;
+        for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR)
+            for (int64_t p = p0; p < p1; p++) {
+                int64_t t0 = 2 * p, t1 = 2 * p + 1 < tiles ? 2 * p + 1 : 2 * p;
+                q4_gemm_block(codes[i], sz[i], group, t0, t1, t1 != t0, xq, sx, xs, qs, K, m0, M, y[i], y_bf16, N[i]);
+            }
+    }
+    free(xq); free(sx); free(xs); free(qs);
+    return 0;
+}
+#else
+int qvl_int4_tiles_gemm_available(void) { return 0; }
+int qvl_int4_tiles_gemm_many(int count, const uint8_t *const *codes, const uint16_t *const *sz, const int64_t *N,
+                             void *const *y, int64_t group, const void *x, int x_bf16, int y_bf16, int64_t M,
+                             int64_t K, int threads) {
+    (void)count; (void)codes; (void)sz; (void)N; (void)y; (void)group; (void)x; (void)x_bf16; (void)y_bf16; (void)M;
+    (void)K; (void)threads;
+    return 3;                                            /* no AVX512-VNNI in this build */
+}
+#endif
 
 /* Rows [row0, row0 + rows) of a tiled int4 weight dequantised into out [K, rows] (bf16 or fp32), transposed: column
  * j of out is row row0 + j. w = z + (q - 8) * s in fp32 (the product is exact), rounded once to out's dtype, as the
