@@ -187,6 +187,7 @@ class Int4Linear(nn.Module):
             self.to_plain()
         self._aten = self.layout not in (PLAIN, INT4_TILED)
         self._native = self.decode if self.layout == INT4_TILED else None
+        self._gemm = self._native is not None and self._native.prefill_gemm
         multiple = Q4_TILE_ROWS if self.layout == INT4_TILED else 1
         self._dequant_rows = (rows_per_block(self.out_features, self.in_features, multiple) if on_cpu
                               else self.out_features)
@@ -211,7 +212,7 @@ class Int4Linear(nn.Module):
     @property
     def kernel(self) -> str:
         if self._native is not None:
-            return f"{self._native.name} (decode), native dequant"
+            return f"{self._native.name} (decode), native {'int4 x int8 GEMM' if self._gemm else 'dequant'}"
         return "int4pack_mm" if self._aten else "dequant"
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -230,6 +231,12 @@ class Int4Linear(nn.Module):
             if not a.is_contiguous():
                 a = a.contiguous()
             y = self._native(a, self.weight_int4, self.weight_scale_zero, self.group).view(*x.shape[:-1], -1)
+        elif self._gemm and native_dtype_ok(x.dtype) and not recorded(x):
+            a = x.reshape(rows, self.in_features)
+            if not a.is_contiguous():
+                a = a.contiguous()
+            y = self._native.many(a, [self.weight_int4], [self.weight_scale_zero], self.group,
+                                  gemm=True)[0].view(*x.shape[:-1], -1)
         elif self._tiles is not None and rows > self.pack_max_rows:
             y = self._tiled_matmul(x)
         elif self._aten:
@@ -330,14 +337,16 @@ def int4_layout(out_features: int, in_features: int, group: int, use_aten: bool,
 
 def decode_together(layers: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     """x [..., in] through several INT4_TILED Int4Linear layers of that same input and group size in one native
-    call (q/k/v, gate/up of a decode step: one activation quantisation and one parallel range instead of one per
-    layer; bit-equal to one call each), or None where that does not apply (other layer types, a bias, another
-    layout, group, dtype or device, a prefill-sized input)."""
+    call (q/k/v, gate/up: one activation quantisation and one parallel range instead of one per layer, bit-equal to
+    one call each; the decode GEMV, or for larger inputs the prefill GEMM where the layers have it), or None where
+    that does not apply (other layer types, a bias, another layout, group, dtype or device, a prefill-sized input
+    without the GEMM)."""
     first = layers[0]
     if not isinstance(first, Int4Linear) or first._native is None or not native_dtype_ok(x.dtype):
         return None
     rows = x.numel() // first.in_features
-    if rows > first._native.max_rows or len(layers) > 8:
+    gemm = rows > first._native.max_rows
+    if (gemm and (not first._gemm or recorded(x))) or len(layers) > 8:
         return None
     for layer in layers:
         if not (isinstance(layer, Int4Linear) and layer._native == first._native and layer.layout == INT4_TILED
@@ -347,5 +356,5 @@ def decode_together(layers: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch
     if not a.is_contiguous():
         a = a.contiguous()
     ys = first._native.many(a, [layer.weight_int4 for layer in layers],
-                            [layer.weight_scale_zero for layer in layers], first.group)
+                            [layer.weight_scale_zero for layer in layers], first.group, gemm=gemm)
     return tuple(y.view(*x.shape[:-1], -1) for y in ys)

@@ -1,5 +1,6 @@
 """Int4 weights: group-wise asymmetric 4-bit weights; decode through the project's native int4 x int8 GEMV (or ATen's
-CPU int4 GEMM, whose activations stay in their dtype), prefill through the widened weights.
+CPU int4 GEMM, whose activations stay in their dtype), prefill through the native int4 x int8 GEMM where the CPU has
+AVX512-VNNI, else the widened weights.
 
 The plugin is a thin wrapper: the layer is `Int4Linear` (int4_linear.py), quantisation is streamed
 (quantize.py), and the model-wide swap with its disk cache is `quantize_model` (quantized_model.py). The output
@@ -24,7 +25,7 @@ from qvl_pipeline.slots.kernels import KernelsBackend, check_compute_option, cho
 from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, relative_error, self_test_devices
 from qvl_plugins.kernels.int4_linear import ATEN_GROUP_SIZES, INT4PACK_MM, UNLIMITED_ROWS, Int4Linear, decode_together
 from qvl_plugins.kernels.int8_weight_only import QuantizableLinear, cache_binding, default_pack_rows
-from qvl_plugins.kernels.native_gemv import Int4Decode, Int8Decode, native_for
+from qvl_plugins.kernels.native_gemv import Int4Decode, Int8Decode, has_int4_gemm, has_int8_gemm, native_for
 from qvl_plugins.kernels.native_norm import NativeRMSNorm
 from qvl_plugins.kernels.quantized_model import Int4Format, Int8Format, LinearFormat, find_targets, quantize_model
 
@@ -66,6 +67,12 @@ class Int4Options:
                                                  # layers, 0.88 GB: 18-22 ms/token, 40-48 GB/s, 2 threads, AVX-512
                                                  # VM) where a C compiler builds it; aten: ATen's int4 GEMM (24-32
                                                  # ms, 28-36 GB/s there; activations stay bf16)
+    prefill_kernel: Literal["auto", "widen"] = "auto"  # inputs past the decode GEMV's rows (prefill, vision)
+                                                 # with decode_kernel=native: auto = the native int4 x int8 GEMM
+                                                 # over the tiles where the CPU has AVX512-VNNI (activations
+                                                 # quantised per 32 columns as in decode; ~620 vs ~350 GFLOP/s for
+                                                 # widen + bf16 GEMM at the 2B shapes), else the widened weights;
+                                                 # widen = always the widened weights in the activations' dtype
     cache: bool = True                           # keep the quantised weights on disk for fast restarts
     cache_dir: str = ""                          # "" = $QVL_CACHE_DIR or ~/.cache/qvl_pipeline
 
@@ -74,6 +81,8 @@ class Int4Options:
             raise ValueError(f"group_size {self.group_size!r} is not one of {list(ATEN_GROUP_SIZES)}")
         if self.head_bits not in (4, 8):
             raise ValueError(f"head_bits {self.head_bits!r} is not 4 or 8")
+        if self.prefill_kernel not in ("auto", "widen"):
+            raise ValueError(f"prefill_kernel must be auto or widen, not {self.prefill_kernel!r}")
         check_compute_option(self.compute_dtype)
 
 
@@ -81,7 +90,7 @@ class Int4WeightOnlyKernels(KernelsBackend):
     fidelity = Fidelity.APPROXIMATE
     summary = ("int4 weights per group of inputs with a scale and zero each, int8 head: about 1/6 of fp32's bytes "
                "per token; decode through the project's native int4 x int8 GEMV (or ATen's int4 GEMM), prefill "
-               "through the widened weights")
+               "through its int4 x int8 GEMM on AVX512-VNNI, else the widened weights")
 
     Options = Int4Options
 
@@ -98,18 +107,20 @@ class Int4WeightOnlyKernels(KernelsBackend):
         compute = self.compute_dtype(getattr(torch, facts.model.stored_dtype))
         int4_rows = (default_int4_pack_rows(self.hw, compute) if self.options.int4_pack_max_rows is None
                      else self.options.int4_pack_max_rows)
-        decode = Int4Decode(build) if native else None
+        decode = (Int4Decode(build, prefill_gemm=self.options.prefill_kernel == "auto" and has_int4_gemm(build))
+                  if native else None)
         self._int4 = Int4Format(group=self.options.group_size, use_aten=self.use_aten, decode=decode,
                                 pack_max_rows=int4_rows)
         # Rows the self-test runs: decode, a few, and past each row limit a kernel switches at.
         limits = [decode.max_rows] if decode is not None else ([int4_rows] if self.use_aten else [])
         self._test_rows = (1, 5, 40, *(n + 1 for n in limits if n < UNLIMITED_ROWS and n + 1 not in (5, 40)))
-        pack_rows = (default_pack_rows(self.hw, compute, built) if self.options.pack_max_rows is None
+        int8_gemm = built and self.options.prefill_kernel == "auto" and has_int8_gemm(build)
+        pack_rows = (default_pack_rows(self.hw, compute, built, int8_gemm) if self.options.pack_max_rows is None
                      else self.options.pack_max_rows)
         # The int8 head decodes through the native int8 x int8 GEMV wherever it builds (52.7 vs 62.5 ms/token
         # for int8 layers + head against ATen's int8 GEMV, same VM).
         self._int8 = Int8Format(pack_cpu=vector, pack_max_rows=pack_rows,
-                                decode=Int8Decode(build, "int8") if built else None)
+                                decode=Int8Decode(build, "int8", prefill_gemm=int8_gemm) if built else None)
         self._native = build if built else None             # decode-sized RMSNorms in one native call too
 
     def linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:

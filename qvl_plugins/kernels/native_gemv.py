@@ -121,6 +121,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qvl_int4_tiles_gemv.restype = i32
     lib.qvl_int4_tiles_gemv_many.argtypes = [i32, ptr, ptr, ptr, ptr, i64, ptr, i32, i32, i64, i64, i32]
     lib.qvl_int4_tiles_gemv_many.restype = i32
+    lib.qvl_int4_tiles_gemm_many.argtypes = [i32, ptr, ptr, ptr, ptr, i64, ptr, i32, i32, i64, i64, i32]
+    lib.qvl_int4_tiles_gemm_many.restype = i32
+    lib.qvl_int4_tiles_gemm_available.restype = i32
     lib.qvl_int4_tiles_widen.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, i32, i32]
     lib.qvl_int4_tiles_widen.restype = i32
     lib.qvl_int4_tiles_isa.restype = ctypes.c_char_p
@@ -231,6 +234,11 @@ def int8_gemv_many(build: NativeBuild, x: torch.Tensor, weights: list[torch.Tens
         raise RuntimeError(f"native int8 x int8 {'GEMM' if gemm else 'GEMV'} of {count} weights failed with code {rc} "
                            f"(shapes {[tuple(w.shape) for w in weights]}, x {m}x{k})")
     return ys
+
+
+def has_int4_gemm(build: NativeBuild) -> bool:
+    """Whether the build has the int4 x int8 prefill GEMM over INT4_TILED weights (AVX512-VNNI builds)."""
+    return build.lib is not None and bool(build.lib.qvl_int4_tiles_gemm_available())
 
 
 def has_int8_gemm(build: NativeBuild) -> bool:
@@ -382,6 +390,11 @@ class Int4Decode:
 
     build: NativeBuild
     max_rows: int = 32                      # inputs of more rows (prefill) take the layer's GEMM path
+    prefill_gemm: bool = False              # that path: the int4 x int8 GEMM over the tiles (has_int4_gemm builds)
+
+    def __post_init__(self) -> None:
+        if self.prefill_gemm and not has_int4_gemm(self.build):
+            raise ValueError(f"no int4 prefill GEMM in a {self.build.isa} build")
 
     @property
     def name(self) -> str:
@@ -403,21 +416,24 @@ class Int4Decode:
         return y
 
     def many(self, x: torch.Tensor, codes: list[torch.Tensor], scale_zero: list[torch.Tensor],
-             group: int) -> list[torch.Tensor]:
+             group: int, gemm: bool = False) -> list[torch.Tensor]:
         """x [M, K] contiguous bf16|fp32 against several INT4_TILED weights of the same input and group size ->
-        [M, N_i] each: one activation quantisation, one parallel range (bit-equal to one call per weight)."""
+        [M, N_i] each: one activation quantisation, one parallel range (bit-equal to one call per weight); `gemm`:
+        through the prefill GEMM (only with prefill_gemm; the same product)."""
+        assert self.prefill_gemm or not gemm
         m, k = x.shape
         count = len(codes)
         assert 1 <= count <= 8 and len(scale_zero) == count
         ys = [torch.empty(m, c.shape[0], dtype=x.dtype) for c in codes]
         ptrs = ctypes.c_void_p * count
         flag = _DTYPE_FLAG[x.dtype]
-        rc = self.build.lib.qvl_int4_tiles_gemv_many(
+        kernel = self.build.lib.qvl_int4_tiles_gemm_many if gemm else self.build.lib.qvl_int4_tiles_gemv_many
+        rc = kernel(
             count, ptrs(*(c.data_ptr() for c in codes)), ptrs(*(s.data_ptr() for s in scale_zero)),
             (ctypes.c_int64 * count)(*(c.shape[0] for c in codes)), ptrs(*(y.data_ptr() for y in ys)), group,
             x.data_ptr(), flag, flag, m, k, torch.get_num_threads())
         if rc:
-            raise RuntimeError(f"native int4 GEMV of {count} weights failed with code {rc} "
+            raise RuntimeError(f"native int4 {'GEMM' if gemm else 'GEMV'} of {count} weights failed with code {rc} "
                                f"(shapes {[tuple(c.shape) for c in codes]}, x {m}x{k}, group {group})")
         return ys
 

@@ -422,3 +422,35 @@ def test_int4_layers_of_one_input_decode_together_exactly_as_one_by_one(build):
     with_bias = Int4Linear.quantize(torch.randn(16, 128, generator=gen), torch.randn(16, generator=gen), group=32,
                                     use_aten=False, decode=decode)
     assert decode_together([layers[0], with_bias], torch.randn(1, 1, 128)) is None
+
+
+def test_an_int4_layer_with_the_prefill_gemm_runs_prefill_through_it(build):
+    from qvl_plugins.kernels.int4_linear import Int4Linear, decode_together
+
+    if not native_gemv.has_int4_gemm(build):
+        with pytest.raises(ValueError, match="no int4 prefill GEMM"):
+            Int4Decode(build, prefill_gemm=True)
+        pytest.skip(f"the {build.isa} build has no int4 GEMM (AVX512-VNNI only)")
+    gen = torch.Generator().manual_seed(10)
+    gemm = Int4Decode(build, prefill_gemm=True)
+    weight, bias = torch.randn(80, 128, generator=gen), torch.randn(80, generator=gen)    # 5 tiles: an odd pair
+    layer = Int4Linear.quantize(weight, bias, group=32, use_aten=False, decode=gemm)
+    plain = Int4Linear.quantize(weight, bias, group=32, use_aten=False)                    # widened, exact weight
+    assert "GEMM" in layer.kernel
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(2, 20, 128, generator=gen) * torch.logspace(-2, 1, 128)).to(dtype)  # 40 rows: prefill
+        y = layer(x)
+        assert y.dtype == dtype and y.shape == (2, 20, 80)
+        assert _rel(y, plain(x).float()) < 2e-2                                  # int8 activations: NEAR
+        rows = x.reshape(40, 128)
+        gemv = Int4Decode(build)(rows, layer.weight_int4, layer.weight_scale_zero, 32).view(2, 20, 80)
+        assert _rel(y - layer.bias.to(dtype), gemv.float()) < (1e-5 if dtype == torch.float32 else 8e-3)
+    recorded = torch.randn(40, 128, generator=gen).requires_grad_(True)
+    assert torch.equal(layer(recorded), plain(recorded.detach()))                # autograd: the widened weight
+    layers = [Int4Linear.quantize(torch.randn(n, 128, generator=gen), None, group=32, use_aten=False, decode=gemm)
+              for n in (64, 48)]
+    x = torch.randn(1, 40, 128, generator=gen)
+    together = decode_together(layers, x)
+    assert together is not None
+    for got, one in zip(together, layers, strict=True):
+        assert torch.equal(got, one(x))                                          # one quantisation, same sums
