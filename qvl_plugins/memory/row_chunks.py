@@ -22,15 +22,19 @@ CHECK_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class TiedRows(nn.Module):
-    """Rows of a tied head: logits = hidden · weightᵀ over some vocabulary rows of the embedding table."""
+    """Rows of a tied head: logits = hidden · weightᵀ over some vocabulary rows of the embedding table. Like the
+    unchunked head (QuantizableLinear), it computes in the table's dtype and returns the activations' (fp32
+    activations meet a bf16 table without an fp32 copy of it)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)      # [rows, hidden], a view of the table
         self.out_features, self.in_features = weight.shape
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:             # x: [..., hidden] -> [..., rows]
-        return F.linear(x, self.weight)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:             # x: [..., hidden] -> [..., rows] in x's dtype
+        if x.dtype == self.weight.dtype:
+            return F.linear(x, self.weight)
+        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
 
 
 class ChunkedHead(nn.Module):

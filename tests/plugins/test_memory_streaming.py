@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qvl_pipeline.errors import CheckpointError
@@ -146,6 +147,10 @@ def test_split_head_is_exact_for_a_linear_and_a_tied_table():
     tied = split_head(None, table, 4)
     assert torch.equal(tied(x), TiedRows(table.weight.detach())(x))
     assert split_head(linear, table, 1) is None                # one piece: nothing to split
+    bf16 = nn.Embedding(1000, 64).to(torch.bfloat16)           # a bf16 table under fp32 activations, as unchunked
+    got = split_head(None, bf16, 4)(x)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, F.linear(x.to(torch.bfloat16), bf16.weight.detach()).float())
 
 
 class RowsTwisted(nn.Module):
