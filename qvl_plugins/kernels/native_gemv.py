@@ -134,6 +134,8 @@ def _bind(lib: ctypes.CDLL) -> None:
                                           ctypes.c_float, i32]
     lib.qvl_prefill_attention.restype = i32
     lib.qvl_prefill_attention_available.restype = i32
+    lib.qvl_int8_rows_quantize.argtypes = [ptr, i32, ptr, ptr, i64, i64, i64, i64, i64]
+    lib.qvl_int8_rows_quantize.restype = i32
     lib.qvl_int8_rows_widen.argtypes = [ptr, ptr, ptr, i32, i64, i64, i64, i64, i64, i32]
     lib.qvl_int8_rows_widen.restype = i32
     lib.qvl_gemv_lanes.restype = i32
@@ -515,6 +517,20 @@ def prefill_attention(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, v: t
     if rc:
         raise RuntimeError(f"native prefill attention failed with code {rc} (q {list(q.shape)})")
     return out
+
+
+def int8_rows_quantize(build: NativeBuild, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """x [b, h, n, d] bf16|fp32 quantised per row into q [b, h, n, d] int8 and scale [b, h, n, 1] fp32 (views of a
+    cache: rows contiguous, the batch and head blocks evenly strided), bit-equal to kv_cache/int8.py's quantize_rows."""
+    b, h, n, d = x.shape
+    if q.stride(0) != h * q.stride(1) or scale.stride(0) != h * scale.stride(1) or q.stride(2) != d \
+            or q.stride(3) != 1 or scale.stride(2) != 1:
+        raise ValueError("int8 rows: the cache slots must be rows of d values, evenly strided blocks")
+    xc = x if x.is_contiguous() else x.contiguous()
+    rc = build.lib.qvl_int8_rows_quantize(xc.data_ptr(), _DTYPE_FLAG[x.dtype], q.data_ptr(), scale.data_ptr(), b * h,
+                                          n, d, q.stride(1), scale.stride(1))
+    if rc:
+        raise RuntimeError(f"native int8 row quantisation failed with code {rc} (shape {list(x.shape)})")
 
 
 def int8_rows_widen(build: NativeBuild, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -9,7 +9,13 @@ import torch
 
 from qvl_pipeline.slots import Fidelity, NoOptions, RunFacts
 from qvl_pipeline.slots.kv_cache import CacheShape, KVCache, KVCacheBackend, check_devices, dtype_name
-from qvl_plugins.kernels.native_gemv import NativeBuild, int8_rows_widen, native_dtype_ok, native_for
+from qvl_plugins.kernels.native_gemv import (
+    NativeBuild,
+    int8_rows_quantize,
+    int8_rows_widen,
+    native_dtype_ok,
+    native_for,
+)
 from qvl_plugins.kv_cache.capacity import check_capacity
 from qvl_plugins.kv_cache.static import grown
 
@@ -21,6 +27,15 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
     scale = (xf.abs().amax(dim=-1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
     return torch.round(xf / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def store_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, native: NativeBuild | None) -> None:
+    """x [b, h, n, d] quantised per row (quantize_rows) into the cache slots q [b, h, n, d] int8 and scale
+    [b, h, n, 1] fp32: on the CPU in one native call where the library is built (bit-equal), else in torch."""
+    if native is not None and x.device.type == "cpu" and native_dtype_ok(x.dtype) and q.device.type == "cpu":
+        int8_rows_quantize(native, x, q, scale)
+    else:
+        q[...], scale[...] = quantize_rows(x)
 
 
 def read_back(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, native: NativeBuild | None) -> torch.Tensor:
@@ -52,8 +67,9 @@ class Int8KVCacheStore(KVCache):
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]
         check_capacity(self.shape.max_len, end)
-        self.keys[layer][:, :, start:end], self.key_scales[layer][:, :, start:end] = quantize_rows(k)
-        self.values[layer][:, :, start:end], self.value_scales[layer][:, :, start:end] = quantize_rows(v)
+        for x, q, scale in ((k, self.keys[layer], self.key_scales[layer]),
+                            (v, self.values[layer], self.value_scales[layer])):
+            store_rows(x, q[:, :, start:end], scale[:, :, start:end], self.native)
         keys = read_back(self.keys[layer][:, :, :end], self.key_scales[layer][:, :, :end], self.dtype, self.native)
         values = read_back(self.values[layer][:, :, :end], self.value_scales[layer][:, :, :end], self.dtype,
                            self.native)

@@ -165,3 +165,22 @@ def test_the_self_test_covers_the_bf16_vision_path(monkeypatch):
     monkeypatch.setattr(native_attention, "prefill_attention", unscaled)
     with pytest.raises(SelfTestError, match="attend_varlen"):
         plugin.self_test(EAGER)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_cache_native_quantisation_is_bit_equal_to_torch(dtype):
+    from qvl_plugins.kv_cache.int8 import quantize_rows, store_rows
+
+    build = native_gemv.native_for(FACTS)
+    if not build.available:
+        pytest.skip(build.reason)
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 3, 5, 24, generator=gen) * 3).to(dtype)
+    x[0, 1, 2] = 0                                                   # an all-zero row: the smallest scale
+    x[1, 0, 0, :2] = torch.tensor([127.0, 0.5]).to(dtype)           # 0.5 / (127 / 127): a tie, rounded to even
+    q = torch.zeros(2, 3, 9, 24, dtype=torch.int8)                  # cache buffers; slots 2..6 are written
+    scale = torch.zeros(2, 3, 9, 1)
+    store_rows(x.transpose(2, 3).contiguous().transpose(2, 3), q[:, :, 2:7], scale[:, :, 2:7], build)
+    want_q, want_scale = quantize_rows(x)
+    assert torch.equal(q[:, :, 2:7], want_q) and torch.equal(scale[:, :, 2:7], want_scale)
+    assert not q[:, :, :2].any() and not q[:, :, 7:].any() and not scale[:, :, 7:].any()   # nothing else written

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <float.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -1101,6 +1102,31 @@ int qvl_decode_attention(const void *q, const void *k, const void *v, void *out,
         free(scores); free(qf); free(acc);
     }
     return failed ? 2 : 0;
+}
+
+/* ---- int8 KV cache append: x [C, n, d] (bf16 or fp32, contiguous) quantised per row as kv_cache/int8.py's
+ * quantize_rows computes it (scale = max(max|x| / 127, FLT_MIN), q = x / scale rounded half to even, clamped to
+ * +-127), bit-equal, into q[c * q_stride + j * d + i] and scale[c * s_stride + j] (the cache's slots). One C loop
+ * replaces torch's six ops a tensor (~0.8 ms a 2B decode step). */
+int qvl_int8_rows_quantize(const void *x, int x_bf16, int8_t *q, float *scale, int64_t C, int64_t n, int64_t d,
+                           int64_t q_stride, int64_t s_stride) {
+    if (d > ELEM_MAX || d <= 0) return 1;
+    float row[ELEM_MAX];
+    for (int64_t c = 0; c < C; c++)
+        for (int64_t j = 0; j < n; j++) {
+            to_f32((const char *)x + (c * n + j) * d * (x_bf16 ? 2 : 4), x_bf16, d, row);
+            float amax = 0.0f;
+            for (int64_t i = 0; i < d; i++) { float a = fabsf(row[i]); if (a > amax) amax = a; }
+            float s = amax / 127.0f;
+            if (s < FLT_MIN) s = FLT_MIN;
+            int8_t *dst = q + c * q_stride + j * d;
+            for (int64_t i = 0; i < d; i++) {
+                float v = nearbyintf(row[i] / s);
+                dst[i] = (int8_t)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+            }
+            scale[c * s_stride + j] = s;
+        }
+    return 0;
 }
 
 /* ---- int8 KV cache read-back -------------------------------------------------------------------------------------
