@@ -250,3 +250,20 @@ def test_cuda_attention_plugins_compute_cpu_layers_of_a_split_placement():
     want = EagerAttention(facts).attend(q, k, v, causal=True, scale=0.25)
     got = SdpaMemEfficientAttention(facts).attend(q, k, v, causal=True, scale=0.25)
     assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_eager_head_by_head_gives_the_same_bits_as_all_heads_at_once(monkeypatch, dtype, causal):
+    from qvl_plugins.attention import eager
+
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 6, 9, 16, generator=gen).to(dtype)
+    k, v = (torch.randn(2, 3, 13, 16, generator=gen).to(dtype) for _ in range(2))         # GQA, kv longer
+    plugin = EagerAttention(FACTS)
+    monkeypatch.setattr(eager, "SCORE_CHUNK_BYTES", 1 << 30)
+    whole = plugin.attend(q, k, v, causal=causal, scale=0.25)
+    for budget in (1, 2 * 9 * 13 * 4 * 4):                    # one head at a time; four (a last chunk of two)
+        monkeypatch.setattr(eager, "SCORE_CHUNK_BYTES", budget)
+        got = plugin.attend(q, k, v, causal=causal, scale=0.25)
+        assert got.is_contiguous() and torch.equal(got, whole)
