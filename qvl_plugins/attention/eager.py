@@ -7,7 +7,6 @@ import torch
 from qvl_pipeline.slots import Fidelity
 from qvl_pipeline.slots.attention import AttentionBackend, causal_mask, repeat_kv_heads
 
-
 # Score bytes (fp32) computed at a time: larger attention runs head by head, so the scores and probabilities stay in
 # cache. The same ops on each head give the same bits; one 448x448 image (784 patches x 16 heads, bf16, 2 threads):
 # 9 ms a layer head by head against 60-66 ms for all heads at once (39 MB of fp32 probabilities a pass).
