@@ -7,8 +7,10 @@
  *   int8 weights (row-major or in tiles of 4 rows) x int8 activations per block of 64 (qvl_int8_gemv_a8*);
  *   the same int8 x int8 product for prefill-sized inputs, a GEMM over panels of 32 rows (qvl_int8_gemm_a8_*,
  *   AVX512-VNNI builds);
- *   int4 weights in tiles of 16 rows x int8 activations per block of 32 (qvl_int4_tiles_gemv);
- *   the decode step's RMSNorm and rotary.
+ *   int4 weights in tiles of 16 rows x int8 activations per block of 32 (qvl_int4_tiles_gemv*), and the same
+ *   product for prefill-sized inputs as a GEMM over the tiles (qvl_int4_tiles_gemm_many, AVX512-VNNI builds);
+ *   the decode step's RMSNorm, rotary and attention, the vision tower's bf16 attention (AVX512-BF16), the int8 KV
+ *   cache's quantisation and read-back.
  * Activations and results may be bf16 (converted here, round to nearest even) or fp32.
  */
 #include <stdint.h>
@@ -719,7 +721,6 @@ const char *qvl_int4_tiles_isa(void) {
 #endif
 }
 
-/* y [M, N] = x [M, K] · Wᵀ with W in tiles (see above). N % 16 == 0, group % 32 == 0, K % group == 0. */
 /* Several tiled int4 matrices (codes[i], sz[i], N[i] rows, one group size) against the same x [M, K], quantised
  * once; their tiles shared out among the threads as one range; results y[i] [M, N[i]]. q/k/v and gate/up of a
  * decode step take one call instead of one each (one activation quantisation, one parallel region). */
@@ -757,6 +758,7 @@ int qvl_int4_tiles_gemv_many(int count, const uint8_t *const *codes, const uint1
     return 0;
 }
 
+/* y [M, N] = x [M, K] · Wᵀ with W in tiles (see above). N % 16 == 0, group % 32 == 0, K % group == 0. */
 int qvl_int4_tiles_gemv(const uint8_t *codes, const uint16_t *sz, int64_t group, const void *x, int x_bf16,
                         void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
     return qvl_int4_tiles_gemv_many(1, &codes, &sz, &N, &y, group, x, x_bf16, y_bf16, M, K, threads);
@@ -1197,7 +1199,9 @@ PA_BF16 static void pa_scores(const uint16_t *const *qrow, const uint32_t *kp, i
         __m512bh a = (__m512bh)_mm512_set1_epi32((int)load_u32(qrow[i] + 2 * dp));                             \
         c##i##0 = _mm512_dpbf16_ps(c##i##0, a, k0);                                                             \
         c##i##1 = _mm512_dpbf16_ps(c##i##1, a, k1); }
-#define PA_STORE(i) { _mm512_storeu_ps(S + i * Lp + jb * 32, c##i##0); _mm512_storeu_ps(S + i * Lp + jb * 32 + 16, c##i##1); }
+#define PA_STORE(i) {                                                                                           \
+        _mm512_storeu_ps(S + i * Lp + jb * 32, c##i##0);                                                        \
+        _mm512_storeu_ps(S + i * Lp + jb * 32 + 16, c##i##1); }
     for (int64_t jb = 0; jb < Lp / 32; jb++) {
         PA_INIT(0) PA_INIT(1) PA_INIT(2) PA_INIT(3) PA_INIT(4) PA_INIT(5)
         const uint32_t *kb = kp + jb * (D / 2) * 32;
@@ -1213,7 +1217,7 @@ PA_BF16 static void pa_scores(const uint16_t *const *qrow, const uint32_t *kp, i
 #undef PA_STORE
 }
 
-/* acc[i][0 .. 4 * 16) += sum over key pairs of P[i] (bf16 pairs) · values packed [Lh][Dp][2], dimensions d0 .. d0+63 */
+/* acc[i][0 .. nv * 16) = sum over key pairs of P[i] (bf16 pairs) · values packed [Lh][Dp][2], dims d0 .. */
 PA_BF16 static void pa_values(const uint16_t *P, int64_t Lp, const uint16_t *vp, int64_t Lh, int64_t Dp, int64_t d0,
                               int nv, float *acc) {
     __m512 a[PA_MR][4];
@@ -1324,8 +1328,8 @@ int qvl_prefill_attention(const uint16_t *q, const uint16_t *k, const uint16_t *
                             int64_t d = d0 + qq * 16;
                             if (d >= D) break;
                             __mmask16 valid = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1u);
-                            _mm256_mask_storeu_epi16(out + ((m0 + i) * H + h) * D + d, valid,
-                                                     bf16_round16(_mm512_mul_ps(_mm512_loadu_ps(acc + i * 64 + qq * 16), inv)));
+                            __m512 o = _mm512_mul_ps(_mm512_loadu_ps(acc + i * 64 + qq * 16), inv);
+                            _mm256_mask_storeu_epi16(out + ((m0 + i) * H + h) * D + d, valid, bf16_round16(o));
                         }
                     }
                 }
