@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from qvl_pipeline.facts import RunFacts
+from qvl_pipeline.hardware.probe import read_cpuinfo
 from qvl_pipeline.hardware.profile import CpuFacts, GpuFacts, HardwareProfile, StorageFacts
+
+
+def cpu_flags() -> set[str]:
+    """The ISA flags of the CPU running the tests, as the probe reads them (empty without /proc/cpuinfo): what a
+    test needs before it runs a native build for an ISA."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(read_cpuinfo(text)[1])
 
 
 @pytest.fixture(scope="session")

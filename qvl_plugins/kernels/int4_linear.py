@@ -16,6 +16,7 @@ from qvl_plugins.kernels.native_gemv import (
     INT4_TILED,
     Q4_TILE_ROWS,
     Int4Decode,
+    as_rows,
     int4_tileable,
     native_dtype_ok,
     tile_int4_codes,
@@ -227,14 +228,10 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:            # x: [..., in] -> [..., out]
         rows = x.numel() // self.in_features
         if self._native is not None and rows <= self._native.max_rows and native_dtype_ok(x.dtype):
-            a = x.reshape(rows, self.in_features)
-            if not a.is_contiguous():
-                a = a.contiguous()
+            a = as_rows(x, self.in_features)
             y = self._native(a, self.weight_int4, self.weight_scale_zero, self.group).view(*x.shape[:-1], -1)
         elif self._gemm and native_dtype_ok(x.dtype) and not recorded(x):
-            a = x.reshape(rows, self.in_features)
-            if not a.is_contiguous():
-                a = a.contiguous()
+            a = as_rows(x, self.in_features)
             y = self._native.many(a, [self.weight_int4], [self.weight_scale_zero], self.group,
                                   gemm=True)[0].view(*x.shape[:-1], -1)
         elif self._tiles is not None and rows > self.pack_max_rows:
@@ -352,9 +349,7 @@ def decode_together(layers: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch
         if not (isinstance(layer, Int4Linear) and layer._native == first._native and layer.layout == INT4_TILED
                 and layer.bias is None and layer.in_features == first.in_features and layer.group == first.group):
             return None
-    a = x.reshape(rows, first.in_features)
-    if not a.is_contiguous():
-        a = a.contiguous()
+    a = as_rows(x, first.in_features)
     ys = first._native.many(a, [layer.weight_int4 for layer in layers],
                             [layer.weight_scale_zero for layer in layers], first.group, gemm=gemm)
     return tuple(y.view(*x.shape[:-1], -1) for y in ys)

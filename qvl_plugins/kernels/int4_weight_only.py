@@ -25,7 +25,14 @@ from qvl_pipeline.slots.kernels import KernelsBackend, check_compute_option, cho
 from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, relative_error, self_test_devices
 from qvl_plugins.kernels.int4_linear import ATEN_GROUP_SIZES, INT4PACK_MM, UNLIMITED_ROWS, Int4Linear, decode_together
 from qvl_plugins.kernels.int8_weight_only import QuantizableLinear, cache_binding, default_pack_rows
-from qvl_plugins.kernels.native_gemv import Int4Decode, Int8Decode, has_int4_gemm, has_int8_gemm, native_for
+from qvl_plugins.kernels.native_gemv import (
+    Int4Decode,
+    Int8Decode,
+    check_prefill_kernel,
+    has_int4_gemm,
+    has_int8_gemm,
+    native_for,
+)
 from qvl_plugins.kernels.native_norm import NativeRMSNorm
 from qvl_plugins.kernels.quantized_model import Int4Format, Int8Format, LinearFormat, find_targets, quantize_model
 
@@ -81,8 +88,7 @@ class Int4Options:
             raise ValueError(f"group_size {self.group_size!r} is not one of {list(ATEN_GROUP_SIZES)}")
         if self.head_bits not in (4, 8):
             raise ValueError(f"head_bits {self.head_bits!r} is not 4 or 8")
-        if self.prefill_kernel not in ("auto", "widen"):
-            raise ValueError(f"prefill_kernel must be auto or widen, not {self.prefill_kernel!r}")
+        check_prefill_kernel(self.prefill_kernel)
         check_compute_option(self.compute_dtype)
 
 

@@ -20,13 +20,10 @@ from torch import nn
 from qvl_pipeline.slots import Fidelity, RunFacts
 from qvl_plugins.kernels.int8_linear import decode_together
 from qvl_plugins.kernels.int8_weight_only import Int8Options, Int8WeightOnlyKernels
-from qvl_plugins.kernels.native_gemv import Int8Decode, has_int8_gemm, native_for
+from qvl_plugins.kernels.native_gemv import Int8Decode, check_prefill_kernel, has_int8_gemm, native_for
 from qvl_plugins.kernels.native_norm import NativeRMSNorm
 
 VECTOR_ISAS = ("avx512_vnni", "avx512", "avx2")     # the native builds with integer dot products worth using
-
-
-PREFILL_KERNELS = ("auto", "widen")
 
 
 @dataclass(frozen=True)
@@ -37,8 +34,7 @@ class Int8DynamicOptions(Int8Options):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.prefill_kernel not in PREFILL_KERNELS:
-            raise ValueError(f"prefill_kernel must be one of {', '.join(PREFILL_KERNELS)}, not {self.prefill_kernel!r}")
+        check_prefill_kernel(self.prefill_kernel)
 
 
 class Int8DynamicKernels(Int8WeightOnlyKernels):

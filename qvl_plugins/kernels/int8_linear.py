@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvl_plugins.kernels.native_gemv import ROWS, TILE_ROWS, TILED, Int8Decode, native_dtype_ok, untile
+from qvl_plugins.kernels.native_gemv import ROWS, TILE_ROWS, TILED, Int8Decode, as_rows, native_dtype_ok, untile
 from qvl_plugins.kernels.quantize import quantize_int8_rows
 from qvl_plugins.kernels.scratch import recorded, rows_per_block, scratch
 
@@ -106,14 +106,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:            # x: [..., in] -> [..., out]
         rows = x.numel() // self.in_features
         if self._native is not None and rows <= self.pack_max_rows and native_dtype_ok(x.dtype):
-            a = x.reshape(rows, self.in_features)
-            if not a.is_contiguous():
-                a = a.contiguous()
+            a = as_rows(x, self.in_features)
             y = self._native(a, self.weight_int8, self.weight_scale, self.layout).view(*x.shape[:-1], -1)
         elif self._gemm and native_dtype_ok(x.dtype) and not recorded(x):
-            a = x.reshape(rows, self.in_features)
-            if not a.is_contiguous():
-                a = a.contiguous()
+            a = as_rows(x, self.in_features)
             y = self._native.many(a, [self.weight_int8], [self.weight_scale], gemm=True)[0].view(*x.shape[:-1], -1)
         elif self._pack_scale is not None and rows <= self.pack_max_rows:
             a = x.reshape(rows, self.in_features)
@@ -175,9 +171,7 @@ def decode_together(layers: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch
                 and layer.bias is None and layer.in_features == first.in_features
                 and layer.pack_max_rows == first.pack_max_rows):
             return None
-    a = x.reshape(rows, first.in_features)
-    if not a.is_contiguous():
-        a = a.contiguous()
+    a = as_rows(x, first.in_features)
     ys = first._native.many(a, [layer.weight_int8 for layer in layers], [layer.weight_scale for layer in layers],
                             gemm=gemm)
     return tuple(y.view(*x.shape[:-1], -1) for y in ys)

@@ -197,6 +197,12 @@ def native_dtype_ok(dtype: torch.dtype) -> bool:
     return dtype in _DTYPE_FLAG
 
 
+def as_rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x [..., width] as the contiguous [rows, width] the native kernels take (a view where x already is one)."""
+    a = x.reshape(x.numel() // width, width)
+    return a if a.is_contiguous() else a.contiguous()
+
+
 def int8_gemv(build: NativeBuild, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
               threads: int, a8: bool = False, tiled: bool = False) -> torch.Tensor:
     """x [M, K] bf16|fp32 contiguous, weight [N, K] int8 (`tiled`: in TILED layout, a8 only), scale [N] fp32 ->
@@ -236,6 +242,17 @@ def int8_gemv_many(build: NativeBuild, x: torch.Tensor, weights: list[torch.Tens
         raise RuntimeError(f"native int8 x int8 {'GEMM' if gemm else 'GEMV'} of {count} weights failed with code {rc} "
                            f"(shapes {[tuple(w.shape) for w in weights]}, x {m}x{k})")
     return ys
+
+
+# Options `prefill_kernel` of the quantised plugins: auto = the native integer GEMM where the build has it, widen =
+# the widened weights in the activations' dtype.
+PREFILL_KERNELS = ("auto", "widen")
+
+
+def check_prefill_kernel(value: str) -> None:
+    """ValueError unless `value` is one of PREFILL_KERNELS."""
+    if value not in PREFILL_KERNELS:
+        raise ValueError(f"prefill_kernel must be one of {', '.join(PREFILL_KERNELS)}, not {value!r}")
 
 
 def has_int4_gemm(build: NativeBuild) -> bool:

@@ -15,7 +15,7 @@ from qvl_plugins.attention.native import NativeAttention
 from qvl_plugins.attention.sdpa import SdpaAttention
 from qvl_plugins.kernels import native_gemv
 from qvl_plugins.kv_cache.int8 import Int8KVCache, Int8KVCacheStore, read_back
-from tests.conftest import make_facts
+from tests.conftest import cpu_flags, make_facts
 
 FACTS = make_facts()
 EAGER = EagerAttention(FACTS)
@@ -27,6 +27,15 @@ def plugin() -> NativeAttention:
     if reasons:
         pytest.skip(f"the native library does not build here: {reasons}")
     return NativeAttention(FACTS)
+
+
+@pytest.fixture
+def build() -> native_gemv.NativeBuild:
+    """The native library for FACTS (the test skips where it does not build)."""
+    b = native_gemv.native_for(FACTS)
+    if not b.available:
+        pytest.skip(b.reason)
+    return b
 
 
 def cache_views(b, kvh, n, d, dtype, gen, max_len=40):
@@ -83,10 +92,7 @@ def test_without_the_native_library_the_chain_moves_on(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_cache_native_read_back_is_bit_equal_to_torch(dtype):
-    build = native_gemv.native_for(FACTS)
-    if not build.available:
-        pytest.skip(build.reason)
+def test_int8_cache_native_read_back_is_bit_equal_to_torch(build, dtype):
     gen = torch.Generator().manual_seed(2)
     q = torch.randint(-127, 128, (2, 3, 50, 24), generator=gen, dtype=torch.int8)[:, :, :37]    # cache views
     scale = (torch.rand(2, 3, 50, 1, generator=gen) * 0.05)[:, :, :37]
@@ -106,14 +112,8 @@ def test_int8_cache_native_read_back_is_bit_equal_to_torch(dtype):
 # --- the vision tower's bf16 attention (AVX512-BF16) ---------------------------------------------------------------
 
 def _bf16_facts():
-    flags = set()
-    try:
-        line = next(ln for ln in open("/proc/cpuinfo").read().splitlines() if ln.startswith("flags"))
-        flags = set(line.split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        pass
     isa = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-    if not set(isa) - {"sse4_2"} <= flags:
+    if not set(isa) <= cpu_flags():
         pytest.skip("this CPU lacks AVX512-BF16")
     facts = make_facts(isa=isa)
     if NativeAttention.validate(facts, NoOptions()):
@@ -168,12 +168,9 @@ def test_the_self_test_covers_the_bf16_vision_path(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_cache_native_quantisation_is_bit_equal_to_torch(dtype):
+def test_int8_cache_native_quantisation_is_bit_equal_to_torch(build, dtype):
     from qvl_plugins.kv_cache.int8 import quantize_rows, store_rows
 
-    build = native_gemv.native_for(FACTS)
-    if not build.available:
-        pytest.skip(build.reason)
     gen = torch.Generator().manual_seed(5)
     x = (torch.randn(2, 3, 5, 24, generator=gen) * 3).to(dtype)
     x[0, 1, 2] = 0                                                   # an all-zero row: the smallest scale

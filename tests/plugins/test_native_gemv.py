@@ -27,22 +27,22 @@ from qvl_plugins.kernels.quantize import (
     quantize_int4_groups,
     unpack_nibbles,
 )
+from tests.conftest import cpu_flags
 
 ISAS = {"scalar": (), "avx2": ("avx2", "fma"), "avx512": ("avx2", "fma", "avx512f", "avx512bw", "avx512vl"),
         "avx512_vnni": ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")}
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
-
 def _runnable(isa: tuple[str, ...]) -> bool:
-    return set(isa) <= _cpu_flags()
+    return set(isa) <= cpu_flags()
+
+
+def _together_is_one_by_one(together, layers, x) -> None:
+    """`together(layers, x)` (a decode_together) computes every layer's output bit-equal to calling the layer."""
+    outputs = together(layers, x)
+    assert outputs is not None
+    for got, layer in zip(outputs, layers, strict=True):
+        assert torch.equal(got, layer(x))                          # same quantised activations, same sums
 
 
 @pytest.fixture(params=list(ISAS))
@@ -299,10 +299,7 @@ def test_layers_of_one_input_decode_together_exactly_as_one_by_one(build):
                                   decode=decode) for n in (64, 32, 36)]
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(1, 3, 128, generator=gen).to(dtype)
-        together = decode_together(layers, x)
-        assert together is not None
-        for got, layer in zip(together, layers, strict=True):
-            assert torch.equal(got, layer(x))                          # same quantised activations, same sums
+        _together_is_one_by_one(decode_together, layers, x)
     assert decode_together(layers, torch.randn(1, 9, 128)) is None      # prefill-sized: each layer's own path
     plain = Int8Linear.quantize(torch.randn(8, 128, generator=gen), None, pack_cpu=False, pack_max_rows=4)
     assert decode_together([layers[0], plain], torch.randn(1, 1, 128)) is None   # a layer without the native GEMV
@@ -361,10 +358,7 @@ def test_an_int8_layer_with_the_prefill_gemm_runs_prefill_through_it(build):
     assert torch.equal(layer(recorded), exact(x))                 # under autograd: the exact widened weight
     layers = [Int8Linear.quantize(torch.randn(n, 128, generator=gen), None, pack_cpu=True, pack_max_rows=4,
                                   decode=gemm) for n in (64, 36)]
-    together = decode_together(layers, x)
-    assert together is not None
-    for got, one in zip(together, layers, strict=True):
-        assert torch.equal(got, one(x))                           # one quantisation, the same GEMM sums
+    _together_is_one_by_one(decode_together, layers, x)
     without = Int8Linear.quantize(torch.randn(64, 128, generator=gen), None, pack_cpu=True, pack_max_rows=4,
                                   decode=plain)
     assert not without.kernel.endswith("+gemm") and decode_together([without], x) is None
@@ -411,10 +405,7 @@ def test_int4_layers_of_one_input_decode_together_exactly_as_one_by_one(build):
     assert all(layer.layout == native_gemv.INT4_TILED for layer in layers)
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(1, 3, 128, generator=gen).to(dtype)
-        together = decode_together(layers, x)
-        assert together is not None
-        for got, layer in zip(together, layers, strict=True):
-            assert torch.equal(got, layer(x))                          # same quantised activations, same sums
+        _together_is_one_by_one(decode_together, layers, x)
     assert decode_together(layers, torch.randn(1, 40, 128, generator=gen)) is None       # prefill: own path
     other_group = Int4Linear.quantize(torch.randn(16, 128, generator=gen), None, group=64, use_aten=False,
                                       decode=decode)
@@ -450,7 +441,4 @@ def test_an_int4_layer_with_the_prefill_gemm_runs_prefill_through_it(build):
     layers = [Int4Linear.quantize(torch.randn(n, 128, generator=gen), None, group=32, use_aten=False, decode=gemm)
               for n in (64, 48)]
     x = torch.randn(1, 40, 128, generator=gen)
-    together = decode_together(layers, x)
-    assert together is not None
-    for got, one in zip(together, layers, strict=True):
-        assert torch.equal(got, one(x))                                          # one quantisation, same sums
+    _together_is_one_by_one(decode_together, layers, x)

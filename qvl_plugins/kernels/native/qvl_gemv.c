@@ -84,6 +84,14 @@ static inline vf load_as_f32(const void *p, int bf16, int64_t i) {
     __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+/* 16 fp32 values -> bf16, round to nearest even; NaN stays NaN (as f32_to_bf16) */
+static inline __m256i bf16_round16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_cvtepi32_epi16(_mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+}
 /* LANES int8 -> fp32 */
 static inline vf i8_to_vf(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
@@ -426,10 +434,7 @@ static void quantize_rows_vec(const void *x, int x_bf16, int64_t M, int64_t Mpad
             }
             __m512 v[4], a = _mm512_setzero_ps(), total_x = _mm512_setzero_ps();
             for (int j = 0; j < nv; j++) {
-                int64_t at = m * K + b * block + 16 * j;
-                v[j] = x_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                                    _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + at))), 16))
-                              : _mm512_loadu_ps((const float *)x + at);
+                v[j] = load_as_f32(x, x_bf16, m * K + b * block + 16 * j);
                 a = _mm512_max_ps(a, _mm512_abs_ps(v[j]));
                 total_x = _mm512_add_ps(total_x, v[j]);
             }
@@ -477,12 +482,7 @@ static void gemm_panel(const int8_t *w, int64_t N, int64_t K, int64_t n0, uint32
 
 static inline void store16(void *y, int y_bf16, int64_t at, __m512 v, __mmask16 valid) {
     if (y_bf16) {
-        __m512i u = _mm512_castps_si512(v);
-        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-        __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);     /* NaN stays NaN, as f32_to_bf16 */
-        r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-        _mm256_mask_storeu_epi16((uint16_t *)y + at, valid, _mm512_cvtepi32_epi16(r));
+        _mm256_mask_storeu_epi16((uint16_t *)y + at, valid, bf16_round16(v));
     } else {
         _mm512_mask_storeu_ps((float *)y + at, valid, v);
     }
@@ -882,11 +882,8 @@ int qvl_int4_tiles_gemm_many(int count, const uint8_t *const *codes, const uint1
 #if defined(__AVX512F__)
 static inline void widen_store16(__m512i v, __m512 s, __m512 z, void *out, int out_bf16, int64_t at) {
     __m512 w = _mm512_add_ps(z, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, _mm512_set1_epi32(8))), s));
-    if (out_bf16) {       /* round to nearest even (no NaN here) */
-        __m512i u = _mm512_castps_si512(w);
-        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-        _mm256_storeu_si256((__m256i *)((uint16_t *)out + at), _mm512_cvtepi32_epi16(u));
+    if (out_bf16) {
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + at), bf16_round16(w));
     } else {
         _mm512_storeu_ps((float *)out + at, w);
     }
@@ -1183,13 +1180,6 @@ static inline __m512 exp_nonpositive(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n);
-}
-
-static inline __m256i bf16_round16(__m512 v) {          /* round to nearest even (finite values) */
-    __m512i u = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd,
-                                 _mm512_set1_epi32(0x7fff))), 16));
 }
 
 /* scores S[i][0 .. Lp) = q_i · k_j for PA_MR query rows (pointers) against keys packed [Lp / 32][D / 2][32] pairs */
