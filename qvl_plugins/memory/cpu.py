@@ -8,7 +8,7 @@ from torch import nn
 
 from qvl_pipeline.slots import Fidelity, NoOptions, RunFacts
 from qvl_pipeline.slots.memory import MemoryManager, Placement, fits
-from qvl_plugins.memory.paging import read_in
+from qvl_plugins.memory.paging import read_ahead, read_in
 
 
 class CpuMemory(MemoryManager):
@@ -25,12 +25,16 @@ class CpuMemory(MemoryManager):
     def attach(self, layers: Sequence[nn.Module], placement: Placement) -> Placement:
         """Read the memory-mapped weights every request computes with (decoder layers, vision tower, final norm,
         head) into memory at load, so that the first request does not fault them in from disk; the embedding table
-        is left mapped unless it is the head (a lookup touches a few rows)."""
+        is left mapped unless it is the head (a lookup touches a few rows), its file read ahead into the page cache
+        so that a row first used mid-generation is not a disk read."""
         head = getattr(layers, "head", None)
         parts = [*layers, getattr(layers, "vision", None), getattr(layers, "norm", None),
                  head if head is not None else getattr(layers, "embed", None)]
         try:
             read_in(p for p in parts if p is not None)
+            embed = getattr(layers, "embed", None)
+            if head is not None and embed is not None:
+                read_ahead([embed])
         except OSError:             # read-ahead only: a file that cannot deliver fails where it is used, with its error
             pass
         return placement

@@ -14,7 +14,8 @@ import errno
 import mmap
 import os
 import sys
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -240,6 +241,42 @@ def read_in(modules: Iterable[nn.Module]) -> int:
         pager.close()
     touch_pages(extents)
     return total
+
+
+READ_AHEAD_CHUNK = 128 * 1024     # Linux reads one read-ahead window per POSIX_FADV_WILLNEED (128 KiB default)
+
+
+def read_ahead(modules: Iterable[nn.Module]) -> int:
+    """Have the files behind the memory-mapped weights of `modules` read into the page cache by a background
+    thread (POSIX_FADV_WILLNEED, one read-ahead window at a time); returns the bytes asked for, at once.
+
+    For tables that are looked up a few rows at a time (the token embedding): nothing is mapped into the process,
+    so resident memory grows only by the rows used, but a row first used by a prompt or mid-generation is a
+    page-cache hit instead of a fault to disk (dev VM, table not in the page cache: ~10 ms per row touched,
+    against 0.01-0.6 ms once read ahead; ~190 ms to read the 2B model's 594 MiB table). llama.cpp asks the same for
+    its whole model file. No-op where page residency is not managed."""
+    if supported():
+        return 0
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    extents = residency(tensors).extents
+    if extents:
+        threading.Thread(target=_advise_will_need, args=(extents,), name="qvl-read-ahead", daemon=True).start()
+    return sum(e.length for e in extents)
+
+
+def _advise_will_need(extents: Sequence[Extent]) -> None:
+    for e in extents:
+        try:
+            fd = os.open(e.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue            # read-ahead only: a file gone fails where it is used, with its error
+        try:
+            for at in range(e.offset, e.offset + e.length, READ_AHEAD_CHUNK):
+                os.posix_fadvise(fd, at, min(READ_AHEAD_CHUNK, e.offset + e.length - at), os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def touch_pages(extents: Iterable[Extent]) -> None:

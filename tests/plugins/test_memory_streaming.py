@@ -4,6 +4,7 @@ unit being read, failures surfacing once, a stopped thread never waited on forev
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
 
@@ -188,3 +189,55 @@ def test_read_in_reads_mapped_weights_and_the_cpu_plugin_reads_its_parts_at_atta
     placement = object()
     assert cpu.CpuMemory.attach(cpu.CpuMemory.__new__(cpu.CpuMemory), parts, placement) is placement
     assert seen[0][:2] == [mapped, anonymous] and seen[0][-1] is parts.embed   # tied head: the table is read too
+
+
+
+def _cached_fraction(path) -> float:
+    """Fraction of the file's pages in the page cache (mincore over a private mapping of the file)."""
+    import ctypes
+    import mmap
+
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    size = len(mm)
+    pages = -(-size // mmap.PAGESIZE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    first = ctypes.c_char.from_buffer(mm)
+    try:
+        flags = ctypes.create_string_buffer(pages)
+        assert libc.mincore(ctypes.addressof(first), size, flags) == 0, ctypes.get_errno()
+        return sum(b & 1 for b in flags.raw) / pages
+    finally:
+        del first
+        mm.close()
+
+
+def test_read_ahead_fills_the_page_cache_without_mapping_and_the_cpu_plugin_reads_ahead_an_untied_table(
+        tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from qvl_plugins.memory import cpu, paging
+
+    if paging.supported():
+        pytest.skip(f"page residency not managed here: {paging.supported()}")
+    path = tmp_path / "table.safetensors"
+    save_file({"table": torch.zeros(4096, 4096)}, str(path))      # 64 MiB: many read-ahead windows (128 KiB-8 MiB)
+    table = nn.Embedding(4096, 4096)
+    table.weight = nn.Parameter(load_file(str(path))["table"], requires_grad=False)
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())                     # written back, so that the page cache can drop it
+    paging.drop_file_cache(path)
+    assert _cached_fraction(path) < 0.5                                     # dropped
+    assert paging.read_ahead([table]) >= 4096 * 4096 * 4
+    # the whole table, not one read-ahead window (the reads complete after the thread has asked for them)
+    wait_for(lambda: _cached_fraction(path) > 0.95, timeout=30)
+    assert paging.read_ahead([nn.Linear(8, 8)]) == 0                        # nothing mapped: nothing to ask for
+    ahead: list[list[nn.Module]] = []
+    monkeypatch.setattr(cpu, "read_in", lambda modules: list(modules) and 0)
+    monkeypatch.setattr(cpu, "read_ahead", lambda modules: ahead.append(list(modules)) or 0)
+    plugin = cpu.CpuMemory.__new__(cpu.CpuMemory)
+    head = nn.Linear(8, 4, bias=False)
+    plugin.attach(ModelParts(layers=(), vision=None, embed=table, head=head), object())
+    plugin.attach(ModelParts(layers=(), vision=None, embed=table, head=None), object())
+    assert ahead == [[table]]                     # an untied table is read ahead; a tied one is read in (above)
