@@ -63,6 +63,13 @@ static float *activations_f32(const void *x, int x_bf16, int64_t M, int64_t K) {
 
 static inline int32_t load_i32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
 
+/* The decode GEMVs stream weights once; asking for the cache line PREFETCH_AHEAD bytes ahead of each one read keeps
+ * more memory reads in flight than the hardware prefetchers do when both cores stream (2B decode shapes, 2 threads,
+ * AVX-512 EPYC VM, medians of 6-9 alternated runs: int8 tiles 47 -> 50 GB/s, int4 tiles 42 -> 46 GB/s; 1024 bytes
+ * ahead gained nothing, 8192 no more than 4096; one thread: no change). */
+#define PREFETCH_AHEAD 4096
+static inline void prefetch_ahead(const void *p) { __builtin_prefetch((const char *)p + PREFETCH_AHEAD, 0, 3); }
+
 static inline void store(void *y, int y_bf16, int64_t i, float v) {
     if (y_bf16) ((uint16_t *)y)[i] = f32_to_bf16(v);
     else ((float *)y)[i] = v;
@@ -277,6 +284,7 @@ static inline void a8_row_block(const int8_t *w, int64_t rs, int64_t bs, const f
             af a0 = A8_ZERO, a1 = A8_ZERO, a2 = A8_ZERO, a3 = A8_ZERO;
             for (int64_t b = 0; b < blocks; b++) {
                 int64_t k = b * ABLOCK, o = b * bs;
+                prefetch_ahead(w0 + o); prefetch_ahead(w1 + o); prefetch_ahead(w2 + o); prefetch_ahead(w3 + o);
                 a0 = a8_block(w0 + o, xm + k, a0, sm[b]);
                 a1 = a8_block(w1 + o, xm + k, a1, sm[b]);
                 a2 = a8_block(w2 + o, xm + k, a2, sm[b]);
@@ -641,6 +649,7 @@ static void q4_tile(const uint8_t *codes, const uint16_t *sz, const int8_t *xq, 
         const int8_t *x = xq + b * Q4_BLOCK;
         __m512i d[4];
         for (int o = 0; o < 4; o++) {
+            prefetch_ahead(c + o * 64);
             __m512i v = _mm512_loadu_si512((const void *)(c + o * 64));
             d[o] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low),
                                        _mm512_set1_epi32(load_i32(x + 8 * o)));
@@ -669,6 +678,7 @@ static void q4_tile(const uint8_t *codes, const uint16_t *sz, const int8_t *xq, 
         __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
         for (int o = 0; o < 4; o++) {
             __m256i xa = _mm256_set1_epi32(load_i32(x + 8 * o)), xb = _mm256_set1_epi32(load_i32(x + 8 * o + 4));
+            prefetch_ahead(c + o * 64);
             __m256i v0 = _mm256_loadu_si256((const __m256i *)(c + o * 64));
             __m256i v1 = _mm256_loadu_si256((const __m256i *)(c + o * 64 + 32));
             s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(v0, low), xa));
