@@ -221,6 +221,14 @@ def drop_file_cache(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def mapped_extents(modules: Iterable[nn.Module]) -> tuple[Extent, ...]:
+    """The file extents behind the memory-mapped parameters and buffers of `modules`; none where page residency is
+    not managed (not Linux)."""
+    if supported():
+        return ()
+    return residency([t for m in modules for t in (*m.parameters(), *m.buffers())]).extents
+
+
 def read_in(modules: Iterable[nn.Module]) -> int:
     """Read the file-backed (memory-mapped) weights of `modules` into memory now, blocking; returns the bytes.
 
@@ -228,10 +236,7 @@ def read_in(modules: Iterable[nn.Module]) -> int:
     request's vision tower and prefill fault them in from disk inside the time to first token (a cold 2 GB int8
     cache at ~0.5 GB/s: +2-4 s measured in the peers kit) instead of at load. No-op for anonymous memory and where
     page residency is not managed (not Linux)."""
-    if supported():
-        return 0
-    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
-    extents = residency(tensors).extents
+    extents = mapped_extents(modules)
     if not extents:
         return 0
     pager = Pager((e.path for e in extents), drop_page_cache=False)
@@ -255,10 +260,7 @@ def read_ahead(modules: Iterable[nn.Module]) -> int:
     page-cache hit instead of a fault to disk (dev VM, table not in the page cache: ~10 ms per row touched,
     against 0.01-0.6 ms once read ahead; ~190 ms to read the 2B model's 594 MiB table). llama.cpp asks the same for
     its whole model file. No-op where page residency is not managed."""
-    if supported():
-        return 0
-    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
-    extents = residency(tensors).extents
+    extents = mapped_extents(modules)
     if extents:
         threading.Thread(target=_advise_will_need, args=(extents,), name="qvl-read-ahead", daemon=True).start()
     return sum(e.length for e in extents)

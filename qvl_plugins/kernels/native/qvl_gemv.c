@@ -1217,41 +1217,30 @@ PA_BF16 static void pa_scores(const uint16_t *const *qrow, const uint32_t *kp, i
 #undef PA_STORE
 }
 
-/* acc[i][0 .. nv * 16) = sum over key pairs of P[i] (bf16 pairs) · values packed [Lh][Dp][2], dims d0 .. */
-PA_BF16 static void pa_values(const uint16_t *P, int64_t Lp, const uint16_t *vp, int64_t Lh, int64_t Dp, int64_t d0,
-                              int nv, float *acc) {
+/* acc[i][0 .. nv * 16) = sum over key pairs of P[i] (bf16 pairs) · values packed [Lh][Dp][2], dims d0 ..; nv is a
+ * constant in each caller (4, or 2 for the last 32 dimensions), so each gets its own unrolled body. */
+PA_BF16 static inline __attribute__((always_inline)) void pa_values_n(const uint16_t *P, int64_t Lp,
+                                                                     const uint16_t *vp, int64_t Lh, int64_t Dp,
+                                                                     int64_t d0, const int nv, float *acc) {
     __m512 a[PA_MR][4];
-    for (int i = 0; i < PA_MR; i++) for (int q = 0; q < 4; q++) a[i][q] = _mm512_setzero_ps();
-    if (nv == 4) {
-        for (int64_t jp = 0; jp < Lh; jp++) {
-            const uint16_t *vr = vp + (jp * Dp + d0) * 2;
-            __m512bh v0 = (__m512bh)_mm512_loadu_si512((const void *)vr);
-            __m512bh v1 = (__m512bh)_mm512_loadu_si512((const void *)(vr + 32));
-            __m512bh v2 = (__m512bh)_mm512_loadu_si512((const void *)(vr + 64));
-            __m512bh v3 = (__m512bh)_mm512_loadu_si512((const void *)(vr + 96));
+    for (int i = 0; i < PA_MR; i++) for (int q = 0; q < nv; q++) a[i][q] = _mm512_setzero_ps();
+    for (int64_t jp = 0; jp < Lh; jp++) {
+        const uint16_t *vr = vp + (jp * Dp + d0) * 2;
+        __m512bh v[4];
+        for (int q = 0; q < nv; q++) v[q] = (__m512bh)_mm512_loadu_si512((const void *)(vr + 32 * q));
 #pragma GCC unroll 6
-            for (int i = 0; i < PA_MR; i++) {
-                __m512bh p = (__m512bh)_mm512_set1_epi32((int)load_u32(P + i * Lp + 2 * jp));
-                a[i][0] = _mm512_dpbf16_ps(a[i][0], p, v0);
-                a[i][1] = _mm512_dpbf16_ps(a[i][1], p, v1);
-                a[i][2] = _mm512_dpbf16_ps(a[i][2], p, v2);
-                a[i][3] = _mm512_dpbf16_ps(a[i][3], p, v3);
-            }
-        }
-    } else {                                                 /* the last 32 dimensions */
-        for (int64_t jp = 0; jp < Lh; jp++) {
-            const uint16_t *vr = vp + (jp * Dp + d0) * 2;
-            __m512bh v0 = (__m512bh)_mm512_loadu_si512((const void *)vr);
-            __m512bh v1 = (__m512bh)_mm512_loadu_si512((const void *)(vr + 32));
-#pragma GCC unroll 6
-            for (int i = 0; i < PA_MR; i++) {
-                __m512bh p = (__m512bh)_mm512_set1_epi32((int)load_u32(P + i * Lp + 2 * jp));
-                a[i][0] = _mm512_dpbf16_ps(a[i][0], p, v0);
-                a[i][1] = _mm512_dpbf16_ps(a[i][1], p, v1);
-            }
+        for (int i = 0; i < PA_MR; i++) {
+            __m512bh p = (__m512bh)_mm512_set1_epi32((int)load_u32(P + i * Lp + 2 * jp));
+            for (int q = 0; q < nv; q++) a[i][q] = _mm512_dpbf16_ps(a[i][q], p, v[q]);
         }
     }
     for (int i = 0; i < PA_MR; i++) for (int q = 0; q < nv; q++) _mm512_storeu_ps(acc + i * 64 + q * 16, a[i][q]);
+}
+
+PA_BF16 static void pa_values(const uint16_t *P, int64_t Lp, const uint16_t *vp, int64_t Lh, int64_t Dp, int64_t d0,
+                              int nv, float *acc) {
+    if (nv == 4) pa_values_n(P, Lp, vp, Lh, Dp, d0, 4, acc);
+    else pa_values_n(P, Lp, vp, Lh, Dp, d0, 2, acc);
 }
 
 /* q, k, v: bf16, element (token t, head h, dim d) at x + t * x_tok + h * x_head + d; out [L, H, D] bf16. */
