@@ -99,6 +99,14 @@ static inline __m256i bf16_round16(__m512 v) {
     __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     return _mm512_cvtepi32_epi16(_mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
 }
+/* the `valid` lanes of 16 fp32 values at element `at` of y (bf16, rounded as bf16_round16, or fp32) */
+static inline void store16(void *y, int y_bf16, int64_t at, __m512 v, __mmask16 valid) {
+    if (y_bf16) {
+        _mm256_mask_storeu_epi16((uint16_t *)y + at, valid, bf16_round16(v));
+    } else {
+        _mm512_mask_storeu_ps((float *)y + at, valid, v);
+    }
+}
 /* LANES int8 -> fp32 */
 static inline vf i8_to_vf(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
@@ -485,14 +493,6 @@ static void gemm_panel(const int8_t *w, int64_t N, int64_t K, int64_t n0, uint32
                 uint32_t *dst = panel + b * (ABLOCK / 4) * GEMM_NR + t * TILE_ROWS + r;
                 for (int j = 0; j < ABLOCK / 4; j++) dst[j * GEMM_NR] = (uint32_t)load_i32(src + 4 * j) ^ 0x80808080u;
             }
-    }
-}
-
-static inline void store16(void *y, int y_bf16, int64_t at, __m512 v, __mmask16 valid) {
-    if (y_bf16) {
-        _mm256_mask_storeu_epi16((uint16_t *)y + at, valid, bf16_round16(v));
-    } else {
-        _mm512_mask_storeu_ps((float *)y + at, valid, v);
     }
 }
 
@@ -892,11 +892,7 @@ int qvl_int4_tiles_gemm_many(int count, const uint8_t *const *codes, const uint1
 #if defined(__AVX512F__)
 static inline void widen_store16(__m512i v, __m512 s, __m512 z, void *out, int out_bf16, int64_t at) {
     __m512 w = _mm512_add_ps(z, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, _mm512_set1_epi32(8))), s));
-    if (out_bf16) {
-        _mm256_storeu_si256((__m256i *)((uint16_t *)out + at), bf16_round16(w));
-    } else {
-        _mm512_storeu_ps((float *)out + at, w);
-    }
+    store16(out, out_bf16, at, w, (__mmask16)0xffff);
 }
 #elif defined(__AVX2__)
 static inline void widen_store8(__m256i v, __m256 s, __m256 z, void *out, int out_bf16, int64_t at) {
