@@ -27,12 +27,11 @@ class CpuMemory(MemoryManager):
         head) into memory at load, so that the first request does not fault them in from disk; the embedding table
         is left mapped unless it is the head (a lookup touches a few rows), its file read ahead into the page cache
         so that a row first used mid-generation is not a disk read."""
-        head = getattr(layers, "head", None)
+        head, embed = getattr(layers, "head", None), getattr(layers, "embed", None)
         parts = [*layers, getattr(layers, "vision", None), getattr(layers, "norm", None),
-                 head if head is not None else getattr(layers, "embed", None)]
+                 head if head is not None else embed]
         try:
             read_in(p for p in parts if p is not None)
-            embed = getattr(layers, "embed", None)
             if head is not None and embed is not None:
                 read_ahead([embed])
         except OSError:             # read-ahead only: a file that cannot deliver fails where it is used, with its error
