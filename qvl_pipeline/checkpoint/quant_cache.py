@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from qvl_pipeline.checkpoint.files import find_weight_files
 
-FORMAT_VERSION = 1                  # of this cache's layout; part of every key
+FORMAT_VERSION = 2                  # of this cache's layout and quantisers; part of every key (2: int4 refits)
 SUBDIR = "quantized"
 TENSORS_FILE = "tensors.safetensors"
 MANIFEST_FILE = "manifest.json"

@@ -4,7 +4,8 @@ AVX512-VNNI, else the widened weights.
 
 The plugin is a thin wrapper: the layer is `Int4Linear` (int4_linear.py), quantisation is streamed
 (quantize.py), and the model-wide swap with its disk cache is `quantize_model` (quantized_model.py). The output
-head (also a tied one) is int8 by default: it is the most error-sensitive layer and a tenth of the weights.
+head (also a tied one) is int4 as well by default (`head_bits=4`; 8 keeps an int8 copy, ~10 % more bytes per token
+for a slightly smaller error: see weight_format.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from qvl_pipeline.slots import Fidelity, Plugin, RunFacts, SelfTestError
 from qvl_pipeline.slots.checks import prepared_pair
 from qvl_pipeline.slots.kernels import KernelsBackend, check_compute_option, choose_compute_dtype
 from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, relative_error, self_test_devices
+from qvl_pipeline.weight_format import INT4_GROUP, INT4_HEAD_BITS
 from qvl_plugins.kernels.int4_linear import ATEN_GROUP_SIZES, INT4PACK_MM, UNLIMITED_ROWS, Int4Linear, decode_together
 from qvl_plugins.kernels.int8_weight_only import QuantizableLinear, cache_binding, default_pack_rows
 from qvl_plugins.kernels.native_gemv import (
@@ -60,10 +62,12 @@ def default_int4_pack_rows(hw: HardwareProfile, compute: torch.dtype) -> int:
 
 @dataclass(frozen=True)
 class Int4Options:
-    group_size: Literal[32, 64, 128, 256] = 32   # inputs sharing one scale and zero (smaller: more accurate, 0.5
-                                                 # bit/weight more per halving)
-    head_bits: Literal[4, 8] = 8                 # the output head (also a tied one) in int8 or int4
-    pack_max_rows: int | None = None             # int8 head: rows up to which its GEMV is used (None: see int8)
+    group_size: Literal[32, 64, 128, 256] = INT4_GROUP  # inputs sharing one scale and zero (smaller: more accurate,
+                                                 # 0.5 bit/weight more per halving)
+    head_bits: Literal[4, 8] = INT4_HEAD_BITS    # the output head (also a tied one) in int4 (default) or int8: see
+                                                 # qvl_pipeline/weight_format.py for the measured trade
+    pack_max_rows: int | None = None             # head_bits=8: rows up to which the head's int8 GEMV is used
+                                                 # (None: see int8)
     int4_pack_max_rows: int | None = None        # decode_kernel=aten: rows up to which ATen's int4 GEMM is used,
                                                  # larger inputs (prefill) dequantise and run the native GEMM;
                                                  # None: 96 in native bf16, 128 in fp32, else all rows
@@ -94,9 +98,9 @@ class Int4Options:
 
 class Int4WeightOnlyKernels(KernelsBackend):
     fidelity = Fidelity.APPROXIMATE
-    summary = ("int4 weights per group of inputs with a scale and zero each, int8 head: about 1/6 of fp32's bytes "
-               "per token; decode through the project's native int4 x int8 GEMV (or ATen's int4 GEMM), prefill "
-               "through its int4 x int8 GEMM on AVX512-VNNI, else the widened weights")
+    summary = ("int4 weights per group of inputs with a scale and zero each (least-squares fitted), head included: "
+               "about 1/6 of fp32's bytes per token; decode through the project's native int4 x int8 GEMV (or "
+               "ATen's int4 GEMM), prefill through its int4 x int8 GEMM on AVX512-VNNI, else the widened weights")
 
     Options = Int4Options
 

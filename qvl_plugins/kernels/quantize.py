@@ -19,6 +19,12 @@ BLOCK_ELEMENTS = 1 << 22          # source elements per block (16 MiB in fp32; f
 INT8_MAX = 127
 INT4_LEVELS = 15                  # codes 0..15; the kernels read w ≈ (q − 8) · scale + zero
 INT4_MID = 8
+# Least-squares refits of each int4 group's (scale, zero) after the min–max start. Squared error against min–max
+# (group 32, bf16 scale/zero, 2048x6144): Gaussian weights 1 round 0.917, 2 rounds 0.882, 3 rounds 0.867; Student-t(4)
+# 0.921 / 0.890 / 0.875. Each round costs about the min–max quantisation once more (~10 ms per 12.6M weights on 2
+# threads): a 2B model's first quantisation takes ~3-4 s longer; the cached result is read as fast as before.
+INT4_REFIT_ROUNDS = 3
+_TINY = torch.finfo(torch.float32).tiny
 _PAGE = 4096
 _MADV_DONTNEED = 4                # unmap: a file mapping's pages stay in the page cache, cheap to map again
 _MADV_PAGEOUT = 21                # Linux ≥ 5.4: reclaim the pages (file-backed: dropped; anonymous: swapped or kept)
@@ -108,7 +114,7 @@ def release_pages(tensor: torch.Tensor, file_backed: bool | None = None) -> bool
     return _MADVISE(first, last - first, _MADV_DONTNEED if file_backed else _MADV_PAGEOUT) == 0
 
 
-_WORKSPACE: dict[torch.dtype, torch.Tensor] | None = None
+_WORKSPACE: dict[tuple[torch.dtype, int], torch.Tensor] | None = None
 
 
 @contextmanager
@@ -124,13 +130,14 @@ def reused_block_buffers() -> Iterator[None]:
         _WORKSPACE = outer
 
 
-def _block_buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """A [rows, cols] scratch tensor: from the shared buffers inside reused_block_buffers(), else fresh."""
+def _block_buffer(rows: int, cols: int, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
+    """A [rows, cols] scratch tensor: from the shared buffers inside reused_block_buffers() (one per dtype and
+    `slot`), else fresh."""
     if _WORKSPACE is None:
         return torch.empty(rows, cols, dtype=dtype)
-    flat = _WORKSPACE.get(dtype)
+    flat = _WORKSPACE.get((dtype, slot))
     if flat is None or flat.numel() < rows * cols:
-        flat = _WORKSPACE[dtype] = torch.empty(rows * cols, dtype=dtype)
+        flat = _WORKSPACE[(dtype, slot)] = torch.empty(rows * cols, dtype=dtype)
     return flat[:rows * cols].view(rows, cols)
 
 
@@ -177,14 +184,16 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 def quantize_int4_groups(weight: torch.Tensor, group: int, *,
                          pack: Callable[[torch.Tensor], torch.Tensor] = pack_nibbles, row_multiple: int = 1,
                          scale_dtype: torch.dtype = torch.bfloat16,
-                         release_source: bool = False,
+                         release_source: bool = False, refit_rounds: int = INT4_REFIT_ROUNDS,
                          block_elements: int = BLOCK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [out, in] -> (packed codes, scale_zero [in / group, out, 2] in `scale_dtype`), asymmetric per group of
     `group` consecutive inputs: w ≈ (q − 8) · scale + zero with q in 0..15 (the layout ATen's int4 kernels take).
 
-    `pack` turns a block of int32 codes [rows, in] into its stored form (default: two codes per byte); blocks are
-    `row_multiple` rows apart so a kernel's row-tiled packing can be applied block by block. The codes are rounded
-    against the stored (rounded) scale and zero, so the rounding of those costs no extra error."""
+    Each group starts from its min–max range and then takes `refit_rounds` least-squares refits of (scale, zero) to
+    its codes (see fit_int4_groups). `pack` turns a block of int32 codes [rows, in] into its stored form (default: two
+    codes per byte); blocks are `row_multiple` rows apart so a kernel's row-tiled packing can be applied block by
+    block. The codes are rounded against the stored (rounded) scale and zero, so the rounding of those costs no extra
+    error."""
     out_f, in_f = weight.shape
     if in_f % group:
         raise ValueError(f"in_features {in_f} is not a multiple of the group size {group}")
@@ -201,20 +210,58 @@ def quantize_int4_groups(weight: torch.Tensor, group: int, *,
             rows = src.shape[0]
             w = work[:rows]
             w.copy_(src)
-            g = w.view(rows, groups, group)                                                # [rows, groups, g]
-            lo, hi = g.amin(dim=-1), g.amax(dim=-1)                                        # [rows, groups]
-            sc = ((hi - lo) / INT4_LEVELS).clamp_min_(torch.finfo(torch.float32).tiny)
-            zero = (lo + INT4_MID * sc).to(scale_dtype)
-            sc = sc.to(scale_dtype)
+            sc, zero, centred = fit_int4_groups(w.view(rows, groups, group), scale_dtype, refit_rounds)
             scale_zero[:, s:s + rows, 0] = sc.T
             scale_zero[:, s:s + rows, 1] = zero.T
-            g.sub_(zero.float()[..., None]).div_(sc.float()[..., None]).add_(INT4_MID).round_().clamp_(0, INT4_LEVELS)
             codes = codes_work[:rows]
-            codes.copy_(w)                                                                 # [rows, in] int32
+            codes.copy_(centred.view(rows, in_f).add_(INT4_MID))                           # [rows, in] int32
             packed[s:s + rows] = pack(codes)
             if release_source:
                 release_pages(src, backed)
     return packed, scale_zero
+
+
+def fit_int4_groups(g: torch.Tensor, scale_dtype: torch.dtype,
+                    refit_rounds: int = INT4_REFIT_ROUNDS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """g [rows, groups, group] fp32 -> (scale, zero [rows, groups] in `scale_dtype`, centred codes u = q − 8 in −8..7
+    [rows, groups, group] fp32) minimising each group's squared error of u · scale + zero against g.
+
+    Starts from the min–max range (scale = (max − min) / 15), then each round solves least squares for (scale, zero)
+    given the codes, rounds them to `scale_dtype`, keeps them where they lower the group's error, and rounds the codes
+    again to the nearest level (which never raises the error). The codes overwrite a block buffer (not g)."""
+    rows, groups, n = g.shape
+    u = _block_buffer(rows * groups, n, torch.float32, slot=1).view(rows, groups, n)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)                                                # [rows, groups]
+    sc = ((hi - lo) / INT4_LEVELS).clamp_min_(_TINY)
+    zero = (lo + INT4_MID * sc).to(scale_dtype).float()
+    sc = sc.to(scale_dtype).float()
+    _round_codes(g, sc, zero, u)
+    sum_w = g.sum(dim=-1)
+    for _ in range(refit_rounds):
+        sum_u = u.sum(dim=-1)
+        sum_uu = torch.einsum("rgk,rgk->rg", u, u)
+        sum_uw = torch.einsum("rgk,rgk->rg", u, g)
+        det = n * sum_uu - sum_u * sum_u                           # 0 only when every code of the group is the same
+        fit_sc = torch.where(det > 0, (n * sum_uw - sum_u * sum_w) / det.clamp_min(_TINY), sc).clamp_min_(_TINY)
+        fit_zero = ((sum_w - fit_sc * sum_u) / n).to(scale_dtype).float()
+        fit_sc = fit_sc.to(scale_dtype).float()
+        sums = (n, sum_u, sum_uu, sum_uw, sum_w)
+        better = _excess_error(fit_sc, fit_zero, *sums) < _excess_error(sc, zero, *sums)
+        sc, zero = torch.where(better, fit_sc, sc), torch.where(better, fit_zero, zero)
+        _round_codes(g, sc, zero, u)
+    return sc.to(scale_dtype), zero.to(scale_dtype), u
+
+
+def _excess_error(s: torch.Tensor, z: torch.Tensor, n: int, sum_u: torch.Tensor, sum_uu: torch.Tensor,
+                  sum_uw: torch.Tensor, sum_w: torch.Tensor) -> torch.Tensor:
+    """Σ (u·s + z − w)² − Σ w² per group, from the groups' sums over their n codes u and weights w."""
+    return s * (s * sum_uu + 2 * z * sum_u - 2 * sum_uw) + z * (n * z - 2 * sum_w)
+
+
+def _round_codes(g: torch.Tensor, sc: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The nearest centred code u in −8..7 of each weight for its group's (scale, zero) [rows, groups], into out."""
+    torch.sub(g, zero[..., None], out=out)
+    return out.div_(sc[..., None]).round_().clamp_(-INT4_MID, INT4_LEVELS - INT4_MID)
 
 
 def dequantize_int4(codes: torch.Tensor, scale_zero: torch.Tensor, group: int, rows: slice,

@@ -1,5 +1,5 @@
-"""Int4 weight-only: group-wise quantisation, ATen's packed layout and its plain fallback, the plugin (int8 head,
-tied head, options), self-test and faults."""
+"""Int4 weight-only: group-wise quantisation, ATen's packed layout and its plain fallback, the plugin (int4 or int8
+head, tied head, options), self-test and faults."""
 
 from __future__ import annotations
 
@@ -36,13 +36,42 @@ def test_nibble_packing_round_trips():
     assert torch.equal(unpack_nibbles(packed), codes.to(torch.uint8))
 
 
-@pytest.mark.parametrize(("group", "bound"), [(32, 0.085), (64, 0.095), (128, 0.105)])
+@pytest.mark.parametrize(("group", "bound"), [(32, 0.076), (64, 0.088), (128, 0.098)])
 def test_group_quantisation_error_on_gaussian_weights(group, bound):
     w = gaussian(64, 256)
     packed, scale_zero = quantize_int4_groups(w, group)
     assert scale_zero.shape == (256 // group, 64, 2) and scale_zero.dtype == torch.bfloat16
     deq = dequantize_int4(unpack_nibbles(packed), scale_zero, group, slice(None), torch.float32)
-    assert 0.05 < relative_error(deq, w) < bound                    # measured 0.078 / 0.089 / 0.099
+    # measured 0.073 / 0.085 / 0.096 (min–max ranges alone: 0.079 / 0.090 / 0.100)
+    assert 0.05 < relative_error(deq, w) < bound
+
+
+def group_errors(w: torch.Tensor, group: int, rounds: int) -> torch.Tensor:
+    """Squared error of each group [out, in / group] after quantising with `rounds` refits."""
+    packed, scale_zero = quantize_int4_groups(w, group, refit_rounds=rounds)
+    deq = dequantize_int4(unpack_nibbles(packed), scale_zero, group, slice(None), torch.float32)
+    return (deq - w.float()).pow(2).view(w.shape[0], -1, group).sum(-1)
+
+
+@pytest.mark.parametrize("dist", ["gauss", "student_t"])
+def test_refits_never_raise_a_groups_error_and_lower_the_total(dist):
+    torch.manual_seed(0)
+    w = gaussian(128, 256) if dist == "gauss" else torch.distributions.StudentT(4.0).sample((128, 256))
+    start = group_errors(w, 32, 0)
+    previous = start
+    for rounds in (1, 2, 3):
+        now = group_errors(w, 32, rounds)
+        assert bool((now <= previous * (1 + 1e-6)).all())             # each round keeps or lowers every group's
+        previous = now
+    assert previous.sum() < 0.92 * start.sum()                          # measured ~0.87 (2048x6144: 0.867 / 0.875)
+
+
+def test_constant_groups_are_exact_after_refits():
+    w = torch.full((16, 64), 0.375)
+    w[:, 32:] = -2.5
+    packed, scale_zero = quantize_int4_groups(w, 32)
+    deq = dequantize_int4(unpack_nibbles(packed), scale_zero, 32, slice(None), torch.float32)
+    assert torch.equal(deq, w) and bool(torch.isfinite(scale_zero.float()).all())
 
 
 def test_group_quantisation_is_exact_on_representable_weights():
@@ -128,22 +157,24 @@ def test_missing_aten_kernel_falls_back(monkeypatch):
 
 # --- the plugin --------------------------------------------------------------------------------------------------
 
-def test_prepare_int4_layers_and_an_int8_head_by_default():
+def test_prepare_int4_layers_and_an_int4_head_by_default():
     kernels = Int4WeightOnlyKernels(FACTS)
     model = kernels.prepare(TinyModel(kernels))
-    assert isinstance(model.layers[0]["q_proj"], Int4Linear) and isinstance(model.lm_head, Int8Linear)
-    assert {"layers.0.q_proj.weight_int4", "layers.0.q_proj.weight_scale_zero", "lm_head.weight_int8"} <= set(
+    assert isinstance(model.layers[0]["q_proj"], Int4Linear) and isinstance(model.lm_head, Int4Linear)
+    assert {"layers.0.q_proj.weight_int4", "layers.0.q_proj.weight_scale_zero", "lm_head.weight_int4"} <= set(
         model.state_dict())
-    four = Int4WeightOnlyKernels(FACTS, Int4Options(head_bits=4))
-    assert isinstance(four.prepare(TinyModel(four)).lm_head, Int4Linear)
+    eight = Int4WeightOnlyKernels(FACTS, Int4Options(head_bits=8))
+    model = eight.prepare(TinyModel(eight))
+    assert isinstance(model.lm_head, Int8Linear) and "lm_head.weight_int8" in model.state_dict()
 
 
-def test_tied_head_gets_a_quantised_copy_and_the_embedding_stays_exact():
-    kernels = Int4WeightOnlyKernels(FACTS)
+@pytest.mark.parametrize(("head_bits", "head_type"), [(4, Int4Linear), (8, Int8Linear)])
+def test_tied_head_gets_a_quantised_copy_and_the_embedding_stays_exact(head_bits, head_type):
+    kernels = Int4WeightOnlyKernels(FACTS, Int4Options(head_bits=head_bits))
     model = TinyModel(kernels, tied=True)
     table = model.embed_tokens.weight.detach().clone()
     model = kernels.prepare(model)
-    assert isinstance(model.lm_head, Int8Linear) and torch.equal(model.embed_tokens.weight, table)
+    assert isinstance(model.lm_head, head_type) and torch.equal(model.embed_tokens.weight, table)
 
 
 def test_layers_whose_inputs_do_not_split_into_groups_stay_int8():
