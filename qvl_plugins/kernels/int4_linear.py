@@ -162,7 +162,8 @@ class Int4Linear(nn.Module):
         pack, multiple = {INT4_TILED: (tile_int4_codes, Q4_TILE_ROWS), PLAIN: (pack_nibbles, 1)}.get(
             layout, (_aten_pack, ATEN_ROW_TILE))
         packed, scale_zero = quantize_int4_groups(weight.detach(), group, pack=pack, row_multiple=multiple,
-                                                  release_source=release_source)
+                                                  release_source=release_source,
+                                                  fit=None if decode is None else decode.fit_groups)
         if layout == INT4_TILED:
             scale_zero = tile_scale_zero(scale_zero)
         return cls(packed, scale_zero, bias, in_features=in_f, group=group, layout=layout, decode=decode,

@@ -126,6 +126,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qvl_int4_tiles_gemm_available.restype = i32
     lib.qvl_int4_tiles_widen.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, i32, i32]
     lib.qvl_int4_tiles_widen.restype = i32
+    lib.qvl_int4_fit_groups.argtypes = [ptr, i64, i64, i64, i32, ptr, ptr, ptr, i32]
+    lib.qvl_int4_fit_groups.restype = i32
     lib.qvl_int4_tiles_isa.restype = ctypes.c_char_p
     lib.qvl_decode_attention.argtypes = [ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i64, ptr, ptr,
                                          ctypes.c_float, i32]
@@ -455,6 +457,19 @@ class Int4Decode:
             raise RuntimeError(f"native int4 {'GEMM' if gemm else 'GEMV'} of {count} weights failed with code {rc} "
                                f"(shapes {[tuple(c.shape) for c in codes]}, x {m}x{k}, group {group})")
         return ys
+
+    def fit_groups(self, g: torch.Tensor, refit_rounds: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """quantize.fit_int4_groups in C (a GroupFit): g [rows, groups, group] fp32 contiguous -> (scale, zero
+        [rows, groups] bf16, centred codes [rows, groups, group] int8)."""
+        rows, groups, group = g.shape
+        centred = torch.empty(rows, groups, group, dtype=torch.int8)
+        scale, zero = (torch.empty(rows, groups, dtype=torch.bfloat16) for _ in range(2))
+        rc = self.build.lib.qvl_int4_fit_groups(g.data_ptr(), rows, groups * group, group, refit_rounds,
+                                                centred.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+                                                torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"native int4 quantiser failed with code {rc} (group {group})")
+        return scale, zero, centred
 
     def widen_into(self, codes: torch.Tensor, scale_zero: torch.Tensor, group: int, row0: int,
                    out: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,14 @@ INT4_LEVELS = 15                  # codes 0..15; the kernels read w ≈ (q − 8
 INT4_MID = 8
 # Least-squares refits of each int4 group's (scale, zero) after the min–max start. Squared error against min–max
 # (group 32, bf16 scale/zero, 2048x6144): Gaussian weights 1 round 0.917, 2 rounds 0.882, 3 rounds 0.867; Student-t(4)
-# 0.921 / 0.890 / 0.875. Each round costs about the min–max quantisation once more (~10 ms per 12.6M weights on 2
-# threads): a 2B model's first quantisation takes ~3-4 s longer; the cached result is read as fast as before.
+# 0.921 / 0.890 / 0.875. The fit of a 2048x6144 weight, 2 threads: torch 26 ms min–max alone, 76 ms with 3 rounds;
+# the native kernels' copy (qvl_int4_fit_groups, used where they build) 7 / 39 ms. The cached result is read as
+# fast as before; only a first quantisation takes longer.
 INT4_REFIT_ROUNDS = 3
+INT4_SCALE_DTYPE = torch.bfloat16
+# fit(g [rows, groups, group] fp32, refit_rounds) -> (scale, zero [rows, groups] bf16, centred codes [rows, groups,
+# group]): a group quantiser (fit_int4_groups, or the native kernels' copy of it)
+GroupFit = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 _TINY = torch.finfo(torch.float32).tiny
 _PAGE = 4096
 _MADV_DONTNEED = 4                # unmap: a file mapping's pages stay in the page cache, cheap to map again
@@ -183,22 +188,23 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 def quantize_int4_groups(weight: torch.Tensor, group: int, *,
                          pack: Callable[[torch.Tensor], torch.Tensor] = pack_nibbles, row_multiple: int = 1,
-                         scale_dtype: torch.dtype = torch.bfloat16,
                          release_source: bool = False, refit_rounds: int = INT4_REFIT_ROUNDS,
+                         fit: GroupFit | None = None,
                          block_elements: int = BLOCK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [out, in] -> (packed codes, scale_zero [in / group, out, 2] in `scale_dtype`), asymmetric per group of
-    `group` consecutive inputs: w ≈ (q − 8) · scale + zero with q in 0..15 (the layout ATen's int4 kernels take).
+    """weight [out, in] -> (packed codes, scale_zero [in / group, out, 2] bf16), asymmetric per group of `group`
+    consecutive inputs: w ≈ (q − 8) · scale + zero with q in 0..15 (the layout ATen's int4 kernels take).
 
     Each group starts from its min–max range and then takes `refit_rounds` least-squares refits of (scale, zero) to
-    its codes (see fit_int4_groups). `pack` turns a block of int32 codes [rows, in] into its stored form (default: two
-    codes per byte); blocks are `row_multiple` rows apart so a kernel's row-tiled packing can be applied block by
-    block. The codes are rounded against the stored (rounded) scale and zero, so the rounding of those costs no extra
-    error."""
+    its codes: `fit` (default fit_int4_groups; the native kernels bring the same quantiser in C). `pack` turns a
+    block of int32 codes [rows, in] into its stored form (default: two codes per byte); blocks are `row_multiple`
+    rows apart so a kernel's row-tiled packing can be applied block by block. The codes are rounded against the
+    stored (rounded) scale and zero, so the rounding of those costs no extra error."""
     out_f, in_f = weight.shape
     if in_f % group:
         raise ValueError(f"in_features {in_f} is not a multiple of the group size {group}")
     groups = in_f // group
-    scale_zero = torch.empty(groups, out_f, 2, dtype=scale_dtype)
+    scale_zero = torch.empty(groups, out_f, 2, dtype=INT4_SCALE_DTYPE)
+    fit = fit_int4_groups if fit is None else fit
     packed = torch.empty(out_f, in_f // 2, dtype=torch.uint8)
     step = block_rows(in_f, row_multiple, block_elements)
     work = _block_buffer(min(step, out_f), in_f, torch.float32)        # one block each, reused
@@ -210,31 +216,31 @@ def quantize_int4_groups(weight: torch.Tensor, group: int, *,
             rows = src.shape[0]
             w = work[:rows]
             w.copy_(src)
-            sc, zero, centred = fit_int4_groups(w.view(rows, groups, group), scale_dtype, refit_rounds)
+            sc, zero, centred = fit(w.view(rows, groups, group), refit_rounds)
             scale_zero[:, s:s + rows, 0] = sc.T
             scale_zero[:, s:s + rows, 1] = zero.T
             codes = codes_work[:rows]
-            codes.copy_(centred.view(rows, in_f).add_(INT4_MID))                           # [rows, in] int32
+            codes.copy_(centred.view(rows, in_f)).add_(INT4_MID)                           # [rows, in] int32
             packed[s:s + rows] = pack(codes)
             if release_source:
                 release_pages(src, backed)
     return packed, scale_zero
 
 
-def fit_int4_groups(g: torch.Tensor, scale_dtype: torch.dtype,
+def fit_int4_groups(g: torch.Tensor,
                     refit_rounds: int = INT4_REFIT_ROUNDS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """g [rows, groups, group] fp32 -> (scale, zero [rows, groups] in `scale_dtype`, centred codes u = q − 8 in −8..7
-    [rows, groups, group] fp32) minimising each group's squared error of u · scale + zero against g.
+    """g [rows, groups, group] fp32 -> (scale, zero [rows, groups] bf16, centred codes u = q − 8 in −8..7
+    [rows, groups, group], a float or int tensor) lowering each group's squared error of u · scale + zero against g.
 
     Starts from the min–max range (scale = (max − min) / 15), then each round solves least squares for (scale, zero)
-    given the codes, rounds them to `scale_dtype`, keeps them where they lower the group's error, and rounds the codes
+    given the codes, rounds them to bf16, keeps them where they lower the group's error, and rounds the codes
     again to the nearest level (which never raises the error). The codes overwrite a block buffer (not g)."""
     rows, groups, n = g.shape
     u = _block_buffer(rows * groups, n, torch.float32, slot=1).view(rows, groups, n)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)                                                # [rows, groups]
     sc = ((hi - lo) / INT4_LEVELS).clamp_min_(_TINY)
-    zero = (lo + INT4_MID * sc).to(scale_dtype).float()
-    sc = sc.to(scale_dtype).float()
+    zero = (lo + INT4_MID * sc).to(INT4_SCALE_DTYPE).float()
+    sc = sc.to(INT4_SCALE_DTYPE).float()
     _round_codes(g, sc, zero, u)
     sum_w = g.sum(dim=-1)
     for _ in range(refit_rounds):
@@ -243,13 +249,13 @@ def fit_int4_groups(g: torch.Tensor, scale_dtype: torch.dtype,
         sum_uw = torch.einsum("rgk,rgk->rg", u, g)
         det = n * sum_uu - sum_u * sum_u                           # 0 only when every code of the group is the same
         fit_sc = torch.where(det > 0, (n * sum_uw - sum_u * sum_w) / det.clamp_min(_TINY), sc).clamp_min_(_TINY)
-        fit_zero = ((sum_w - fit_sc * sum_u) / n).to(scale_dtype).float()
-        fit_sc = fit_sc.to(scale_dtype).float()
+        fit_zero = ((sum_w - fit_sc * sum_u) / n).to(INT4_SCALE_DTYPE).float()
+        fit_sc = fit_sc.to(INT4_SCALE_DTYPE).float()
         sums = (n, sum_u, sum_uu, sum_uw, sum_w)
         better = _excess_error(fit_sc, fit_zero, *sums) < _excess_error(sc, zero, *sums)
         sc, zero = torch.where(better, fit_sc, sc), torch.where(better, fit_zero, zero)
         _round_codes(g, sc, zero, u)
-    return sc.to(scale_dtype), zero.to(scale_dtype), u
+    return sc.to(INT4_SCALE_DTYPE), zero.to(INT4_SCALE_DTYPE), u
 
 
 def _excess_error(s: torch.Tensor, z: torch.Tensor, n: int, sum_u: torch.Tensor, sum_uu: torch.Tensor,

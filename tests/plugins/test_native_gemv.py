@@ -442,3 +442,28 @@ def test_an_int4_layer_with_the_prefill_gemm_runs_prefill_through_it(build):
               for n in (64, 48)]
     x = torch.randn(1, 40, 128, generator=gen)
     _together_is_one_by_one(decode_together, layers, x)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+@pytest.mark.parametrize("rounds", [0, 3])
+def test_the_native_int4_quantiser_is_the_torch_quantiser(build, group, rounds):
+    torch.manual_seed(0)
+    weights = (torch.randn(96, 512), torch.distributions.StudentT(4.0).sample((96, 512)) * 0.02,
+               torch.full((16, 512), -0.5))                                              # constant groups too
+    for w in weights:
+        want = quantize_int4_groups(w, group, refit_rounds=rounds)
+        got = quantize_int4_groups(w, group, refit_rounds=rounds, fit=Int4Decode(build).fit_groups)
+        if rounds == 0:                         # no sums in play: the same bits
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            continue
+        # the group sums may add in another order: a refit may round to a neighbouring bf16 in rare groups
+        assert (got[1] != want[1]).float().mean() < 1e-3
+        assert (unpack_nibbles(got[0]) != unpack_nibbles(want[0])).float().mean() < 1e-3
+        err = [(dequantize_int4(unpack_nibbles(p), sz, group, slice(None), torch.float32) - w).pow(2).sum()
+               for p, sz in (got, want)]
+        assert abs(err[0] - err[1]) <= 1e-4 * err[1] + 1e-12
+
+
+def test_the_native_int4_quantiser_refuses_groups_it_cannot_take(build):
+    with pytest.raises(RuntimeError, match="failed with code 1"):
+        Int4Decode(build).fit_groups(torch.zeros(2, 1, 24), 3)              # not a multiple of 16

@@ -1153,6 +1153,90 @@ int qvl_int8_rows_widen(const int8_t *q, const float *scale, void *out, int out_
     return 0;
 }
 
+/* ---- int4 group quantiser (load time) ----------------------------------------------------------------------------
+ * w [rows, K] fp32 -> per group of `group` consecutive columns a bf16 (scale, zero) and centred codes u in -8..7 with
+ * w ~ u * scale + zero, as quantize.py's fit_int4_groups computes them: the min-max start, then `rounds` least-squares
+ * refits of (scale, zero) to the codes, each kept where it lowers the group's squared error, the codes rounded again
+ * (half to even) after each. The same formulas in the same order; only the sums over a group (16 lane partials,
+ * then pairwise) may add in another order than torch's, so a refit can round to the neighbouring bf16 in rare
+ * groups. group a multiple of 16, at most 256. Outputs:
+ * centred [rows, K] int8, scale and zero [rows, K / group] bf16 bits. */
+#define Q4_FIT_MAX 256
+#define Q4_FIT_LANES 16      /* partial sums per group (group % 16 == 0) */
+
+static inline float to_bf16_value(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+static void q4_round_codes(const float *g, int64_t n, float sc, float z, float *u) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = nearbyintf((g[i] - z) / sc);
+        u[i] = v > 7.0f ? 7.0f : (v < -8.0f ? -8.0f : v);
+    }
+}
+
+static inline float q4_excess(float s, float z, float n, float su, float suu, float suw, float sw) {
+    return s * (s * suu + 2.0f * z * su - 2.0f * suw) + z * (n * z - 2.0f * sw);
+}
+
+/* the sum of 16 lane partials, pairwise in a fixed order */
+static inline float q4_lanes_sum(const float *a) {
+    float b[8];
+    for (int l = 0; l < 8; l++) b[l] = a[l] + a[l + 8];
+    return ((b[0] + b[4]) + (b[2] + b[6])) + ((b[1] + b[5]) + (b[3] + b[7]));
+}
+
+int qvl_int4_fit_groups(const float *w, int64_t rows, int64_t K, int64_t group, int rounds, int8_t *centred,
+                        uint16_t *scale, uint16_t *zero, int threads) {
+    if (group <= 0 || group > Q4_FIT_MAX || group % Q4_FIT_LANES || K % group) return 1;
+    const int64_t groups = rows * (K / group);
+    const float n = (float)group;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t at = 0; at < groups; at++) {
+        const float *g = w + at * group;
+        float u[Q4_FIT_MAX], lo[Q4_FIT_LANES], hi[Q4_FIT_LANES], a0[Q4_FIT_LANES], a1[Q4_FIT_LANES], a2[Q4_FIT_LANES];
+        for (int l = 0; l < Q4_FIT_LANES; l++) { lo[l] = hi[l] = g[l]; a0[l] = 0.0f; }
+        for (int64_t i = 0; i < group; i += Q4_FIT_LANES)           /* lane partials: the compiler vectorises these */
+            for (int l = 0; l < Q4_FIT_LANES; l++) {
+                const float v = g[i + l];
+                lo[l] = v < lo[l] ? v : lo[l];
+                hi[l] = v > hi[l] ? v : hi[l];
+                a0[l] += v;
+            }
+        float mn = lo[0], mx = hi[0];
+        for (int l = 1; l < Q4_FIT_LANES; l++) { mn = lo[l] < mn ? lo[l] : mn; mx = hi[l] > mx ? hi[l] : mx; }
+        const float sw = q4_lanes_sum(a0);
+        float sc = (mx - mn) / 15.0f;
+        if (sc < FLT_MIN) sc = FLT_MIN;
+        float z = to_bf16_value(mn + 8.0f * sc);
+        sc = to_bf16_value(sc);
+        q4_round_codes(g, group, sc, z, u);
+        for (int r = 0; r < rounds; r++) {
+            for (int l = 0; l < Q4_FIT_LANES; l++) a0[l] = a1[l] = a2[l] = 0.0f;
+            for (int64_t i = 0; i < group; i += Q4_FIT_LANES)
+                for (int l = 0; l < Q4_FIT_LANES; l++) {
+                    const float c = u[i + l];
+                    a0[l] += c;
+                    a1[l] += c * c;
+                    a2[l] += c * g[i + l];
+                }
+            const float su = q4_lanes_sum(a0), suu = q4_lanes_sum(a1), suw = q4_lanes_sum(a2);
+            const float det = n * suu - su * su;
+            float fit_sc = det > 0.0f ? (n * suw - su * sw) / (det > FLT_MIN ? det : FLT_MIN) : sc;
+            if (fit_sc < FLT_MIN) fit_sc = FLT_MIN;
+            const float fit_z = to_bf16_value((sw - fit_sc * su) / n);
+            fit_sc = to_bf16_value(fit_sc);
+            if (q4_excess(fit_sc, fit_z, n, su, suu, suw, sw) < q4_excess(sc, z, n, su, suu, suw, sw)) {
+                sc = fit_sc;
+                z = fit_z;
+            }
+            q4_round_codes(g, group, sc, z, u);
+        }
+        for (int64_t i = 0; i < group; i++) centred[at * group + i] = (int8_t)u[i];
+        scale[at] = f32_to_bf16(sc);
+        zero[at] = f32_to_bf16(z);
+    }
+    return 0;
+}
+
 /* ---- prefill attention (AVX512-BF16): bidirectional attention over one segment, bf16 -------------------------------
  * The vision tower's attention (every patch of an image sees every other). torch's CPU flash kernel spends most of
  * its time outside its GEMMs (~20 ms a 2B vision layer, 784 patches); here, per head, the keys are packed as
