@@ -45,11 +45,22 @@ class TextAttention(nn.Module):
         k = self.k_norm(k.view(b, s, self.kv_heads, self.head_dim)).transpose(1, 2)       # [b, kvh, s, d]
         v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = self._rotary.apply(q, k, cos, sin, upcast=False)
-        if cache is not None:
-            k, v = cache.append(self.layer, k, v)                                  # [b, kvh, past + s, d]
-            k, v = k.to(q.device), v.to(q.device)
-        out = self._attention.attend(q, k, v, causal=True, scale=self.scale)        # [b, s, h, d]
+        out = self._attend(q, k, v, cache)                                               # [b, s, h, d]
         return self.o_proj(out.reshape(b, s, -1))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Attention of q over this step's keys/values appended to the cache; an int8 cache's rows go to the
+        attention plugin unwidened (attend_int8) when they live on q's device."""
+        if cache is None:
+            return self._attention.attend(q, k, v, causal=True, scale=self.scale)
+        rows = cache.append_int8(self.layer, k, v)                 # int8 caches: their rows [b, kvh, past + s, d]
+        if rows is None:
+            k, v = cache.append(self.layer, k, v)                  # [b, kvh, past + s, d]
+        elif rows[0].q.device == q.device:
+            return self._attention.attend_int8(q, *rows, causal=True, scale=self.scale)
+        else:
+            k, v = (r.dequantize() for r in rows)
+        return self._attention.attend(q, k.to(q.device), v.to(q.device), causal=True, scale=self.scale)
 
 
 class TextMLP(nn.Module):

@@ -7,6 +7,7 @@ from itertools import pairwise
 import torch
 
 from qvl_pipeline.slots.base import Plugin
+from qvl_pipeline.slots.kv_cache import Int8Rows
 
 
 class AttentionBackend(Plugin):
@@ -24,6 +25,11 @@ class AttentionBackend(Plugin):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                scale: float) -> torch.Tensor:
         raise NotImplementedError
+
+    def attend_int8(self, q: torch.Tensor, k: Int8Rows, v: Int8Rows, *, causal: bool, scale: float) -> torch.Tensor:
+        """`attend` over keys and values an int8 KV cache keeps as int8 rows (KVCache.append_int8); the default
+        widens them through the cache's read-back first. A plugin reading them directly must give the same result."""
+        return self.attend(q, k.dequantize(), v.dequantize(), causal=causal, scale=scale)
 
     def attend_varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                       *, scale: float) -> torch.Tensor:

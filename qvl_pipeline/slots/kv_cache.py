@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,22 @@ class CacheShape:
     max_len: int          # positions the cache holds now (grow() raises it)
 
 
+@dataclass(frozen=True)
+class Int8Rows:
+    """A layer's cached keys or values kept as int8 rows, x ≈ q · scale, read in `dtype`.
+
+    q [batch, kv_heads, n, head_dim] int8; scale [batch, kv_heads, n, 1] fp32; `widen(q, scale, dtype)` is the
+    cache's own read-back, so `dequantize()` is what `append` returns."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+    widen: Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]
+
+    def dequantize(self) -> torch.Tensor:
+        return self.widen(self.q, self.scale, self.dtype)
+
+
 class KVCache:
     """One request's cache. `append` stores new keys/values for a layer and returns all keys/values so far.
 
@@ -38,6 +54,11 @@ class KVCache:
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def append_int8(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[Int8Rows, Int8Rows] | None:
+        """As `append` for a cache that stores int8 rows, returning them unwidened (AttentionBackend.attend_int8
+        reads them); None, appending nothing, for any other cache (the default)."""
+        return None
 
     def advance(self, n: int) -> None:
         raise NotImplementedError

@@ -132,6 +132,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qvl_decode_attention.argtypes = [ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i64, ptr, ptr,
                                          ctypes.c_float, i32]
     lib.qvl_decode_attention.restype = i32
+    lib.qvl_decode_attention_int8.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i64, ptr, ptr,
+                                              ptr, ptr, ctypes.c_float, i32]
+    lib.qvl_decode_attention_int8.restype = i32
     lib.qvl_prefill_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, i64,
                                           ctypes.c_float, i32]
     lib.qvl_prefill_attention.restype = i32
@@ -525,6 +528,24 @@ def decode_attention(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, v: to
                                         strides[1], scale, torch.get_num_threads())
     if rc:
         raise RuntimeError(f"native decode attention failed with code {rc} (q {list(q.shape)}, k {list(k.shape)})")
+    return out
+
+
+def decode_attention_int8(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor,
+                          v: torch.Tensor, v_scale: torch.Tensor, scale: float) -> torch.Tensor:
+    """decode_attention over int8 rows: q [b, h, 1, d] bf16|fp32; k, v [b, kvh, n, d] int8 and their fp32 scales
+    [b, kvh, n, 1] (any strides, the last dimension contiguous) -> [b, 1, h, d] in q's dtype, bit-equal to
+    decode_attention(q, int8_rows_widen(k, k_scale, q.dtype), int8_rows_widen(v, v_scale, q.dtype))."""
+    b, h, _, d = q.shape
+    qc = q if q.is_contiguous() else q.contiguous()
+    out = torch.empty(b, 1, h, d, dtype=q.dtype)
+    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (k, k_scale, v, v_scale)]
+    rc = build.lib.qvl_decode_attention_int8(qc.data_ptr(), k.data_ptr(), k_scale.data_ptr(), v.data_ptr(),
+                                             v_scale.data_ptr(), out.data_ptr(), _DTYPE_FLAG[q.dtype], b, h,
+                                             k.shape[1], k.shape[2], d, *strides, scale, torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"native int8 decode attention failed with code {rc} (q {list(q.shape)}, "
+                           f"k {list(k.shape)})")
     return out
 
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from qvl_pipeline.slots import Fidelity, NoOptions, RunFacts
-from qvl_pipeline.slots.kv_cache import CacheShape, KVCache, KVCacheBackend, check_devices, dtype_name
+from qvl_pipeline.slots.kv_cache import CacheShape, Int8Rows, KVCache, KVCacheBackend, check_devices, dtype_name
 from qvl_plugins.kernels.native_gemv import (
     NativeBuild,
     int8_rows_quantize,
@@ -65,15 +65,21 @@ class Int8KVCacheStore(KVCache):
         self.length = 0
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.append_int8(layer, k, v)
+        return keys.dequantize(), values.dequantize()                # [batch, kv_heads, end, d] in dtype
+
+    def append_int8(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[Int8Rows, Int8Rows]:
         start, end = self.length, self.length + k.shape[2]
         check_capacity(self.shape.max_len, end)
         for x, q, scale in ((k, self.keys[layer], self.key_scales[layer]),
                             (v, self.values[layer], self.value_scales[layer])):
             store_rows(x, q[:, :, start:end], scale[:, :, start:end], self.native)
-        keys = read_back(self.keys[layer][:, :, :end], self.key_scales[layer][:, :, :end], self.dtype, self.native)
-        values = read_back(self.values[layer][:, :, :end], self.value_scales[layer][:, :, :end], self.dtype,
-                           self.native)
-        return keys, values                                          # [batch, kv_heads, end, d] in dtype
+        return (Int8Rows(self.keys[layer][:, :, :end], self.key_scales[layer][:, :, :end], self.dtype, self._widen),
+                Int8Rows(self.values[layer][:, :, :end], self.value_scales[layer][:, :, :end], self.dtype,
+                         self._widen))
+
+    def _widen(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return read_back(q, scale, dtype, self.native)
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qvl_pipeline.slots.base import NoOptions, SelfTestError
-from qvl_pipeline.slots.kv_cache import CacheShape
+from qvl_pipeline.slots.kv_cache import CacheShape, KVCache
 from qvl_pipeline.slots.selftest import relative_error
 from qvl_plugins.attention import native as native_attention
 from qvl_plugins.attention.eager import EagerAttention
@@ -107,6 +107,68 @@ def test_int8_cache_native_read_back_is_bit_equal_to_torch(build, dtype):
         fast.advance(n)
         plain.advance(n)
     assert Int8KVCache(FACTS).create(shape, dtype, ["cpu"]).native is build
+
+
+@pytest.mark.parametrize(("b", "h", "kvh", "n", "d"), [(1, 4, 2, 11, 16), (2, 6, 2, 33, 24), (1, 16, 8, 37, 128),
+                                                       (1, 2, 2, 1, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_over_int8_rows_is_bit_equal_to_widening_them_first(plugin, b, h, kvh, n, d, dtype):
+    gen = torch.Generator().manual_seed(3)
+    shape = CacheShape(layers=1, batch=b, kv_heads=kvh, head_dim=d, max_len=n + 5)          # strided cache views
+    cache = Int8KVCache(FACTS).create(shape, dtype, ["cpu"])
+    rows = cache.append_int8(0, torch.randn(b, kvh, n, d, generator=gen).to(dtype),
+                             torch.randn(b, kvh, n, d, generator=gen).to(dtype))
+    q = torch.randn(b, h, 1, d, generator=gen).to(dtype)
+    got = plugin.attend_int8(q, *rows, causal=True, scale=d ** -0.5)
+    want = plugin.attend(q, rows[0].dequantize(), rows[1].dequantize(), causal=True, scale=d ** -0.5)
+    assert got.shape == (b, 1, h, d) and torch.equal(got, want)
+    several = torch.randn(b, h, 2, d, generator=gen).to(dtype)                    # not a decode step: widened rows
+    assert torch.equal(plugin.attend_int8(several, *rows, causal=True, scale=0.5),
+                       plugin.attend(several, rows[0].dequantize(), rows[1].dequantize(), causal=True, scale=0.5))
+
+
+def test_an_attention_plugin_without_its_own_int8_path_reads_the_widened_rows():
+    gen = torch.Generator().manual_seed(4)
+    shape = CacheShape(layers=1, batch=1, kv_heads=2, head_dim=16, max_len=9)
+    rows = Int8KVCacheStore(shape, torch.float32, ["cpu"]).append_int8(0, torch.randn(1, 2, 7, 16, generator=gen),
+                                                                        torch.randn(1, 2, 7, 16, generator=gen))
+    q = torch.randn(1, 4, 1, 16, generator=gen)
+    got = EAGER.attend_int8(q, *rows, causal=True, scale=0.25)
+    assert torch.equal(got, EAGER.attend(q, rows[0].dequantize(), rows[1].dequantize(), causal=True, scale=0.25))
+
+
+def test_a_decoder_layer_hands_an_int8_caches_rows_to_attend_int8(plugin, monkeypatch):
+    from qvl_pipeline.model.text import TextAttention
+    from qvl_plugins.kernels.torch_native import TorchNativeKernels
+    from qvl_plugins.rotary.reference import ReferenceRotary
+
+    cfg = FACTS.model.config.text
+    calls = []
+    original = NativeAttention.attend_int8
+
+    def spy(self, *args, **kwargs):
+        calls.append(args[1].q.dtype)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(NativeAttention, "attend_int8", spy)
+    torch.manual_seed(0)
+    layer = TextAttention(cfg, 0, plugin, ReferenceRotary(FACTS), TorchNativeKernels(FACTS))
+    shape = CacheShape(layers=1, batch=1, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, max_len=8)
+    x = torch.randn(1, 1, cfg.hidden_size)
+    cos, sin = torch.ones(1, 1, 1, cfg.head_dim), torch.zeros(1, 1, 1, cfg.head_dim)
+
+    class Widened(KVCache):                                   # the same int8 cache, seen without its int8 rows
+        def __init__(self, inner: KVCache) -> None:
+            self.inner = inner
+
+        def append(self, layer_index, k, v):
+            return self.inner.append(layer_index, k, v)
+
+    with torch.no_grad():
+        int8_out = layer(x, cos, sin, Int8KVCache(FACTS).create(shape, torch.float32, ["cpu"]))
+        assert calls == [torch.int8]
+        widened_out = layer(x, cos, sin, Widened(Int8KVCache(FACTS).create(shape, torch.float32, ["cpu"])))
+    assert torch.equal(int8_out, widened_out) and calls == [torch.int8]
 
 
 # --- the vision tower's bf16 attention (AVX512-BF16) ---------------------------------------------------------------

@@ -467,3 +467,16 @@ def test_the_native_int4_quantiser_is_the_torch_quantiser(build, group, rounds):
 def test_the_native_int4_quantiser_refuses_groups_it_cannot_take(build):
     with pytest.raises(RuntimeError, match="failed with code 1"):
         Int4Decode(build).fit_groups(torch.zeros(2, 1, 24), 3)              # not a multiple of 16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d", [128, 20])                                     # 20: a tail past the vector lanes
+def test_decode_attention_over_int8_rows_is_widening_then_attending(build, dtype, d):
+    gen = torch.Generator().manual_seed(5)
+    k, v = (torch.randint(-127, 128, (2, 2, 40, d), generator=gen, dtype=torch.int8)[:, :, :29] for _ in range(2))
+    ks, vs = ((torch.rand(2, 2, 40, 1, generator=gen) * 0.05)[:, :, :29] for _ in range(2))
+    q = torch.randn(2, 6, 1, d, generator=gen).to(dtype)
+    got = native_gemv.decode_attention_int8(build, q, k, ks, v, vs, d ** -0.5)
+    want = native_gemv.decode_attention(build, q, native_gemv.int8_rows_widen(build, k, ks, dtype),
+                                        native_gemv.int8_rows_widen(build, v, vs, dtype), d ** -0.5)
+    assert torch.equal(got, want)

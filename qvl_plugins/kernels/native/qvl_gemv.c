@@ -111,6 +111,10 @@ static inline void store16(void *y, int y_bf16, int64_t at, __m512 v, __mmask16 
 static inline vf i8_to_vf(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
+/* fp32 -> the nearest bf16 value (as f32_to_bf16), back in fp32 */
+static inline vf vround_bf16(vf v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_round16(v)), 16));
+}
 #elif defined(__AVX2__)
 #define LANES 8
 typedef __m256 vf;
@@ -129,6 +133,15 @@ static inline vf load_as_f32(const void *p, int bf16, int64_t i) {
 static inline vf i8_to_vf(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
+/* fp32 -> the nearest bf16 value (as f32_to_bf16: half to even, NaN stays NaN), back in fp32 */
+static inline vf vround_bf16(vf v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
 #else
 #define LANES 1
 typedef float vf;
@@ -138,7 +151,9 @@ static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
 static inline vf vmul(vf a, vf b) { return a * b; }
 static inline vf vset1(float a) { return a; }
 static inline float vsum(vf a) { return a; }
+static inline void vstore(float *p, vf a) { *p = a; }
 static inline vf i8_to_vf(const int8_t *p) { return (float)*p; }
+static inline vf vround_bf16(vf v) { return bf16_to_f32(f32_to_bf16(v)); }
 #endif
 
 const char *qvl_gemv_isa(void) {
@@ -1066,28 +1081,61 @@ static inline void axpy_f32(float *acc, float w, const void *p, int bf16, int64_
     for (; i < d; i++) acc[i] += w * (bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i]);
 }
 
-int qvl_decode_attention(const void *q, const void *k, const void *v, void *out, int bf16, int64_t B, int64_t H,
-                         int64_t KVH, int64_t n, int64_t d, const int64_t *k_strides, const int64_t *v_strides,
-                         float scale, int threads) {
+/* Row j of a kv head's keys or values as decode_attention reads it: the cache's own row (bf16 or fp32), or an int8
+ * row widened as qvl_int8_rows_widen does ((float)q * scale, rounded to bf16 when the activations are) into buf,
+ * which dot_f32 / axpy_f32 then read as fp32: the same values in the same order, so the same bits. */
+static inline __attribute__((always_inline)) const void *kv_row(const char *base, int64_t stride, const float *scale,
+                                                                int64_t scale_stride, int int8, int bf16, int64_t j,
+                                                                int64_t d, float *buf, int *row_bf16) {
+    if (!int8) {
+        *row_bf16 = bf16;
+        return base + j * stride * (bf16 ? 2 : 4);
+    }
+    const int8_t *src = (const int8_t *)base + j * stride;
+    const float s = scale[j * scale_stride];
+    const vf sv = vset1(s);
+    int64_t i = 0;
+    for (; i + LANES <= d; i += LANES) {
+        const vf x = vmul(i8_to_vf(src + i), sv);
+        vstore(buf + i, bf16 ? vround_bf16(x) : x);
+    }
+    for (; i < d; i++) buf[i] = bf16 ? bf16_to_f32(f32_to_bf16((float)src[i] * s)) : (float)src[i] * s;
+    *row_bf16 = 0;
+    return buf;
+}
+
+/* The body of both decode attentions; int8: k and v are int8 rows with an fp32 scale each (ks, vs, strides
+ * ks_strides / vs_strides in floats), else rows in the activations' dtype. */
+static inline __attribute__((always_inline)) int decode_attention_body(
+        const void *q, const void *k, const void *v, const float *ks, const float *vs, int int8, void *out, int bf16,
+        int64_t B, int64_t H, int64_t KVH, int64_t n, int64_t d, const int64_t *k_strides, const int64_t *v_strides,
+        const int64_t *ks_strides, const int64_t *vs_strides, float scale, int threads) {
     if (KVH <= 0 || H % KVH || n <= 0 || d > ELEM_MAX) return 1;
-    const int64_t groups = H / KVH, esize = bf16 ? 2 : 4;
+    const int64_t groups = H / KVH, esize = bf16 ? 2 : 4, kv_esize = int8 ? 1 : esize;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        /* per kv head: the scores of its `groups` query heads [groups][n], their fp32 queries and sums [groups][d] */
+        /* per kv head: the scores of its `groups` query heads [groups][n], their fp32 queries and sums [groups][d],
+         * one widened int8 row [d] */
         float *scores = (float *)malloc((size_t)(n * groups) * 4);
         float *qf = (float *)malloc((size_t)(d * groups) * 4), *acc = (float *)malloc((size_t)(d * groups) * 4);
-        if (!scores || !qf || !acc) failed = 1;
+        float *row = (float *)malloc((size_t)d * 4);
+        if (!scores || !qf || !acc || !row) failed = 1;
         else {
 #pragma omp for schedule(static)
             for (int64_t bk = 0; bk < B * KVH; bk++) {             /* each key and value is read once per kv head */
                 const int64_t b = bk / KVH, kvh = bk % KVH, h0 = b * H + kvh * groups;
-                const char *kb = (const char *)k + (b * k_strides[0] + kvh * k_strides[1]) * esize;
-                const char *vb = (const char *)v + (b * v_strides[0] + kvh * v_strides[1]) * esize;
+                const char *kb = (const char *)k + (b * k_strides[0] + kvh * k_strides[1]) * kv_esize;
+                const char *vb = (const char *)v + (b * v_strides[0] + kvh * v_strides[1]) * kv_esize;
+                const float *ksb = int8 ? ks + b * ks_strides[0] + kvh * ks_strides[1] : NULL;
+                const float *vsb = int8 ? vs + b * vs_strides[0] + kvh * vs_strides[1] : NULL;
                 to_f32((const char *)q + h0 * d * esize, bf16, groups * d, qf);
                 for (int64_t j = 0; j < n; j++) {
-                    const char *kj = kb + j * k_strides[2] * esize;
-                    for (int64_t g = 0; g < groups; g++) scores[g * n + j] = scale * dot_f32(qf + g * d, kj, bf16, d);
+                    int row_bf16;
+                    const void *kj = kv_row(kb, k_strides[2], ksb, int8 ? ks_strides[2] : 0, int8, bf16, j, d, row,
+                                            &row_bf16);
+                    for (int64_t g = 0; g < groups; g++)
+                        scores[g * n + j] = scale * dot_f32(qf + g * d, kj, row_bf16, d);
                 }
                 for (int64_t g = 0; g < groups; g++) {
                     float *sg = scores + g * n, top = -INFINITY, total = 0.0f;
@@ -1098,15 +1146,35 @@ int qvl_decode_attention(const void *q, const void *k, const void *v, void *out,
                 }
                 memset(acc, 0, (size_t)(groups * d) * 4);
                 for (int64_t j = 0; j < n; j++) {
-                    const char *vj = vb + j * v_strides[2] * esize;
-                    for (int64_t g = 0; g < groups; g++) axpy_f32(acc + g * d, scores[g * n + j], vj, bf16, d);
+                    int row_bf16;
+                    const void *vj = kv_row(vb, v_strides[2], vsb, int8 ? vs_strides[2] : 0, int8, bf16, j, d, row,
+                                            &row_bf16);
+                    for (int64_t g = 0; g < groups; g++) axpy_f32(acc + g * d, scores[g * n + j], vj, row_bf16, d);
                 }
                 from_f32(acc, bf16, groups * d, (char *)out + h0 * d * esize);
             }
         }
-        free(scores); free(qf); free(acc);
+        free(scores); free(qf); free(acc); free(row);
     }
     return failed ? 2 : 0;
+}
+
+int qvl_decode_attention(const void *q, const void *k, const void *v, void *out, int bf16, int64_t B, int64_t H,
+                         int64_t KVH, int64_t n, int64_t d, const int64_t *k_strides, const int64_t *v_strides,
+                         float scale, int threads) {
+    return decode_attention_body(q, k, v, NULL, NULL, 0, out, bf16, B, H, KVH, n, d, k_strides, v_strides, NULL,
+                                 NULL, scale, threads);
+}
+
+/* The same attention over an int8 KV cache (kv_cache=int8: rows k, v int8 [B, KVH, n, d] with fp32 scales ks, vs
+ * [B, KVH, n, 1]; strides in elements), bit-equal to widening the rows (qvl_int8_rows_widen) and calling
+ * qvl_decode_attention, without writing the widened cache out and reading it back. */
+int qvl_decode_attention_int8(const void *q, const int8_t *k, const float *ks, const int8_t *v, const float *vs,
+                              void *out, int bf16, int64_t B, int64_t H, int64_t KVH, int64_t n, int64_t d,
+                              const int64_t *k_strides, const int64_t *ks_strides, const int64_t *v_strides,
+                              const int64_t *vs_strides, float scale, int threads) {
+    return decode_attention_body(q, k, v, ks, vs, 1, out, bf16, B, H, KVH, n, d, k_strides, v_strides, ks_strides,
+                                 vs_strides, scale, threads);
 }
 
 /* ---- int8 KV cache append: x [C, n, d] (bf16 or fp32, contiguous) quantised per row as kv_cache/int8.py's
