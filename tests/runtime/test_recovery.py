@@ -15,6 +15,7 @@ from qvl_pipeline import Pipeline
 from qvl_pipeline.config.load import load_config
 from qvl_pipeline.container import make_container
 from qvl_pipeline.errors import MemoryBudgetExceeded, PluginError
+from qvl_pipeline.memory_plan import GIB
 from qvl_pipeline.registry import PluginRegistry
 from qvl_pipeline.runtime.pipeline import Conversation
 from qvl_pipeline.runtime.recovery import out_of_memory_cause, release_step
@@ -288,3 +289,42 @@ def test_a_cache_that_cannot_follow_its_layers_is_a_plugin_error_naming_the_fix(
     with pytest.raises(PluginError, match="'unmovable' cannot move its cache") as info:
         Pipeline.from_container(container).generate("Describe.", max_new_tokens=4)
     assert "kv_cache=static" in info.value.hint
+
+
+def test_a_run_over_its_ram_budget_moves_from_cpu_to_ssd_stream_with_the_same_tokens(reference, monkeypatch):
+    from qvl_plugins.memory import ram_guard
+
+    pipe = build("hardware.chains.memory=[cpu,ssd_stream]", "memory.ram_budget_gb=8")
+    assert pipe.plan["slots"]["memory"]["chosen"] == "cpu"
+    readings = iter([100 * GIB, 100 * GIB])                  # the prefill's check: over, and still over after a trim
+    real = ram_guard.resident_bytes
+    monkeypatch.setattr(ram_guard, "resident_bytes", lambda: next(readings, None) or real())
+    result = pipe.generate("Describe.", max_new_tokens=5)
+    assert result["token_ids"] == reference.generate("Describe.", max_new_tokens=5)["token_ids"]
+    [event] = result["plan"]["runtime_recoveries"]
+    assert event["where"].startswith("the prefill") and "MemoryBudgetExceeded" in event["failure"]
+    assert "over memory.ram_budget_gb=8 GiB + 15%" in event["failure"]
+    assert "moved from cpu to ssd_stream" in event["action"]
+    assert result["plan"]["slots"]["memory"]["chosen"] == "ssd_stream"
+
+
+def test_the_ram_guard_trims_the_heap_before_it_counts_a_run_over_budget(monkeypatch):
+    from qvl_plugins.memory import ram_guard
+
+    assert ram_guard.resident_bytes() > 0                                  # this process, read from /proc
+    guard = ram_guard.RamGuard(budget=GIB)
+    readings = iter([2 * GIB, GIB // 2])                        # over, then under once the free heap is handed back
+    monkeypatch.setattr(ram_guard, "resident_bytes", lambda: next(readings))
+    guard.check()
+    monkeypatch.setattr(ram_guard, "resident_bytes", lambda: int(1.1 * GIB))     # within the 15 % tolerance
+    guard.check()
+    monkeypatch.setattr(ram_guard, "resident_bytes", lambda: 2 * GIB)
+    with pytest.raises(MemoryBudgetExceeded, match=r"holds 2\.00 GiB"):
+        guard.check()
+
+
+def test_without_a_ram_budget_the_cpu_plugin_watches_nothing():
+    pipe = build("hardware.chains.memory=[cpu]")
+    assert not pipe.model.model.language_model.norm._forward_hooks
+    guarded = build("hardware.chains.memory=[cpu]", "memory.ram_budget_gb=8")
+    assert len(guarded.model.model.language_model.norm._forward_hooks) == 1
