@@ -24,7 +24,7 @@ from qvl_pipeline.slots import Fidelity, Plugin, RunFacts, SelfTestError
 from qvl_pipeline.slots.checks import prepared_pair
 from qvl_pipeline.slots.kernels import KernelsBackend, check_compute_option, choose_compute_dtype
 from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, relative_error, self_test_devices
-from qvl_pipeline.weight_format import INT4_GROUP, INT4_HEAD_BITS
+from qvl_pipeline.weight_format import INT4_GROUP, INT4_HEAD_BITS, INT4_VISION_BITS
 from qvl_plugins.kernels.int4_linear import ATEN_GROUP_SIZES, INT4PACK_MM, UNLIMITED_ROWS, Int4Linear, decode_together
 from qvl_plugins.kernels.int8_weight_only import QuantizableLinear, cache_binding, default_pack_rows
 from qvl_plugins.kernels.native_gemv import (
@@ -36,7 +36,14 @@ from qvl_plugins.kernels.native_gemv import (
     native_for,
 )
 from qvl_plugins.kernels.native_norm import NativeRMSNorm
-from qvl_plugins.kernels.quantized_model import Int4Format, Int8Format, LinearFormat, find_targets, quantize_model
+from qvl_plugins.kernels.quantized_model import (
+    Int4Format,
+    Int8Format,
+    LinearFormat,
+    find_targets,
+    in_vision_tower,
+    quantize_model,
+)
 
 # 4-bit weights cannot meet APPROXIMATE's 5e-2 per layer: on Gaussian weights the relative error of a 16-level
 # quantiser per group of 32 is ~0.078 (measured; 64: 0.089, 128: 0.099). The self-test checks the quantisation
@@ -66,6 +73,8 @@ class Int4Options:
                                                  # 0.5 bit/weight more per halving)
     head_bits: Literal[4, 8] = INT4_HEAD_BITS    # the output head (also a tied one) in int4 (default) or int8: see
                                                  # qvl_pipeline/weight_format.py for the measured trade
+    vision_bits: Literal[4, 8] = INT4_VISION_BITS  # the vision tower's linears in int8 (default: its GEMM is ~2x
+                                                 # the int4 one, and it runs once per image) or int4
     pack_max_rows: int | None = None             # head_bits=8: rows up to which the head's int8 GEMV is used
                                                  # (None: see int8)
     int4_pack_max_rows: int | None = None        # decode_kernel=aten: rows up to which ATen's int4 GEMM is used,
@@ -92,15 +101,18 @@ class Int4Options:
             raise ValueError(f"group_size {self.group_size!r} is not one of {list(ATEN_GROUP_SIZES)}")
         if self.head_bits not in (4, 8):
             raise ValueError(f"head_bits {self.head_bits!r} is not 4 or 8")
+        if self.vision_bits not in (4, 8):
+            raise ValueError(f"vision_bits {self.vision_bits!r} is not 4 or 8")
         check_prefill_kernel(self.prefill_kernel)
         check_compute_option(self.compute_dtype)
 
 
 class Int4WeightOnlyKernels(KernelsBackend):
     fidelity = Fidelity.APPROXIMATE
-    summary = ("int4 weights per group of inputs with a scale and zero each (least-squares fitted), head included: "
-               "about 1/6 of fp32's bytes per token; decode through the project's native int4 x int8 GEMV (or "
-               "ATen's int4 GEMM), prefill through its int4 x int8 GEMM on AVX512-VNNI, else the widened weights")
+    summary = ("int4 weights per group of inputs with a scale and zero each (least-squares fitted), head included, "
+               "vision tower int8: about 1/6 of fp32's bytes per token; decode through the project's native int4 x "
+               "int8 GEMV (or ATen's int4 GEMM), prefill through its int4 x int8 GEMM on AVX512-VNNI, else the "
+               "widened weights")
 
     Options = Int4Options
 
@@ -150,13 +162,15 @@ class Int4WeightOnlyKernels(KernelsBackend):
         return choose_compute_dtype(self.options.compute_dtype, stored, self.hw).reason
 
     def _format_for(self, name: str, module: nn.Module) -> LinearFormat:
-        # A layer whose inputs do not split into whole groups stays int8.
+        # The vision tower with vision_bits=8, and a layer whose inputs do not split into whole groups, are int8.
+        if self.options.vision_bits == 8 and in_vision_tower(name):
+            return self._int8
         return self._int4 if module.in_features % self.options.group_size == 0 else self._int8
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Swap every QuantizableLinear for an Int4Linear under the same name (int8 where in_features is not a
-        multiple of the group size), and give the output head (also a tied one) a head_bits copy; through the disk
-        cache when the run has a checkpoint folder."""
+        """Swap every QuantizableLinear for an Int4Linear under the same name (int8 in the vision tower with
+        vision_bits=8 and where in_features is not a multiple of the group size), and give the output head (also a
+        tied one) a head_bits copy; through the disk cache when the run has a checkpoint folder."""
         head = self._int8 if self.options.head_bits == 8 else self._int4
         targets = find_targets(model, lambda m: isinstance(m, QuantizableLinear), self._format_for, head)
         binding = cache_binding(self.facts, self.options.cache, self.options.cache_dir) if len(targets) > 1 else None

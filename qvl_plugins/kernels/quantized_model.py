@@ -24,6 +24,12 @@ from qvl_plugins.kernels.native_gemv import INT4_TILED, Q4_TILE_ROWS, ROWS, TILE
 from qvl_plugins.kernels.quantize import reused_block_buffers, trim_heap
 
 HEAD = "lm_head"
+VISION_TOWER = "visual"          # the vision tower's module name (model.visual.*)
+
+
+def in_vision_tower(name: str) -> bool:
+    """Whether the module `name` (dotted, from named_modules) is part of the vision tower."""
+    return VISION_TOWER in name.split(".")
 TensorSpec = tuple[tuple[int, ...], torch.dtype]
 
 

@@ -177,6 +177,17 @@ def test_tied_head_gets_a_quantised_copy_and_the_embedding_stays_exact(head_bits
     assert isinstance(model.lm_head, head_type) and torch.equal(model.embed_tokens.weight, table)
 
 
+@pytest.mark.parametrize(("vision_bits", "vision_type"), [(8, Int8Linear), (4, Int4Linear)])
+def test_the_vision_towers_linears_take_vision_bits(vision_bits, vision_type):
+    kernels = Int4WeightOnlyKernels(FACTS, Int4Options(vision_bits=vision_bits))
+    model = TinyModel(kernels)
+    model.visual = nn.ModuleDict({"qkv": kernels.linear(32, 96, True)})
+    model = kernels.prepare(model)
+    assert isinstance(model.visual["qkv"], vision_type) and isinstance(model.layers[0]["q_proj"], Int4Linear)
+    with pytest.raises(ValueError, match="vision_bits"):
+        Int4Options(vision_bits=2)
+
+
 def test_layers_whose_inputs_do_not_split_into_groups_stay_int8():
     kernels = Int4WeightOnlyKernels(FACTS, Int4Options(group_size=64))
 

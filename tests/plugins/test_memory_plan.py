@@ -4,6 +4,7 @@ shapes on the reference laptop's budgets."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -83,8 +84,15 @@ def test_formats_of_the_builtin_kernels_plugins():
     assert (int8.linear.kind, int8.head.kind, int8.other_bytes, int8.file_backed) == ("int8", "int8", 2, True)
     no_head = builtin_format("int8_weight_only", SimpleNamespace(quantize_head=False, cache=False), "bfloat16")
     assert no_head.head.kind == "float" and not no_head.file_backed
-    int4 = builtin_format("int4_weight_only", SimpleNamespace(group_size=64, head_bits=8, cache=True), "bfloat16")
-    assert (int4.linear.group, int4.head.kind) == (64, "int8")
+    int4 = builtin_format("int4_weight_only", SimpleNamespace(group_size=64, head_bits=8, vision_bits=8, cache=True),
+                          "bfloat16")
+    assert (int4.linear.group, int4.head.kind, int4.vision.kind) == (64, "int8", "int8")
+    all4 = builtin_format("int4_weight_only", SimpleNamespace(group_size=32, head_bits=4, vision_bits=4, cache=True),
+                          "bfloat16")
+    assert (all4.head.kind, all4.vision.kind) == ("int4", "int4")
+    config = hf("2b")                                  # the int8 tower is ~2x the int4 one, the decoder unchanged
+    eight, four = part_sizes(config, int4), part_sizes(config, replace(int4, vision=int4.linear))
+    assert 1.7 < eight.vision / four.vision < 2.0 and eight.layer == four.layer
     assert builtin_format("fp32_compute", None, "bfloat16").linear.float_bytes == 4
     assert not builtin_format("fp32_compute", None, "bfloat16").file_backed
     assert builtin_format("fp32_compute", None, "float32").file_backed

@@ -18,6 +18,7 @@ from qvl_pipeline.slots.memory import ModelParts
 from qvl_plugins.memory.paging import Extent, Residency
 from qvl_plugins.memory.row_chunks import ChunkedHead, TiedRows, row_slice, split_head, splits_exactly
 from qvl_plugins.memory.streaming import Prefetcher, State, Stream, Unit
+from tests.conftest import make_facts
 
 
 class FakePager:
@@ -187,7 +188,7 @@ def test_read_in_reads_mapped_weights_and_the_cpu_plugin_reads_its_parts_at_atta
     monkeypatch.setattr(cpu, "read_in", lambda modules: seen.append(list(modules)) or 0)
     parts = ModelParts(layers=(mapped,), vision=anonymous, embed=nn.Embedding(4, 8), head=None)
     placement = object()
-    assert cpu.CpuMemory.attach(cpu.CpuMemory.__new__(cpu.CpuMemory), parts, placement) is placement
+    assert cpu.CpuMemory(make_facts()).attach(parts, placement) is placement
     assert seen[0][:2] == [mapped, anonymous] and seen[0][-1] is parts.embed   # tied head: the table is read too
 
 
@@ -236,7 +237,7 @@ def test_read_ahead_fills_the_page_cache_without_mapping_and_the_cpu_plugin_read
     ahead: list[list[nn.Module]] = []
     monkeypatch.setattr(cpu, "read_in", lambda modules: list(modules) and 0)
     monkeypatch.setattr(cpu, "read_ahead", lambda modules: ahead.append(list(modules)) or 0)
-    plugin = cpu.CpuMemory.__new__(cpu.CpuMemory)
+    plugin = cpu.CpuMemory(make_facts())
     head = nn.Linear(8, 4, bias=False)
     plugin.attach(ModelParts(layers=(), vision=None, embed=table, head=head), object())
     plugin.attach(ModelParts(layers=(), vision=None, embed=table, head=None), object())
