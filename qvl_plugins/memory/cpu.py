@@ -42,7 +42,9 @@ class CpuMemory(MemoryManager):
         except OSError:             # read-ahead only: a file that cannot deliver fails where it is used, with its error
             pass
         budget = self.facts.memory_budgets.knobs.ram_budget_gb
-        watched = getattr(layers, "norm", None) or (layers[len(layers) - 1] if len(layers) else None)
+        watched = getattr(layers, "norm", None)                   # runs once per step, after every decoder layer
+        if watched is None and len(layers):
+            watched = layers[len(layers) - 1]
         if budget is not None and watched is not None:
             self._guard = RamGuard(int(budget * GIB)).watch(watched)
         return placement
