@@ -28,7 +28,6 @@ from qvl_plugins.kernels.native_gemv import (
     PREFILL_ATTENTION_MAX_DIM,
     UsesNativeLibrary,
     decode_attention,
-    decode_attention_int8,
     has_prefill_attention,
     native_dtype_ok,
     prefill_attention,
@@ -67,21 +66,23 @@ class NativeAttention(UsesNativeLibrary, SdpaAttention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                scale: float) -> torch.Tensor:
         # q [b, h, 1, d], k/v [b, kvh, n, d]: the decoded position is the last, so it sees every key (causal or not)
-        if (q.shape[2] != 1 or q.device.type != "cpu" or not native_dtype_ok(q.dtype) or not (q.dtype == k.dtype
-                == v.dtype) or k.device.type != "cpu" or v.device.type != "cpu" or k.stride(-1) != 1
-                or v.stride(-1) != 1 or k.shape != v.shape or q.shape[1] % k.shape[1] or k.shape[2] == 0
-                or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        if not (q.dtype == k.dtype == v.dtype and _native_decode_step(q, k, v)):
             return super().attend(q, k, v, causal=causal, scale=scale)
         return decode_attention(self._build, q, k, v, scale)
 
     def attend_int8(self, q: torch.Tensor, k: Int8Rows, v: Int8Rows, *, causal: bool, scale: float) -> torch.Tensor:
         # a CPU decode step straight over the int8 rows (bit-equal to widening them first, without writing the
         # widened cache out and reading it back); anything else through the widened rows
-        kq, vq = k.q, v.q
-        if (q.shape[2] != 1 or q.device.type != "cpu" or not native_dtype_ok(q.dtype) or not (q.dtype == k.dtype
-                == v.dtype) or kq.device.type != "cpu" or vq.device.type != "cpu" or kq.stride(-1) != 1
-                or vq.stride(-1) != 1 or kq.shape != vq.shape or q.shape[1] % kq.shape[1] or kq.shape[2] == 0
-                or k.scale.dtype != torch.float32 or v.scale.dtype != torch.float32
-                or (torch.is_grad_enabled() and q.requires_grad)):
+        if not (q.dtype == k.dtype == v.dtype and k.scale.dtype == v.scale.dtype == torch.float32
+                and _native_decode_step(q, k.q, v.q)):
             return super().attend_int8(q, k, v, causal=causal, scale=scale)
-        return decode_attention_int8(self._build, q, kq, k.scale, vq, v.scale, scale)
+        return decode_attention(self._build, q, k.q, v.q, scale, k.scale, v.scale)
+
+
+def _native_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether qvl_decode_attention takes this call: one query position on the CPU in bf16|fp32, cached rows k, v
+    [b, kvh, n ≥ 1, d] on the CPU with contiguous last dimensions, whole GQA groups, no gradient wanted."""
+    return (q.shape[2] == 1 and q.device.type == k.device.type == v.device.type == "cpu"
+            and native_dtype_ok(q.dtype) and k.stride(-1) == 1 and v.stride(-1) == 1 and k.shape == v.shape
+            and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))

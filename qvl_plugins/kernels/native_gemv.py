@@ -514,37 +514,30 @@ def rope(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor
     return qo, ko
 
 
-def decode_attention(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+def decode_attention(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query position over the whole cache: q [b, h, 1, d], k/v [b, kvh, n, d] (any strides, the
     last dimension contiguous; a view of a preallocated cache), one dtype (bf16|fp32) -> [b, 1, h, d] in it, with
-    fp32 scores, softmax and sums rounded once."""
+    fp32 scores, softmax and sums rounded once.
+
+    With k_scale and v_scale (fp32 [b, kvh, n, 1], any strides), k and v are an int8 cache's rows, read as
+    int8_rows_widen(k, k_scale, q.dtype) (and v) would widen them, bit-equal, without widening the cache first."""
     b, h, _, d = q.shape
     qc = q if q.is_contiguous() else q.contiguous()
     out = torch.empty(b, 1, h, d, dtype=q.dtype)
-    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (k, v)]
-    rc = build.lib.qvl_decode_attention(qc.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                                        _DTYPE_FLAG[q.dtype], b, h, k.shape[1], k.shape[2], d, strides[0],
-                                        strides[1], scale, torch.get_num_threads())
+    common = (_DTYPE_FLAG[q.dtype], b, h, k.shape[1], k.shape[2], d)
+    if k_scale is None:
+        strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (k, v)]
+        rc = build.lib.qvl_decode_attention(qc.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *common,
+                                            *strides, scale, torch.get_num_threads())
+    else:
+        strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (k, k_scale, v, v_scale)]
+        rc = build.lib.qvl_decode_attention_int8(qc.data_ptr(), k.data_ptr(), k_scale.data_ptr(), v.data_ptr(),
+                                                 v_scale.data_ptr(), out.data_ptr(), *common, *strides, scale,
+                                                 torch.get_num_threads())
     if rc:
-        raise RuntimeError(f"native decode attention failed with code {rc} (q {list(q.shape)}, k {list(k.shape)})")
-    return out
-
-
-def decode_attention_int8(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor,
-                          v: torch.Tensor, v_scale: torch.Tensor, scale: float) -> torch.Tensor:
-    """decode_attention over int8 rows: q [b, h, 1, d] bf16|fp32; k, v [b, kvh, n, d] int8 and their fp32 scales
-    [b, kvh, n, 1] (any strides, the last dimension contiguous) -> [b, 1, h, d] in q's dtype, bit-equal to
-    decode_attention(q, int8_rows_widen(k, k_scale, q.dtype), int8_rows_widen(v, v_scale, q.dtype))."""
-    b, h, _, d = q.shape
-    qc = q if q.is_contiguous() else q.contiguous()
-    out = torch.empty(b, 1, h, d, dtype=q.dtype)
-    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (k, k_scale, v, v_scale)]
-    rc = build.lib.qvl_decode_attention_int8(qc.data_ptr(), k.data_ptr(), k_scale.data_ptr(), v.data_ptr(),
-                                             v_scale.data_ptr(), out.data_ptr(), _DTYPE_FLAG[q.dtype], b, h,
-                                             k.shape[1], k.shape[2], d, *strides, scale, torch.get_num_threads())
-    if rc:
-        raise RuntimeError(f"native int8 decode attention failed with code {rc} (q {list(q.shape)}, "
+        kind = "" if k_scale is None else "int8 "
+        raise RuntimeError(f"native {kind}decode attention failed with code {rc} (q {list(q.shape)}, "
                            f"k {list(k.shape)})")
     return out
 

@@ -476,7 +476,7 @@ def test_decode_attention_over_int8_rows_is_widening_then_attending(build, dtype
     k, v = (torch.randint(-127, 128, (2, 2, 40, d), generator=gen, dtype=torch.int8)[:, :, :29] for _ in range(2))
     ks, vs = ((torch.rand(2, 2, 40, 1, generator=gen) * 0.05)[:, :, :29] for _ in range(2))
     q = torch.randn(2, 6, 1, d, generator=gen).to(dtype)
-    got = native_gemv.decode_attention_int8(build, q, k, ks, v, vs, d ** -0.5)
+    got = native_gemv.decode_attention(build, q, k, v, d ** -0.5, ks, vs)
     want = native_gemv.decode_attention(build, q, native_gemv.int8_rows_widen(build, k, ks, dtype),
                                         native_gemv.int8_rows_widen(build, v, vs, dtype), d ** -0.5)
     assert torch.equal(got, want)

@@ -48,6 +48,9 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* f rounded to the nearest bf16 value, back in fp32 */
+static inline float to_bf16_value(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
 /* n values (bf16 or fp32) -> fp32 */
 static inline void to_f32(const void *p, int bf16, int64_t n, float *out) {
     if (bf16) { const uint16_t *b = (const uint16_t *)p; for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(b[i]); }
@@ -133,15 +136,17 @@ static inline vf load_as_f32(const void *p, int bf16, int64_t i) {
 static inline vf i8_to_vf(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
-/* fp32 -> the nearest bf16 value (as f32_to_bf16: half to even, NaN stays NaN), back in fp32 */
-static inline vf vround_bf16(vf v) {
+/* 8 fp32 values -> their bf16 bits in the low half of each 32-bit lane, round to nearest even; NaN stays NaN (as
+ * f32_to_bf16) */
+static inline __m256i bf16_round8(__m256 v) {
     __m256i u = _mm256_castps_si256(v);
     __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
     __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
-    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xFFFF0000u)));
+    return _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
 }
+/* fp32 -> the nearest bf16 value (as f32_to_bf16), back in fp32 */
+static inline vf vround_bf16(vf v) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_round8(v), 16)); }
 #else
 #define LANES 1
 typedef float vf;
@@ -153,7 +158,7 @@ static inline vf vset1(float a) { return a; }
 static inline float vsum(vf a) { return a; }
 static inline void vstore(float *p, vf a) { *p = a; }
 static inline vf i8_to_vf(const int8_t *p) { return (float)*p; }
-static inline vf vround_bf16(vf v) { return bf16_to_f32(f32_to_bf16(v)); }
+static inline vf vround_bf16(vf v) { return to_bf16_value(v); }
 #endif
 
 const char *qvl_gemv_isa(void) {
@@ -912,10 +917,8 @@ static inline void widen_store16(__m512i v, __m512 s, __m512 z, void *out, int o
 #elif defined(__AVX2__)
 static inline void widen_store8(__m256i v, __m256 s, __m256 z, void *out, int out_bf16, int64_t at) {
     __m256 w = _mm256_add_ps(z, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v, _mm256_set1_epi32(8))), s));
-    if (out_bf16) {       /* round to nearest even (no NaN here) */
-        __m256i u = _mm256_castps_si256(w);
-        __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-        u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    if (out_bf16) {       /* round to nearest even, as f32_to_bf16 */
+        __m256i u = bf16_round8(w);
         __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0x08);
         _mm_storeu_si128((__m128i *)((uint16_t *)out + at), _mm256_castsi256_si128(packed));
     } else {
@@ -991,7 +994,7 @@ static inline void from_f32(const float *v, int bf16, int64_t n, void *p) {
 
 /* v rounded to bf16 and back, in place (the reference's intermediate rounding) */
 static inline void round_bf16(float *v, int64_t n) {
-    for (int64_t i = 0; i < n; i++) v[i] = bf16_to_f32(f32_to_bf16(v[i]));
+    for (int64_t i = 0; i < n; i++) v[i] = to_bf16_value(v[i]);
 }
 
 #define ELEM_MAX 8192        /* longest row the elementwise kernels take (stack buffers) */
@@ -1099,7 +1102,7 @@ static inline __attribute__((always_inline)) const void *kv_row(const char *base
         const vf x = vmul(i8_to_vf(src + i), sv);
         vstore(buf + i, bf16 ? vround_bf16(x) : x);
     }
-    for (; i < d; i++) buf[i] = bf16 ? bf16_to_f32(f32_to_bf16((float)src[i] * s)) : (float)src[i] * s;
+    for (; i < d; i++) buf[i] = bf16 ? to_bf16_value((float)src[i] * s) : (float)src[i] * s;
     *row_bf16 = 0;
     return buf;
 }
@@ -1231,8 +1234,6 @@ int qvl_int8_rows_widen(const int8_t *q, const float *scale, void *out, int out_
  * centred [rows, K] int8, scale and zero [rows, K / group] bf16 bits. */
 #define Q4_FIT_MAX 256
 #define Q4_FIT_LANES 16      /* partial sums per group (group % 16 == 0) */
-
-static inline float to_bf16_value(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 static void q4_round_codes(const float *g, int64_t n, float sc, float z, float *u) {
     for (int64_t i = 0; i < n; i++) {
