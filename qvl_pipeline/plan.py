@@ -129,7 +129,7 @@ class RunPlan:
         model["compute"] = {"dtype": dtype_name(compute.dtype), "reason": compute.reason}
         if loaded is not None:
             model["loaded"] = {"report": str(loaded.report), "seconds": round(loaded.seconds, 3),
-                               "placement": loaded.placement.summary()}
+                               "placement": loaded.placement.summary(), "decode_step": loaded.decode_step}
             kv = kv_section(self.facts, kv_backend, loaded.placement.layers, loaded.model.dtype)
         else:       # before loading: the dtype the loaded model will compute in (the run's activation_dtype)
             dtype = getattr(torch, self.facts.activation_dtype)
@@ -251,6 +251,7 @@ def render_plan(plan: Mapping[str, Any]) -> str:
         lines.extend(render_memory(there, f" on {there['profile']} as described (its GPU is not usable here)"))
     if loaded:
         lines.append(f"  loaded: {loaded['report']}")
+        lines.append(f"  decode step: {loaded['decode_step']}")
     lines.append(f"  {'weights by format':<28}{'total':>12}{'read/token':>12}   CPU decode ceiling")
     for fmt, row in model["weights_by_format"].items():
         ceiling = row["cpu_ceiling_tokens_per_s"]

@@ -8,6 +8,7 @@ from torch import nn
 from qvl_pipeline.model.activations import activation
 from qvl_pipeline.model.config import TextConfig
 from qvl_pipeline.slots import AttentionBackend, KernelsBackend, KVCache, RotaryBackend
+from qvl_pipeline.slots.kernels import DecodeStep
 
 
 def text_inv_freq(cfg: TextConfig) -> torch.Tensor:
@@ -117,6 +118,7 @@ class TextModel(nn.Module):
         self.norm = kernels.norm(cfg.hidden_size, cfg.rms_norm_eps)
         self._rotary = rotary
         self._inv_freq = text_inv_freq(cfg)          # plain tensor: never cast with the weights
+        self.decode_step: DecodeStep | None = None   # the kernels plugin's fused step, set after each placement
 
     def rotary_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [3, b, s] -> cos, sin [b, 1, s, head_dim] in `dtype` (the decoder's rule)."""
@@ -133,7 +135,10 @@ class TextModel(nn.Module):
         cos, sin = self.rotary_tables(position_ids, x.dtype)
         tables = {cos.device: (cos, sin)}
         taps = len(deepstack) if deepstack is not None and visual_mask is not None else 0
-        for i, layer in enumerate(self.layers):
+        fused = None
+        if self.decode_step is not None and cache is not None and taps == 0 and x.shape[1] == 1:
+            fused = self.decode_step(x, cos, sin, cache)
+        for i, layer in enumerate(self.layers if fused is None else ()):
             device = layer.input_layernorm.weight.device
             x = x.to(device)
             if device not in tables:
@@ -141,6 +146,7 @@ class TextModel(nn.Module):
             x = layer(x, *tables[device], cache)
             if i < taps:
                 x = add_deepstack(x, visual_mask.to(device), deepstack[i])
+        x = x if fused is None else fused
         if cache is not None:
             cache.advance(x.shape[1])
         if last_only:

@@ -38,7 +38,7 @@ from qvl_pipeline.processing.video import VideoProcessor
 from qvl_pipeline.processing.vision_config import read_vision_config
 from qvl_pipeline.registry import SLOT_NAMES
 from qvl_pipeline.runtime.demo import ensure_demo_checkpoint
-from qvl_pipeline.slots import KVCache, KVCacheBackend, MemoryManager, Placement
+from qvl_pipeline.slots import KernelsBackend, KVCache, KVCacheBackend, MemoryManager, Placement
 from qvl_pipeline.slots.memory import ModelParts
 
 
@@ -123,6 +123,7 @@ class LoadedModel:
     report: LoadReport
     placement: Placement
     seconds: float
+    decode_step: str = "per op"          # how a decode step runs (settle_decode_step), for the plan
 
 
 def slot_configs(config: RootConfig) -> dict[str, Any]:
@@ -174,6 +175,18 @@ def place(model: Qwen3VL, memory: MemoryManager) -> Placement:
     return memory.attach(model_parts(model), placement)
 
 
+def settle_decode_step(model: Qwen3VL, memory: MemoryManager, kernels: KernelsBackend) -> str:
+    """Give the decoder the kernels plugin's fused decode step where the memory plugin keeps the weights in place
+    (asked again after every placement change); returns how a decode step runs, for the plan."""
+    text = model.model.language_model
+    text.decode_step = None
+    if not memory.resident_weights:
+        return f"per op (memory={memory.name} moves weights while running)"
+    step, why = kernels.decode_step(tuple(text.layers), model.dtype)
+    text.decode_step = step
+    return "the decoder stack in one native call per token" if step is not None else f"per op ({why})"
+
+
 def load_model(skeleton_model: Qwen3VL, folder: Path, kernels: Any, memory: MemoryManager, dtype: str,
                progress: bool) -> LoadedModel:
     """Fill the meta-device model from the checkpoint, let the kernels plugin prepare it, let activations flow in the
@@ -185,7 +198,8 @@ def load_model(skeleton_model: Qwen3VL, folder: Path, kernels: Any, memory: Memo
     model.use_compute_dtype(kernels.compute_dtype(stored))
     model.eval()
     placement = place(model, memory)
-    return LoadedModel(model, report, placement, time.perf_counter() - start)
+    return LoadedModel(model, report, placement, time.perf_counter() - start,
+                       settle_decode_step(model, memory, kernels))
 
 
 def pixel_cap(folder: Path, pixels: PixelFacts, video: bool = False) -> int | None:

@@ -22,8 +22,15 @@ from qvl_pipeline.errors import PluginError, PluginRuntimeError
 from qvl_pipeline.generation.engine import OUT_OF_MEMORY, describe_failure
 from qvl_pipeline.plan import RunPlan
 from qvl_pipeline.resolver import Resolver
-from qvl_pipeline.runtime.assembly import KVCaches, LoadedModel, model_parts, move_parts, part_sizes
-from qvl_pipeline.slots import MemoryManager, Placement, Plugin
+from qvl_pipeline.runtime.assembly import (
+    KVCaches,
+    LoadedModel,
+    model_parts,
+    move_parts,
+    part_sizes,
+    settle_decode_step,
+)
+from qvl_pipeline.slots import KernelsBackend, MemoryManager, Placement, Plugin
 from qvl_pipeline.slots.memory_share import gpu_bytes, placement_changes
 
 GUARDED_SLOTS = ("attention", "rotary")   # pure-compute slots that can move along their chain mid-request
@@ -96,6 +103,9 @@ class Recovery:
         move_parts(model, target)
         running = memory.attach(layers, target)
         self.loaded.placement = running
+        kernels = self.resolver.resolve("kernels")
+        assert isinstance(kernels, KernelsBackend)
+        self.loaded.decode_step = settle_decode_step(model, memory, kernels)
         try:
             self.caches.relocate()
         except NotImplementedError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from qvl_pipeline.hardware.chains import native_bf16
 from qvl_pipeline.hardware.profile import HardwareProfile
 from qvl_pipeline.model.norms import RMSNorm
 from qvl_pipeline.slots.base import Plugin
+from qvl_pipeline.slots.kv_cache import KVCache
 from qvl_pipeline.weight_format import WeightFormat, builtin_format
 
 FLOAT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -26,6 +28,17 @@ GPU_NATIVE_FROM: dict[torch.dtype, tuple[int, int]] = {torch.bfloat16: (8, 0), t
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> "bfloat16"."""
     return str(dtype).removeprefix("torch.")
+
+
+class DecodeStep(Protocol):
+    """A decoder stack's whole decode step in one call (KernelsBackend.decode_step)."""
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 cache: KVCache) -> torch.Tensor | None:
+        """x [1, 1, hidden], cos/sin [1, 1, 1, head_dim] -> the stack's output [1, 1, hidden], the new position
+        appended to every layer's cache (not advanced); None when it does not take this step (the per-op path runs,
+        nothing was written)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,11 @@ class KernelsBackend(Plugin):
         """x through several linear layers made by `linear` that take the same input (q/k/v, gate/up); a plugin
         may compute them together."""
         return tuple(layer(x) for layer in layers)
+
+    def decode_step(self, layers: Sequence[nn.Module], dtype: torch.dtype) -> tuple[DecodeStep | None, str]:
+        """A fused decode step over these prepared, placed decoder layers computing in `dtype` (model/text.py
+        DecodeStep), or None and why the per-op path runs: asked once after each placement."""
+        return None, f"kernels={self.name} has no fused decode step"
 
     def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
         return stored

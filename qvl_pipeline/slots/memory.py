@@ -170,6 +170,9 @@ class MemoryManager(Plugin):
     slot = "memory"
     reference = "cpu"
     mode: ClassVar[str | None] = None
+    # Whether the weights stay where `attach` left them until `detach` (no streaming, no swapping of storage): only
+    # then may the kernels plugin's fused decode step keep pointers to them.
+    resident_weights: ClassVar[bool] = False
 
     def planner_options(self) -> dict[str, object]:
         """Extra keyword arguments of the planner for this plugin (e.g. a forced GPU layer count)."""

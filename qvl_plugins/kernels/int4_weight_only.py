@@ -22,11 +22,12 @@ from qvl_pipeline.hardware.chains import native_bf16
 from qvl_pipeline.hardware.profile import HardwareProfile
 from qvl_pipeline.slots import Fidelity, Plugin, RunFacts, SelfTestError
 from qvl_pipeline.slots.checks import prepared_pair
-from qvl_pipeline.slots.kernels import KernelsBackend, check_compute_option, choose_compute_dtype
+from qvl_pipeline.slots.kernels import DecodeStep, KernelsBackend, check_compute_option, choose_compute_dtype
 from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, relative_error, self_test_devices
 from qvl_pipeline.weight_format import INT4_GROUP, INT4_HEAD_BITS, INT4_VISION_BITS
 from qvl_plugins.kernels.int4_linear import ATEN_GROUP_SIZES, INT4PACK_MM, UNLIMITED_ROWS, Int4Linear, decode_together
 from qvl_plugins.kernels.int8_weight_only import QuantizableLinear, cache_binding, default_pack_rows
+from qvl_plugins.kernels.native_decode import native_decode_step
 from qvl_plugins.kernels.native_gemv import (
     Int4Decode,
     Int8Decode,
@@ -151,6 +152,9 @@ class Int4WeightOnlyKernels(KernelsBackend):
     def project(self, x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
         together = decode_together(layers, x)
         return together if together is not None else super().project(x, layers)
+
+    def decode_step(self, layers: Sequence[nn.Module], dtype: torch.dtype) -> tuple[DecodeStep | None, str]:
+        return native_decode_step(layers, dtype)
 
     def norm(self, size: int, eps: float) -> nn.Module:
         return NativeRMSNorm(size, eps, self._native) if self._native is not None else super().norm(size, eps)

@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from qvl_pipeline.slots import Fidelity, RunFacts
+from qvl_pipeline.slots.kernels import DecodeStep
 from qvl_plugins.kernels.int8_linear import decode_together
 from qvl_plugins.kernels.int8_weight_only import Int8Options, Int8WeightOnlyKernels
+from qvl_plugins.kernels.native_decode import native_decode_step
 from qvl_plugins.kernels.native_gemv import Int8Decode, check_prefill_kernel, has_int8_gemm, native_for
 from qvl_plugins.kernels.native_norm import NativeRMSNorm
 
@@ -65,6 +67,9 @@ class Int8DynamicKernels(Int8WeightOnlyKernels):
     def project(self, x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
         together = decode_together(layers, x)
         return together if together is not None else super().project(x, layers)
+
+    def decode_step(self, layers: Sequence[nn.Module], dtype: torch.dtype) -> tuple[DecodeStep | None, str]:
+        return native_decode_step(layers, dtype)
 
     def decode_gemv(self) -> Int8Decode | None:
         build = native_for(self.facts, self.options.cache_dir)

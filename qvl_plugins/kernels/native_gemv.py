@@ -143,6 +143,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qvl_int8_rows_quantize.restype = i32
     lib.qvl_int8_rows_widen.argtypes = [ptr, ptr, ptr, i32, i64, i64, i64, i64, i64, i32]
     lib.qvl_int8_rows_widen.restype = i32
+    lib.qvl_decode_layers.argtypes = [ptr, i64, ptr, ptr, ptr, ptr]      # native_decode.py's table and shape
+    lib.qvl_decode_layers.restype = i32
     lib.qvl_gemv_lanes.restype = i32
     lib.qvl_a8_block.restype = i32
     lib.qvl_gemv_isa.restype = ctypes.c_char_p

@@ -18,6 +18,7 @@ class CpuMemory(MemoryManager):
     fidelity = Fidelity.REFERENCE
     summary = "all weights and the KV cache in CPU RAM, the reference placement"
     mode = "cpu"
+    resident_weights = True
     _guard: RemovableHandle | None = None
 
     @classmethod
