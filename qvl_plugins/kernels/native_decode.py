@@ -13,6 +13,7 @@ dtype, a cache it does not know, a plugin moved down its chain at run time), goe
 from __future__ import annotations
 
 import ctypes
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,6 +98,7 @@ class NativeDecodeStack:
         self._scale = attn.scale
         self._table = (_Layer * len(self.layers))()
         self._cache_key: tuple[int, ...] = ()
+        self.failure = ""             # set when the native call failed: the step is not taken again
         for row, layer in zip(self._table, self.layers, strict=True):
             a = layer.self_attn
             row.attn_norm, row.mlp_norm = layer.input_layernorm.weight.data_ptr(), \
@@ -133,8 +135,8 @@ class NativeDecodeStack:
         """x [1, 1, hidden] through every layer, the new position appended to `cache` (not advanced) -> the
         stack's output [1, 1, hidden], or None when this step is not one the fused call takes."""
         # cos, sin [1, 1, 1, head_dim]
-        if (x.shape[:2] != (1, 1) or x.dtype != self.dtype or x.device.type != "cpu" or cos.dtype != self.dtype
-                or not isinstance(_unguarded(self.attention), NativeAttention)
+        if (self.failure or x.shape[:2] != (1, 1) or x.dtype != self.dtype or x.device.type != "cpu"
+                or cos.dtype != self.dtype or not isinstance(_unguarded(self.attention), NativeAttention)
                 or not isinstance(_unguarded(self.rotary), NativeRotary) or torch.is_grad_enabled()):
             return None
         where = self._point_at(cache)
@@ -150,9 +152,11 @@ class NativeDecodeStack:
         c, s = cos.contiguous(), sin.contiguous()
         rc = self.build.lib.qvl_decode_layers(ctypes.addressof(self._table), len(self.layers),
                                               ctypes.addressof(shape), c.data_ptr(), s.data_ptr(), out.data_ptr())
-        if rc:
-            raise RuntimeError(f"native decode step failed with code {rc} ({len(self.layers)} layers, "
-                               f"hidden {hidden}, position {cache.length})")
+        if rc:      # nothing is committed (the cache is not advanced): the per-op path redoes this step and all later
+            self.failure = (f"native decode step failed with code {rc} ({len(self.layers)} layers, hidden {hidden}, "
+                            f"position {cache.length}); decode steps run per op from now on")
+            warnings.warn(self.failure, RuntimeWarning, stacklevel=2)
+            return None
         return out
 
 
