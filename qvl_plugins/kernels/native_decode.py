@@ -7,7 +7,8 @@ are the native ones (int8 or int4 tiled weights with the native decode GEMV, nat
 and rotary plugins, all on the CPU), the whole stack runs in one call that uses the same kernels, so each of those
 steps gives the same bits; only SiLU's exp comes from libm instead of torch (last-bit fp32 differences that can
 round a product to the neighbouring bf16). Everything else, and any step it does not take (batch > 1, another
-dtype, a cache it does not know, a plugin moved down its chain at run time), goes through the per-op path.
+dtype, a cache it does not know, a plugin moved down its chain at run time, a forward hook on a layer, such as the
+non-finite diagnosis sets), goes through the per-op path.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from qvl_pipeline.slots import KVCache
 from qvl_plugins.attention.native import NativeAttention
 from qvl_plugins.kernels.int4_linear import Int4Linear
 from qvl_plugins.kernels.int8_linear import Int8Linear
-from qvl_plugins.kernels.native_gemv import _DTYPE_FLAG, INT4_TILED, TILED, NativeBuild, native_dtype_ok
+from qvl_plugins.kernels.native_gemv import _DTYPE_FLAG, ELEM_MAX, INT4_TILED, TILED, NativeBuild, native_dtype_ok
 from qvl_plugins.kernels.native_norm import NativeRMSNorm
 from qvl_plugins.kv_cache.capacity import check_capacity
 from qvl_plugins.kv_cache.int8 import Int8KVCacheStore
@@ -51,6 +53,12 @@ class _Shape(ctypes.Structure):
 def _unguarded(plugin: object) -> object:
     """The plugin a slot guard currently points at (the object itself when it is no guard)."""
     return getattr(plugin, "_target", plugin)
+
+
+def _hooked(layers: Sequence[nn.Module]) -> bool:
+    """Whether a forward hook would see these layers run (on a layer, or global): the per-op path must run them."""
+    return bool(module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
+                or any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers))
 
 
 def projections(layer: nn.Module) -> list[nn.Module]:
@@ -97,7 +105,6 @@ class NativeDecodeStack:
         self._eps = self.layers[0].input_layernorm.eps
         self._scale = attn.scale
         self._table = (_Layer * len(self.layers))()
-        self._cache_key: tuple[int, ...] = ()
         self.failure = ""             # set when the native call failed: the step is not taken again
         for row, layer in zip(self._table, self.layers, strict=True):
             a = layer.self_attn
@@ -109,26 +116,27 @@ class NativeDecodeStack:
                 row.s[i] = (lin.weight_scale_zero if self.int4 else lin.weight_scale).data_ptr()
 
     def _point_at(self, cache: KVCache) -> tuple[tuple[int, ...], tuple[int, ...], bool] | None:
-        """Fill the table's cache pointers for `cache` -> (kv strides, scale strides, int8) or None for a cache this
-        step does not know."""
-        if isinstance(cache, Int8KVCacheStore):
-            tensors = (cache.keys, cache.values, cache.key_scales, cache.value_scales)
-        elif isinstance(cache, StaticKVCache):
-            tensors = (cache.keys, cache.values)
+        """Point the table at `cache`'s buffers (every step: a request's cache may be new, grown or moved) ->
+        (kv strides, scale strides, int8), or None for a cache this step does not know (only the built-in static and
+        int8 caches, exactly: a subclass may append differently)."""
+        if type(cache) is Int8KVCacheStore and cache.dtype == self.dtype:
+            keys, values, key_scales, value_scales = cache.keys, cache.values, cache.key_scales, cache.value_scales
+            stored = torch.int8
+        elif type(cache) is StaticKVCache:
+            keys, values, key_scales, value_scales = cache.keys, cache.values, None, None
+            stored = self.dtype
         else:
             return None
-        keys = tensors[0]
-        if keys[0].dtype not in (torch.int8, self.dtype) or keys[0].device.type != "cpu":
+        if len(keys) != len(self.layers) or any(t.dtype != stored or t.device.type != "cpu" or t.stride(-1) != 1
+                                                for t in (keys[0], keys[-1], values[0], values[-1])):
             return None
-        key = tuple(t.data_ptr() for t in (keys[0], keys[-1], tensors[1][-1]))
-        if key != self._cache_key:
-            for row, i in zip(self._table, range(len(self.layers)), strict=True):
-                row.k_cache, row.v_cache = cache.keys[i].data_ptr(), cache.values[i].data_ptr()
-                if len(tensors) == 4:
-                    row.k_scale, row.v_scale = cache.key_scales[i].data_ptr(), cache.value_scales[i].data_ptr()
-            self._cache_key = key
-        scale_strides = cache.key_scales[0].stride()[:3] if len(tensors) == 4 else (0, 0, 0)
-        return keys[0].stride()[:3], scale_strides, len(tensors) == 4
+        for row, k, v in zip(self._table, keys, values, strict=True):
+            row.k_cache, row.v_cache = k.data_ptr(), v.data_ptr()
+        if key_scales is None:
+            return keys[0].stride()[:3], (0, 0, 0), False
+        for row, ks, vs in zip(self._table, key_scales, value_scales, strict=True):
+            row.k_scale, row.v_scale = ks.data_ptr(), vs.data_ptr()
+        return keys[0].stride()[:3], key_scales[0].stride()[:3], True
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  cache: KVCache) -> torch.Tensor | None:
@@ -138,6 +146,8 @@ class NativeDecodeStack:
         if (self.failure or x.shape[:2] != (1, 1) or x.dtype != self.dtype or x.device.type != "cpu"
                 or cos.dtype != self.dtype or not isinstance(_unguarded(self.attention), NativeAttention)
                 or not isinstance(_unguarded(self.rotary), NativeRotary) or torch.is_grad_enabled()):
+            return None
+        if _hooked(self.layers):
             return None
         where = self._point_at(cache)
         if where is None:
@@ -173,6 +183,8 @@ def native_decode_step(layers: Sequence[nn.Module], dtype: torch.dtype) -> tuple
     if build is None or build.lib is None:
         return None, "the projections do not run on the native decode GEMV"
     attention, rotary = layers[0].self_attn._attention, layers[0].self_attn._rotary
+    if first.in_features > ELEM_MAX:
+        return None, f"hidden size {first.in_features} > {ELEM_MAX}, the native norms' longest row"
     if not isinstance(_unguarded(attention), NativeAttention):
         return None, f"attention={getattr(attention, 'name', '?')}, not native"
     if not isinstance(_unguarded(rotary), NativeRotary):
@@ -186,6 +198,8 @@ def native_decode_step(layers: Sequence[nn.Module], dtype: torch.dtype) -> tuple
         why = _why_not_linears(projections(layer), build)
         if why:
             return None, f"{where}: {why}"
+        if any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()):
+            return None, f"{where} has forward hooks (they must see it run)"
         if any(t.device.type != "cpu" for t in (*layer.parameters(), *layer.buffers())):
             return None, f"{where} is not on the CPU"
         if layer.self_attn._attention is not attention or layer.self_attn._rotary is not rotary:

@@ -545,6 +545,7 @@ def decode_attention(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, v: to
 
 
 PREFILL_ATTENTION_MAX_DIM = 256
+ELEM_MAX = 8192          # qvl_gemv.c's ELEM_MAX: the longest row its norms, rotary and decode attention take
 
 
 def has_prefill_attention(build: NativeBuild, isa: tuple[str, ...]) -> bool:

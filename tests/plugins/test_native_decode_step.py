@@ -200,3 +200,24 @@ def test_batch_of_two_runs_per_op():
     cos = sin = torch.zeros(2, 1, 1, cfg.head_dim)
     with torch.inference_mode():
         assert text.decode_step(x, cos, sin, pipe.caches.create(4)) is None
+
+
+def test_a_forward_hook_on_a_layer_sees_it_run():
+    """A hook on a decoder layer (a user's, or the engine's non-finite diagnosis) turns the fused step off while it
+    is registered: the layers run per op and the hook fires for each."""
+    pipe = _pipe("opt=moderate", "model.dtype=float32")
+    text = pipe.model.model.language_model
+    if text.decode_step is None:
+        pytest.skip(f"no fused step on this machine: {pipe.loaded.decode_step}")
+    counting = Counting(text.decode_step)
+    text.decode_step = counting
+    seen: list[int] = []
+    handle = text.layers[1].register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    try:
+        hooked = pipe.generate("Tell me a story.", max_new_tokens=4)
+    finally:
+        handle.remove()
+    plain = pipe.generate("Tell me a story.", max_new_tokens=4)
+    text.decode_step = counting.step
+    assert seen[1:] == [1, 1, 1] and counting.taken == 3 and counting.declined == 3
+    assert hooked["text"] == plain["text"]
