@@ -137,16 +137,18 @@ class TextModel(nn.Module):
         taps = len(deepstack) if deepstack is not None and visual_mask is not None else 0
         fused = None
         if self.decode_step is not None and cache is not None and taps == 0 and x.shape[1] == 1:
-            fused = self.decode_step(x, cos, sin, cache)
-        for i, layer in enumerate(self.layers if fused is None else ()):
-            device = layer.input_layernorm.weight.device
-            x = x.to(device)
-            if device not in tables:
-                tables[device] = (cos.to(device), sin.to(device))
-            x = layer(x, *tables[device], cache)
-            if i < taps:
-                x = add_deepstack(x, visual_mask.to(device), deepstack[i])
-        x = x if fused is None else fused
+            fused = self.decode_step(x, cos, sin, cache)          # None: this step runs layer by layer
+        if fused is not None:
+            x = fused
+        else:
+            for i, layer in enumerate(self.layers):
+                device = layer.input_layernorm.weight.device
+                x = x.to(device)
+                if device not in tables:
+                    tables[device] = (cos.to(device), sin.to(device))
+                x = layer(x, *tables[device], cache)
+                if i < taps:
+                    x = add_deepstack(x, visual_mask.to(device), deepstack[i])
         if cache is not None:
             cache.advance(x.shape[1])
         if last_only:

@@ -130,8 +130,9 @@ class KernelsBackend(Plugin):
         return tuple(layer(x) for layer in layers)
 
     def decode_step(self, layers: Sequence[nn.Module], dtype: torch.dtype) -> tuple[DecodeStep | None, str]:
-        """A fused decode step over these prepared, placed decoder layers computing in `dtype` (model/text.py
-        DecodeStep), or None and why the per-op path runs: asked once after each placement."""
+        """A fused decode step over these prepared, placed decoder layers computing in `dtype` (a DecodeStep,
+        which model/text.py calls for batch-1 decode steps), or None and why the per-op path runs: asked once after
+        each placement."""
         return None, f"kernels={self.name} has no fused decode step"
 
     def compute_dtype(self, stored: torch.dtype) -> torch.dtype:

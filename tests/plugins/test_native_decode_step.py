@@ -221,3 +221,32 @@ def test_a_forward_hook_on_a_layer_sees_it_run():
     text.decode_step = counting.step
     assert seen[1:] == [1, 1, 1] and counting.taken == 3 and counting.declined == 3
     assert hooked["text"] == plain["text"]
+
+
+def test_each_request_cache_receives_its_own_rows():
+    """The step writes into the cache it is given, also after another cache took a step (the table is re-pointed
+    every step): both fused caches hold the per-op step's rows at the new position."""
+    pipe = _pipe("opt=moderate", "model.dtype=float32")
+    text = pipe.model.model.language_model
+    stack = text.decode_step
+    if stack is None:
+        pytest.skip(f"no fused step on this machine: {pipe.loaded.decode_step}")
+    ids = pipe._prompt_ids("Tell me a story.", None)
+    fused, _ = pipe._fuse(ids, None)
+    reference, first, second = (pipe.caches.create(len(ids) + 1) for _ in range(3))
+    with torch.inference_mode():
+        text.decode_step = None
+        for cache in (reference, first, second):
+            feed(pipe.model, fused, 0, cache)
+        text.decode_step = stack
+        x = pipe.model.embed(torch.tensor([[5]]))
+        positions = decode_position_ids(len(ids), fused.rope_delta, 1, text.cfg.max_position_embeddings)
+        cos, sin = text.rotary_tables(positions, x.dtype)
+        for cache in (first, second):
+            assert stack(x, cos, sin, cache) is not None
+        ref = x
+        for layer in text.layers:
+            ref = layer(ref, cos, sin, reference)
+    for cache in (first, second):
+        for mine, theirs in zip(cache.keys + cache.values, reference.keys + reference.values, strict=True):
+            torch.testing.assert_close(mine[:, :, len(ids)], theirs[:, :, len(ids)], rtol=1e-5, atol=1e-6)
