@@ -7,6 +7,7 @@ from torch import nn
 
 from qvl_pipeline.model.activations import activation
 from qvl_pipeline.model.config import TextConfig
+from qvl_pipeline.model.embedding import lookup_table
 from qvl_pipeline.slots import AttentionBackend, KernelsBackend, KVCache, RotaryBackend
 from qvl_pipeline.slots.kernels import DecodeStep
 
@@ -112,7 +113,7 @@ class TextModel(nn.Module):
                  kernels: KernelsBackend) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = lookup_table(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, attention, rotary, kernels)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = kernels.norm(cfg.hidden_size, cfg.rms_norm_eps)

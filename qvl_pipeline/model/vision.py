@@ -9,6 +9,7 @@ from torch import nn
 
 from qvl_pipeline.errors import InputError
 from qvl_pipeline.model.config import VisionConfig
+from qvl_pipeline.model.embedding import lookup_table
 from qvl_pipeline.model.positions import pos_embed_taps, vision_cu_seqlens, vision_rotary_positions
 from qvl_pipeline.model.vision_blocks import PatchEmbed, PatchMerger, VisionBlock
 from qvl_pipeline.slots import AttentionBackend, KernelsBackend, RotaryBackend
@@ -69,7 +70,7 @@ class VisionTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
-        self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
+        self.pos_embed = lookup_table(cfg.num_position_embeddings, cfg.hidden_size)
         self.blocks = nn.ModuleList(VisionBlock(cfg, attention, rotary, kernels) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg, kernels, postshuffle_norm=False)
         self.deepstack_merger_list = nn.ModuleList(
