@@ -2,7 +2,7 @@
 `python -m qvl_pipeline.bench.kernels load`: load time and peak memory of a kernels plugin, first and second start.
 
 Decode (batch 1) is bandwidth bound: reported as GB/s of weight bytes read per call (higher is better; compare with
-the machine's RAM copy bandwidth). Prefill (256 rows) is compute bound: reported as GFLOP/s. Each row also gives the
+the machine's RAM read bandwidth). Prefill (256 rows) is compute bound: reported as GFLOP/s. Each row also gives the
 kernel's relative error against the fp32 product on the same weights, so a fast but wrong kernel is visible.
 `--isa both` repeats the run in a child process emulating an AVX2-only CPU (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA
 and MKL_ENABLE_INSTRUCTIONS set before torch is imported).

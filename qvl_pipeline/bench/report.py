@@ -51,7 +51,8 @@ def render_speed(report: Mapping[str, Any]) -> list[str]:
              f"({report['checkpoint']['stored_dtype']}); "
              f"{work['image']} ({work['image_size']}) + {work['prompt']!r}; {work['tokens']} new tokens greedy; "
              f"median of {work['rounds']} round(s) after a warm-up",
-             f"RAM copy bandwidth (measured): {report['ram_bandwidth_gb_s']:g} GB/s; decode ceiling = bandwidth / "
+             f"RAM read bandwidth (measured, the higher of before and after the runs): "
+             f"{report['ram_bandwidth_gb_s']:g} GB/s; decode ceiling = bandwidth / "
              "weight bytes one decode step reads, in the format that ran"]
     names = list(report["systems"])
     width = max(14, *(len(n) for n in names)) + 2

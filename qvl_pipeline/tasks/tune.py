@@ -236,7 +236,7 @@ def run(config: RootConfig, container: RootContainer, results_dir: Path | None =
     profile = report.profile
     bandwidth = profile.cpu.memory_bandwidth_gb_s
     if not bandwidth:
-        progress("measuring RAM copy bandwidth")
+        progress("measuring RAM read bandwidth")
         bandwidth = measure_memory_gb_s()
     results = tune_all(resolver, config.tune.min_time, config.opt.self_test)
     date = time.strftime("%Y-%m-%d %H:%M %Z")
@@ -253,7 +253,7 @@ def run(config: RootConfig, container: RootContainer, results_dir: Path | None =
         f"(decode attention over {DECODE_CONTEXT} keys); each measurement is the best call of "
         f"{config.tune.min_time:g} s of repeated calls, the best of {PASSES} interleaved passes.",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}; RAM copy bandwidth {bandwidth:g} GB/s"
+        f"{torch.backends.cpu.get_cpu_capability()}; RAM read bandwidth {bandwidth:g} GB/s"
         + ("" if profile.cpu.memory_bandwidth_gb_s else " (measured)") + ".",
     ]
     for result in results.values():

@@ -93,7 +93,7 @@ def test_the_comment_block_cites_each_measurement_and_the_date(tuned):
     comments = [line for line in text.splitlines() if line.startswith("#")]
     assert text.startswith("# Tuned hardware profile")
     block = "\n".join(comments)
-    assert "GB/s" in block and " ms" in block and "RAM copy bandwidth" in block
+    assert "GB/s" in block and " ms" in block and "RAM read bandwidth" in block
     for slot in MEASURED:
         for m in results[slot].measured:
             assert f"  {m.plugin}: decode " in block
