@@ -35,6 +35,7 @@ class TensorInfo:
     dtype: str                  # safetensors spelling: "BF16", "F32", ...
     shape: tuple[int, ...]
     nbytes: int
+    offset: int                 # where its data starts in the file (bytes from the file's start)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -65,7 +66,7 @@ class ShardHeader:
     file_bytes: int
 
 
-def _entry(path: Path, name: str, entry: object) -> TensorInfo:
+def _entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     """One header entry, checked: a known dtype, a shape of non-negative sizes, and a byte range that holds
     exactly that many elements."""
     try:
@@ -80,7 +81,7 @@ def _entry(path: Path, name: str, entry: object) -> TensorInfo:
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"shard {path} stores tensor {name} as {dtype!r}, a dtype this loader cannot read",
                               "use the model's safetensors files in bfloat16, float16 or float32")
-    info = TensorInfo(name, dtype, tuple(shape), offsets[1] - offsets[0])
+    info = TensorInfo(name, dtype, tuple(shape), offsets[1] - offsets[0], data_start + offsets[0])
     expected = math.prod(info.shape) * info.torch_dtype.itemsize
     if info.nbytes != expected:
         raise CheckpointError(f"shard {path} gives tensor {name} {info.nbytes} bytes, but {dtype} of shape "
@@ -116,7 +117,7 @@ def read_header(path: Path) -> ShardHeader:
     tensors: dict[str, TensorInfo] = {}
     data_end = 0
     for name, entry in header.items():
-        info = _entry(path, name, entry)
+        info = _entry(path, name, entry, 8 + header_len)
         tensors[name] = info
         data_end = max(data_end, int(entry["data_offsets"][1]))
     expected = 8 + header_len + data_end

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from qvl_pipeline.checkpoint.files import find_weight_files
+from qvl_pipeline.checkpoint.header import read_header
+from qvl_pipeline.checkpoint.mapping import map_tensors
+from qvl_pipeline.errors import CheckpointError
 
 FORMAT_VERSION = 2                  # of this cache's layout and quantisers; part of every key (2: int4 refits)
 SUBDIR = "quantized"
@@ -160,9 +162,10 @@ def write_aligned_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
 
 
 def read_mapped(path: Path) -> dict[str, torch.Tensor]:
-    """Every (non-padding) tensor of a safetensors file, memory-mapped."""
-    with safe_open(str(path), framework="pt", device="cpu") as reader:
-        return {name: reader.get_tensor(name) for name in reader.keys() if not name.startswith(PAD_PREFIX)}
+    """Every (non-padding) tensor of a safetensors file, memory-mapped, none of their data read (map_tensors);
+    CheckpointError for a malformed file, OSError or RuntimeError for one that cannot be opened or mapped."""
+    shard = read_header(path)
+    return map_tensors(shard, [name for name in shard.tensors if not name.startswith(PAD_PREFIX)])
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -199,7 +202,7 @@ class QuantCache:
             if path.stat().st_size != manifest.get("bytes"):
                 return None
             tensors = read_mapped(path)
-        except (OSError, ValueError, SafetensorError, AttributeError, TypeError):
+        except (OSError, ValueError, RuntimeError, CheckpointError, AttributeError, TypeError):
             return None
         if len(tensors) != manifest.get("tensors"):
             return None

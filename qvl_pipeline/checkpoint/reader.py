@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm import tqdm
 
 from qvl_pipeline.checkpoint.config import read_config, resolve_dtype, ties_word_embeddings
 from qvl_pipeline.checkpoint.files import WeightFiles, find_weight_files
+from qvl_pipeline.checkpoint.mapping import map_tensors
 from qvl_pipeline.errors import CheckpointError
 
 HEAD = "lm_head.weight"
@@ -146,18 +146,17 @@ def load_checkpoint(folder: str | Path, module: nn.Module, *, dtype: str | torch
                 continue
             state: dict[str, torch.Tensor] = {}
             try:
-                with safe_open(str(shard.path), framework="pt", device="cpu") as reader:
-                    for name in names:
-                        stored = reader.get_tensor(name)
-                        tensor = _prepare(stored, target, device)
-                        converted += tensor is not stored
-                        if seen_dtype is None and tensor.is_floating_point():
-                            seen_dtype = tensor.dtype
-                        state[name] = tensor
-                        bar.update(files.tensors[name].nbytes)
-            except (SafetensorError, OSError) as exc:
+                mapped = map_tensors(shard, names)
+            except (OSError, RuntimeError) as exc:       # torch reports a file it cannot map as a RuntimeError
                 raise CheckpointError(f"cannot read shard {shard.path}: {exc}",
                                       "the file is damaged or was only partly downloaded: download it again") from exc
+            for name, stored in mapped.items():
+                tensor = _prepare(stored, target, device)
+                converted += tensor is not stored
+                if seen_dtype is None and tensor.is_floating_point():
+                    seen_dtype = tensor.dtype
+                state[name] = tensor
+                bar.update(files.tensors[name].nbytes)
             module.load_state_dict(state, strict=False, assign=True)
     if tied:
         _tie(module, HEAD, embedding)
