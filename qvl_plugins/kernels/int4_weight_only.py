@@ -29,6 +29,7 @@ from qvl_plugins.kernels.int4_linear import ATEN_GROUP_SIZES, INT4PACK_MM, UNLIM
 from qvl_plugins.kernels.int8_weight_only import QuantizableLinear, cache_binding, default_pack_rows
 from qvl_plugins.kernels.native_decode import native_decode_step
 from qvl_plugins.kernels.native_gemv import (
+    INT4_DECODE_ROWS,
     Int4Decode,
     Int8Decode,
     check_prefill_kernel,
@@ -92,8 +93,10 @@ class Int4Options:
                                                  # with decode_kernel=native: auto = the native int4 x int8 GEMM
                                                  # over the tiles where the CPU has AVX512-VNNI (activations
                                                  # quantised per 32 columns as in decode; ~620 vs ~350 GFLOP/s for
-                                                 # widen + bf16 GEMM at the 2B shapes), else the widened weights;
-                                                 # widen = always the widened weights in the activations' dtype
+                                                 # widen + bf16 GEMM at the 2B shapes), the decode GEMV for every
+                                                 # row where bf16 is not native either (AVX2), else the widened
+                                                 # weights; widen = always the widened weights in the activations'
+                                                 # dtype
     cache: bool = True                           # keep the quantised weights on disk for fast restarts
     cache_dir: str = ""                          # "" = $QVL_CACHE_DIR or ~/.cache/qvl_pipeline
 
@@ -130,8 +133,13 @@ class Int4WeightOnlyKernels(KernelsBackend):
         compute = self.compute_dtype(getattr(torch, facts.model.stored_dtype))
         int4_rows = (default_int4_pack_rows(self.hw, compute) if self.options.int4_pack_max_rows is None
                      else self.options.int4_pack_max_rows)
-        decode = (Int4Decode(build, prefill_gemm=self.options.prefill_kernel == "auto" and has_int4_gemm(build))
-                  if native else None)
+        gemm = native and has_int4_gemm(build)
+        # Without the int4 GEMM (AVX512-VNNI only) and without native bf16, widened weights would multiply in fp32:
+        # there the decode GEMV taking every row is faster (AVX2 emulated, 2B, 2 threads: a 220-token prefill
+        # 4.6 -> 2.7 s; 8B, 82 tokens: 10 s with the widened weights, against 5.2 s for int8_dynamic's GEMV).
+        every_row = native and not gemm and not native_bf16(self.hw) and self.options.prefill_kernel == "auto"
+        decode = (Int4Decode(build, prefill_gemm=self.options.prefill_kernel == "auto" and gemm,
+                             max_rows=UNLIMITED_ROWS if every_row else INT4_DECODE_ROWS) if native else None)
         self._int4 = Int4Format(group=self.options.group_size, use_aten=self.use_aten, decode=decode,
                                 pack_max_rows=int4_rows)
         # Rows the self-test runs: decode, a few, and past each row limit a kernel switches at.

@@ -408,6 +408,9 @@ def untile_scale_zero(tiled: torch.Tensor) -> torch.Tensor:
     return tiled.transpose(0, 1).reshape(groups, tiles * Q4_TILE_ROWS, 2).contiguous()
 
 
+INT4_DECODE_ROWS = 32       # inputs of more rows take a layer's GEMM path, where that is the faster one
+
+
 @dataclass(frozen=True)
 class Int4Decode:
     """The native int4 decode GEMV over INT4_TILED weights: int4 × int8 integer dot products (AVX512-VNNI
@@ -415,7 +418,7 @@ class Int4Decode:
     weights for the prefill GEMM."""
 
     build: NativeBuild
-    max_rows: int = 32                      # inputs of more rows (prefill) take the layer's GEMM path
+    max_rows: int = INT4_DECODE_ROWS        # inputs of more rows (prefill) take the layer's GEMM path
     prefill_gemm: bool = False              # that path: the int4 x int8 GEMM over the tiles (has_int4_gemm builds)
 
     def __post_init__(self) -> None:

@@ -27,7 +27,7 @@ from qvl_plugins.kernels.int4_weight_only import (
     Int4WeightOnlyKernels,
     default_int4_pack_rows,
 )
-from qvl_plugins.kernels.native_gemv import Int4Decode
+from qvl_plugins.kernels.native_gemv import INT4_DECODE_ROWS, Int4Decode
 from qvl_plugins.kernels.quantize import (
     dequantize_int4,
     dequantize_int4_plain,
@@ -253,3 +253,29 @@ def test_faulty_tiled_widening_fails_self_test(monkeypatch):
     monkeypatch.setattr(Int4Decode, "widen_into", swapped)
     with pytest.raises(SelfTestError, match=r"(33|40) row\(s\).*relative error"):
         kernels.self_test(NATIVE)
+
+
+def test_without_the_int4_gemm_or_native_bf16_the_gemv_takes_every_row(monkeypatch):
+    """AVX2: the native int4 GEMV takes prefill-sized inputs too (faster than fp32 widened weights there); where the
+    int4 GEMM or native bf16 exists, or with prefill_kernel=widen, inputs past INT4_DECODE_ROWS take the GEMM path."""
+    kernels = Int4WeightOnlyKernels(AVX2, Int4Options())
+    if kernels.decode_kernel != "native":
+        pytest.skip("the native kernel does not build here")
+    assert kernels._int4.decode.max_rows == UNLIMITED_ROWS and not kernels._int4.decode.prefill_gemm
+    assert Int4WeightOnlyKernels(AVX2, Int4Options(prefill_kernel="widen"))._int4.decode.max_rows == INT4_DECODE_ROWS
+    assert Int4WeightOnlyKernels(NATIVE_BF16, Int4Options())._int4.decode.max_rows == INT4_DECODE_ROWS
+    layer = kernels.prepare(kernels.linear(256, 128, False))
+    x = torch.randn(3, 40, 256, generator=torch.Generator().manual_seed(5))        # 120 rows: a prefill
+    calls = []
+    real = Int4Decode.__call__
+
+    def counted(self, a, *args, **kwargs):
+        calls.append(a.shape[0])
+        return real(self, a, *args, **kwargs)
+
+    monkeypatch.setattr(Int4Decode, "__call__", counted)
+    y = layer(x)
+    assert calls == [120]
+    assert relative_error(y, F.linear(x, layer.dequantize())) < 0.02   # only the activations' int8 rounding
+    monkeypatch.undo()
+    kernels.self_test(NATIVE)                               # its 40-row input runs the same GEMV
