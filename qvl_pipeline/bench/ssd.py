@@ -9,9 +9,9 @@ repetitions. Before each run the page cache of every file the run reads (checkpo
 accelerate's offload folder) is dropped with posix_fadvise(POSIX_FADV_DONTNEED) per file (no root needed), and the
 sequential read speed of the largest streamed file is measured the same way, so "disk bandwidth reached" is a share
 of what this disk delivers. ssd_stream runs twice: drop_page_cache=true (streamed pages leave the page cache after
-use: the budget holds system-wide, every token reads from the disk) and false (the kernel may keep them while RAM is
-free, as accelerate's memory-mapped offload does); a resident run without a budget (memory=cpu) shows what streaming
-costs against the same kernels.
+use: the budget holds system-wide, every token reads from the disk) and false (the default: the kernel may keep them
+while RAM is free, as accelerate's memory-mapped offload does); a resident run without a budget (memory=cpu) shows
+what streaming costs against the same kernels.
 
 Prints a table and writes JSON. accelerate is optional: --accelerate-path adds a folder holding it to the worker's
 import path; without it the row is skipped and says so.
@@ -39,8 +39,9 @@ READ_CHUNK = 16 * 2**20
 READ_LIMIT = 2 * GIB
 PAGE = 4096                  # the smallest budget ssd_stream admits is planned with one page to spare
 PROMPT_POSITIONS = 512       # the streamed runs' text prompt with its chat template fits in this many positions
-STREAMED = "ssd_stream"
-STREAMED_CACHED = "ssd_stream (page cache kept)"
+STREAMED = "ssd_stream"                                          # the plugin
+STREAMED_DROPPED = "ssd_stream (drop_page_cache=true)"           # the table's rows
+STREAMED_CACHED = "ssd_stream (default: page cache kept)"
 RESIDENT = "resident (memory=cpu, no budget)"
 ACCELERATE = "transformers + accelerate disk offload"
 
@@ -164,7 +165,7 @@ def measure(config: RootConfig, folder: Path, share: float, tokens: int, reps: i
         streamed_files = warm["files"] or shards
         drop_list.write_text("\n".join(sorted(set(shards) | set(streamed_files))))
         biggest = max(streamed_files, key=lambda p: Path(p).stat().st_size)
-        ours = {STREAMED: with_memory(config, STREAMED, gib, drop_page_cache=True),
+        ours = {STREAMED_DROPPED: with_memory(config, STREAMED, gib, drop_page_cache=True),
                 STREAMED_CACHED: with_memory(config, STREAMED, gib, drop_page_cache=False),
                 RESIDENT: with_memory(config, "cpu", None)}
         have_accelerate = accelerate_available(accelerate_path)

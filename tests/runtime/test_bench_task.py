@@ -187,13 +187,13 @@ def ssd_run(dirs, tmp_path_factory):
 def test_bench_ssd_puts_its_rows_into_the_table_and_json(ssd_run):
     run, report, _ = ssd_run
     part = report["ssd"]
-    assert set(part["rows"]) == {ssd.STREAMED, ssd.STREAMED_CACHED, ssd.RESIDENT, ssd.ACCELERATE}
-    for name in (ssd.STREAMED, ssd.STREAMED_CACHED, ssd.RESIDENT):
+    assert set(part["rows"]) == {ssd.STREAMED_DROPPED, ssd.STREAMED_CACHED, ssd.RESIDENT, ssd.ACCELERATE}
+    for name in (ssd.STREAMED_DROPPED, ssd.STREAMED_CACHED, ssd.RESIDENT):
         row = part["rows"][name]
         assert {"decode_tokens_per_s", "peak_rss_mib", "rss_over_budget", "disk_read_gb_s",
                 "fraction_of_sequential_read"} <= set(row), row
         assert row["decode_tokens_per_s"] > 0 and row["peak_rss_mib"] > 0
-    streamed = part["runs"][ssd.STREAMED][0]
+    streamed = part["runs"][ssd.STREAMED_DROPPED][0]
     assert streamed["streamed_gib"] > 0 and "on disk" in streamed["placement"]      # it really streamed
     assert len(part["sequential_read_mb_s"]) == part["reps"] == 1 and part["tokens"] == TOKENS
     assert part["identical_tokens_ours"]
@@ -226,12 +226,12 @@ def test_the_streaming_budget_is_never_below_what_ssd_stream_admits(dirs, monkey
 
 def test_the_ssd_summary_relates_each_run_to_the_disk_and_to_accelerate():
     report = {"ram_budget_gib": 0.5, "sequential_read_mb_s": [1000, 3000],
-              "runs": {ssd.STREAMED: [{"decode_tokens_per_s": 4.0, "peak_rss_mib": 256.0,
+              "runs": {ssd.STREAMED_DROPPED: [{"decode_tokens_per_s": 4.0, "peak_rss_mib": 256.0,
                                        "disk_gb_s_over_generate": 1.4}],
                        ssd.RESIDENT: [{"error": "boom"}],
                        ssd.ACCELERATE: [{"decode_tokens_per_s": 2.0, "peak_rss_mib": 900.0}]}}
     rows = ssd.summarise(report)
-    assert rows[ssd.STREAMED] == {"decode_tokens_per_s": 4.0, "peak_rss_mib": 256.0, "rss_over_budget": 0.5,
+    assert rows[ssd.STREAMED_DROPPED] == {"decode_tokens_per_s": 4.0, "peak_rss_mib": 256.0, "rss_over_budget": 0.5,
                                   "disk_read_gb_s": 1.4, "fraction_of_sequential_read": 0.7, "vs_accelerate": 2.0}
     assert rows[ssd.RESIDENT] == {"error": "boom"}
     assert rows[ssd.ACCELERATE]["vs_accelerate"] is None

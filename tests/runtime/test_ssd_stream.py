@@ -129,11 +129,12 @@ def test_streamed_run_matches_the_resident_run(small_folders, kernels, shape, mo
 
 
 def test_pages_held_stay_within_the_pool(tmp_path, monkeypatch):
-    """mincore(2) on every streamed unit while each layer computes: the resident bytes never exceed the pool by
-    more than the kernel's read-around at the units' edges. (Its own checkpoint: no other model in this process
-    maps these files.)"""
+    """With drop_page_cache=true, mincore(2) on every streamed unit while each layer computes: the page-cache bytes
+    never exceed the pool by more than the kernel's read-around at the units' edges. (Its own checkpoint: no other
+    model in this process maps these files.)"""
     monkeypatch.setenv("QVL_CACHE_DIR", str(tmp_path))
-    pipe = streamed_pipeline(write_small_checkpoint(seed=4), "torch_native")
+    pipe = streamed_pipeline(write_small_checkpoint(seed=4), "torch_native",
+                             "+memory.options.ssd_stream.drop_page_cache=true")
     streaming = memory_plugin(pipe).streaming
     units = streaming.units()
     pool = streaming.prefetcher.pool
