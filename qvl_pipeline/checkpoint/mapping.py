@@ -31,14 +31,4 @@ def tensor_view(storage: torch.UntypedStorage, info: TensorInfo) -> torch.Tensor
     if info.offset % dtype.itemsize:
         raw = torch.empty(0, dtype=torch.uint8).set_(storage, info.offset, (info.nbytes,), (1,))
         return raw.clone().view(dtype).reshape(info.shape)
-    return torch.empty(0, dtype=dtype).set_(storage, info.offset // dtype.itemsize, info.shape,
-                                            contiguous_strides(info.shape))
-
-
-def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Row-major strides (in elements) of `shape`."""
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
+    return torch.empty(0, dtype=dtype).set_(storage, info.offset // dtype.itemsize, info.shape)   # row-major

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qvl_pipeline.checkpoint.header import read_header
-from qvl_pipeline.checkpoint.mapping import contiguous_strides, map_tensors
+from qvl_pipeline.checkpoint.mapping import map_tensors
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8, torch.int64, torch.bool)
 
@@ -95,9 +95,3 @@ def test_mapping_reads_no_tensor_data(tmp_path: Path) -> None:
     assert _mapped_rss_kib(path) >= 1024                                      # that tensor's MiB, now read
     assert _mapped_rss_kib(path) < 8 * 1024
 
-
-def test_contiguous_strides() -> None:
-    assert contiguous_strides((2, 3, 4)) == (12, 4, 1)
-    assert contiguous_strides((5,)) == (1,)
-    assert contiguous_strides(()) == ()
-    assert contiguous_strides((0, 4)) == torch.empty(0, 4).stride()

@@ -92,35 +92,48 @@ def test_fused_step_gives_the_per_op_logits(overrides, with_image):
     assert agree >= STEPS - 1
 
 
+def _next_step(pipe: Pipeline, count: int):
+    """The fused step, `count` caches each prefilled per op with one prompt, and the next token's input x
+    [1, 1, hidden] with its cos/sin at position `at` (the prompt's length); skips where there is no fused step.
+    Call under torch.inference_mode()."""
+    text = pipe.model.model.language_model
+    stack = text.decode_step
+    if stack is None:
+        pytest.skip(f"no fused step on this machine: {pipe.loaded.decode_step}")
+    ids = pipe._prompt_ids("Tell me a story.", None)
+    fused, _ = pipe._fuse(ids, None)
+    caches = [pipe.caches.create(len(ids) + 1) for _ in range(count)]
+    text.decode_step = None
+    for cache in caches:
+        feed(pipe.model, fused, 0, cache)
+    text.decode_step = stack
+    x = pipe.model.embed(torch.tensor([[5]]))
+    positions = decode_position_ids(len(ids), fused.rope_delta, 1, text.cfg.max_position_embeddings)
+    cos, sin = text.rotary_tables(positions, x.dtype)
+    return stack, caches, x, cos, sin, len(ids)
+
+
+def _per_op(pipe: Pipeline, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
+    """x [1, 1, hidden] through the decoder layers one by one, appending to `cache`."""
+    for layer in pipe.model.model.language_model.layers:
+        x = layer(x, cos, sin, cache)
+    return x
+
+
 def test_one_fused_step_is_the_per_op_step():
     """One decode step from the same cache: the stack's output and every layer's appended cache rows equal the
     per-op path's to fp32 rounding (SiLU's exp), in both weight formats and both caches."""
     for opt in ("moderate", "aggressive"):
         pipe = _pipe(f"opt={opt}", "model.dtype=float32")
-        text = pipe.model.model.language_model
-        stack = text.decode_step
-        if stack is None:
-            pytest.skip(f"no fused step on this machine: {pipe.loaded.decode_step}")
-        ids = pipe._prompt_ids("Tell me a story.", None)
-        fused, _ = pipe._fuse(ids, None)
-        caches = [pipe.caches.create(len(ids) + 1) for _ in range(2)]
         with torch.inference_mode():
-            text.decode_step = None
-            for cache in caches:
-                feed(pipe.model, fused, 0, cache)
-            text.decode_step = stack
-            x = pipe.model.embed(torch.tensor([[5]]))
-            positions = decode_position_ids(len(ids), fused.rope_delta, 1, text.cfg.max_position_embeddings)
-            cos, sin = text.rotary_tables(positions, x.dtype)
-            got = stack(x, cos, sin, caches[1])
-            ref = x
-            for layer in text.layers:
-                ref = layer(ref, cos, sin, caches[0])
+            stack, (reference, mine), x, cos, sin, at = _next_step(pipe, 2)
+            got = stack(x, cos, sin, mine)
+            ref = _per_op(pipe, x, cos, sin, reference)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
         names = ("keys", "values", "key_scales", "value_scales") if opt == "aggressive" else ("keys", "values")
         for name in names:
-            for mine, theirs in zip(getattr(caches[1], name), getattr(caches[0], name), strict=True):
-                torch.testing.assert_close(mine[:, :, len(ids)].float(), theirs[:, :, len(ids)].float(), rtol=1e-5,
+            for ours, theirs in zip(getattr(mine, name), getattr(reference, name), strict=True):
+                torch.testing.assert_close(ours[:, :, at].float(), theirs[:, :, at].float(), rtol=1e-5,
                                            atol=1e-6 if name.endswith("scales") else 1)
 
 
@@ -227,26 +240,11 @@ def test_each_request_cache_receives_its_own_rows():
     """The step writes into the cache it is given, also after another cache took a step (the table is re-pointed
     every step): both fused caches hold the per-op step's rows at the new position."""
     pipe = _pipe("opt=moderate", "model.dtype=float32")
-    text = pipe.model.model.language_model
-    stack = text.decode_step
-    if stack is None:
-        pytest.skip(f"no fused step on this machine: {pipe.loaded.decode_step}")
-    ids = pipe._prompt_ids("Tell me a story.", None)
-    fused, _ = pipe._fuse(ids, None)
-    reference, first, second = (pipe.caches.create(len(ids) + 1) for _ in range(3))
     with torch.inference_mode():
-        text.decode_step = None
-        for cache in (reference, first, second):
-            feed(pipe.model, fused, 0, cache)
-        text.decode_step = stack
-        x = pipe.model.embed(torch.tensor([[5]]))
-        positions = decode_position_ids(len(ids), fused.rope_delta, 1, text.cfg.max_position_embeddings)
-        cos, sin = text.rotary_tables(positions, x.dtype)
+        stack, (reference, first, second), x, cos, sin, at = _next_step(pipe, 3)
         for cache in (first, second):
             assert stack(x, cos, sin, cache) is not None
-        ref = x
-        for layer in text.layers:
-            ref = layer(ref, cos, sin, reference)
+        _per_op(pipe, x, cos, sin, reference)
     for cache in (first, second):
         for mine, theirs in zip(cache.keys + cache.values, reference.keys + reference.values, strict=True):
-            torch.testing.assert_close(mine[:, :, len(ids)], theirs[:, :, len(ids)], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mine[:, :, at], theirs[:, :, at], rtol=1e-5, atol=1e-6)
