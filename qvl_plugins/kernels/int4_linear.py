@@ -212,6 +212,12 @@ class Int4Linear(nn.Module):
         return self
 
     @property
+    def joins_native_call(self) -> bool:
+        """Whether this layer can share one native call with others (decode_together, the fused decode step): it
+        runs the native kernel over INT4_TILED weights and has no bias (those calls add none)."""
+        return self._native is not None and self.layout == INT4_TILED and self.bias is None
+
+    @property
     def kernel(self) -> str:
         if self._native is not None:
             return f"{self._native.name} (decode), native {'int4 x int8 GEMM' if self._gemm else 'dequant'}"
@@ -347,8 +353,8 @@ def decode_together(layers: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch
     if (gemm and (not first._gemm or recorded(x))) or len(layers) > 8:
         return None
     for layer in layers:
-        if not (isinstance(layer, Int4Linear) and layer._native == first._native and layer.layout == INT4_TILED
-                and layer.bias is None and layer.in_features == first.in_features and layer.group == first.group):
+        if not (isinstance(layer, Int4Linear) and layer.joins_native_call and layer._native == first._native
+                and layer.in_features == first.in_features and layer.group == first.group):
             return None
     a = as_rows(x, first.in_features)
     ys = first._native.many(a, [layer.weight_int4 for layer in layers],

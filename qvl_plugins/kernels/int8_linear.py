@@ -98,6 +98,12 @@ class Int8Linear(nn.Module):
         return self
 
     @property
+    def joins_native_call(self) -> bool:
+        """Whether this layer can share one native call with others (decode_together, the fused decode step): it
+        runs the native kernel over TILED weights and has no bias (those calls add none)."""
+        return self._native is not None and self.layout == TILED and self.bias is None
+
+    @property
     def kernel(self) -> str:
         if self._native is not None:
             return self._native.name + ("+gemm" if self._gemm else "")
@@ -167,9 +173,8 @@ def decode_together(layers: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch
     if gemm and (not first._gemm or recorded(x)):
         return None
     for layer in layers:
-        if not (isinstance(layer, Int8Linear) and layer._native == first._native and layer.layout == TILED
-                and layer.bias is None and layer.in_features == first.in_features
-                and layer.pack_max_rows == first.pack_max_rows):
+        if not (isinstance(layer, Int8Linear) and layer.joins_native_call and layer._native == first._native
+                and layer.in_features == first.in_features and layer.pack_max_rows == first.pack_max_rows):
             return None
     a = as_rows(x, first.in_features)
     ys = first._native.many(a, [layer.weight_int8 for layer in layers], [layer.weight_scale for layer in layers],

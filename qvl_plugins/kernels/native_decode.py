@@ -26,7 +26,7 @@ from qvl_pipeline.slots import KVCache
 from qvl_plugins.attention.native import NativeAttention
 from qvl_plugins.kernels.int4_linear import Int4Linear
 from qvl_plugins.kernels.int8_linear import Int8Linear
-from qvl_plugins.kernels.native_gemv import _DTYPE_FLAG, ELEM_MAX, INT4_TILED, TILED, NativeBuild, native_dtype_ok
+from qvl_plugins.kernels.native_gemv import _DTYPE_FLAG, ELEM_MAX, NativeBuild, native_dtype_ok
 from qvl_plugins.kernels.native_norm import NativeRMSNorm
 from qvl_plugins.kv_cache.capacity import check_capacity
 from qvl_plugins.kv_cache.int8 import Int8KVCacheStore
@@ -70,23 +70,18 @@ def projections(layer: nn.Module) -> list[nn.Module]:
 def _why_not_linears(linears: Sequence[nn.Module], build: NativeBuild) -> str:
     """Why these projections cannot run in the fused step ("" when they can)."""
     first = linears[0]
-    if isinstance(first, Int8Linear):
-        for lin in linears:
-            # TILED implies the int8 x int8 decode GEMV (Int8Decode.layout), the one the fused step calls
-            if not isinstance(lin, Int8Linear) or lin.bias is not None or lin.layout != TILED or lin._native is None:
-                return "an int8 projection is not in the native tiled layout (or has a bias)"
-            if lin._native.build is not build:
-                return "the projections run on different native builds"
-        return ""
-    if isinstance(first, Int4Linear):
-        for lin in linears:
-            if (not isinstance(lin, Int4Linear) or lin.bias is not None or lin.layout != INT4_TILED
-                    or lin._native is None or lin.group != first.group):
-                return "an int4 projection is not in the native tiled layout (or has a bias or another group)"
-            if lin._native.build is not build:
-                return "the projections run on different native builds"
-        return ""
-    return f"the projections are {type(first).__name__}, not the native int8 / int4 ones"
+    kind = next((k for k in (Int8Linear, Int4Linear) if isinstance(first, k)), None)
+    if kind is None:
+        return f"the projections are {type(first).__name__}, not the native int8 / int4 ones"
+    for lin in linears:
+        # an int8 TILED layout implies the int8 x int8 decode GEMV (Int8Decode.layout), the one the fused step calls
+        if not isinstance(lin, kind) or not lin.joins_native_call:
+            return f"a projection is not an {kind.__name__} in the native tiled layout (or has a bias)"
+        if kind is Int4Linear and lin.group != first.group:
+            return "the int4 projections have different group sizes"
+        if lin._native.build is not build:
+            return "the projections run on different native builds"
+    return ""
 
 
 @dataclass

@@ -248,3 +248,34 @@ def test_each_request_cache_receives_its_own_rows():
     for cache in (first, second):
         for mine, theirs in zip(cache.keys + cache.values, reference.keys + reference.values, strict=True):
             torch.testing.assert_close(mine[:, :, at], theirs[:, :, at], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("level", ["moderate", "aggressive"])
+def test_a_projection_that_cannot_join_the_native_call_keeps_the_per_op_path(level):
+    """One rule (`joins_native_call`) decides for the fused step and for the q/k/v and gate/up calls: a projection
+    with a bias joins neither, and the fused step names the layer; int4 projections of another group size do not
+    share the fused step."""
+    from qvl_plugins.kernels.int4_linear import decode_together as int4_together
+    from qvl_plugins.kernels.int8_linear import decode_together as int8_together
+    from qvl_plugins.kernels.native_decode import native_decode_step
+
+    pipe = _pipe(f"opt={level}")
+    layers = list(pipe.model.model.language_model.layers)
+    dtype = pipe.model.dtype
+    step, why = native_decode_step(layers, dtype)
+    assert step is not None and why == ""
+    mlp = layers[1].mlp
+    together = int4_together if level == "aggressive" else int8_together
+    x = torch.randn(1, 1, mlp.gate_proj.in_features, dtype=dtype)
+    assert together([mlp.gate_proj, mlp.up_proj], x) is not None
+    mlp.up_proj.bias = torch.nn.Parameter(torch.zeros(mlp.up_proj.out_features, dtype=dtype), requires_grad=False)
+    assert not mlp.up_proj.joins_native_call
+    assert together([mlp.gate_proj, mlp.up_proj], x) is None
+    kind = "Int4Linear" if level == "aggressive" else "Int8Linear"
+    assert native_decode_step(layers, dtype) == (
+        None, f"layer 1: a projection is not an {kind} in the native tiled layout (or has a bias)")
+    mlp.up_proj.bias = None
+    assert native_decode_step(layers, dtype)[1] == ""
+    if level == "aggressive":
+        mlp.down_proj.group *= 2
+        assert native_decode_step(layers, dtype) == (None, "layer 1: the int4 projections have different group sizes")
