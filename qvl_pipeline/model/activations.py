@@ -14,11 +14,16 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+TANH_GELU_NAMES = ("gelu_pytorch_tanh", "gelu_new")      # the config names of GELU's tanh approximation
+
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    **dict.fromkeys(TANH_GELU_NAMES, _tanh_gelu),
     "quick_gelu": _quick_gelu,
     "relu": F.relu,
 }

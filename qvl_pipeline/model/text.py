@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qvl_pipeline.model.activations import activation
 from qvl_pipeline.model.config import TextConfig
 from qvl_pipeline.model.embedding import lookup_table
 from qvl_pipeline.slots import AttentionBackend, KernelsBackend, KVCache, RotaryBackend
@@ -73,7 +72,7 @@ class TextMLP(nn.Module):
         self.gate_proj = kernels.linear(cfg.hidden_size, cfg.intermediate_size, False)
         self.up_proj = kernels.linear(cfg.hidden_size, cfg.intermediate_size, False)
         self.down_proj = kernels.linear(cfg.intermediate_size, cfg.hidden_size, False)
-        self._act = activation(cfg.hidden_act)
+        self._act = kernels.activation(cfg.hidden_act)        # on gate's output, a temporary: may run in place
         self._kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvl_pipeline.model.activations import activation
 from qvl_pipeline.model.config import VisionConfig
 from qvl_pipeline.slots import AttentionBackend, KernelsBackend, RotaryBackend
 
@@ -56,7 +55,7 @@ class VisionMLP(nn.Module):
         super().__init__()
         self.linear_fc1 = kernels.linear(cfg.hidden_size, cfg.intermediate_size, True)
         self.linear_fc2 = kernels.linear(cfg.intermediate_size, cfg.hidden_size, True)
-        self._act = activation(cfg.hidden_act)
+        self._act = kernels.activation(cfg.hidden_act)        # on fc1's output, a temporary: may run in place
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_fc2(self._act(self.linear_fc1(x)))

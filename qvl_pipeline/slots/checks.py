@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from qvl_pipeline.slots.attention import AttentionBackend
-from qvl_pipeline.slots.base import SelfTestError
+from qvl_pipeline.slots.base import Fidelity, SelfTestError
 from qvl_pipeline.slots.kernels import KernelsBackend
 from qvl_pipeline.slots.kv_cache import CacheShape, KVCacheBackend
 from qvl_pipeline.slots.memory import MemoryManager, model_bytes
@@ -102,6 +102,25 @@ def check_kernels(plugin: KernelsBackend, reference: KernelsBackend, device: tor
             got = mine(x.to(device, plugin.compute_dtype(stored)))
             worst = max(worst, check_close(f"linear on {device}, {n} row(s)", got.float(), want_linear(x),
                                            plugin.fidelity))
+    return max(worst, check_activations(plugin, reference, device, plugin.compute_dtype(stored)))
+
+
+ACTIVATION_NAMES = ("silu", "gelu_pytorch_tanh")      # the decoder's and the vision tower's
+
+
+def check_activations(plugin: KernelsBackend, reference: KernelsBackend, device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float32, fidelity: Fidelity | None = None) -> float:
+    """The plugin's MLP activations on a temporary (which they may overwrite) against the reference's, within
+    `fidelity` (default: the plugin's)."""
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    with failures_as_selftest_error(f"{type(plugin).__name__} activation self-test on {device}"):
+        for name in ACTIVATION_NAMES:
+            x = (torch.randn(5, 333, generator=gen) * 3).to(device, dtype)
+            want = reference.activation(name)(x.clone()).float()
+            got = plugin.activation(name)(x.clone()).float()
+            worst = max(worst, check_close(f"activation {name} on {device} in {dtype}", got, want,
+                                           fidelity or plugin.fidelity, dtype))
     return worst
 
 

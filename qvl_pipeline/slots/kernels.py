@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -11,6 +11,7 @@ from torch import nn
 
 from qvl_pipeline.hardware.chains import native_bf16
 from qvl_pipeline.hardware.profile import HardwareProfile
+from qvl_pipeline.model.activations import activation
 from qvl_pipeline.model.norms import RMSNorm
 from qvl_pipeline.slots.base import Plugin
 from qvl_pipeline.slots.kv_cache import KVCache
@@ -105,14 +106,15 @@ def check_compute_option(option: str) -> None:
 class KernelsBackend(Plugin):
     """Chooses the dtypes and the linear-layer implementation.
 
-    `linear(in, out, bias)` makes a module whose state dict is exactly {"weight": [out, in], "bias": [out]?},
-    so checkpoint names stay one-to-one with Hugging Face; `norm(size, eps)` makes the decoder's RMSNorm (state
-    dict {"weight": [size]}; the reference is model/norms.py); `project(x, layers)` applies several of its linears to
-    one input. `compute_dtype(stored)` says in which dtype activations flow for a checkpoint stored as `stored` (the
-    run's hidden states, KV cache and vision tower activations; the model casts its norms and patch embedding to it,
-    never its embedding table); where it differs from the stored dtype, the plugin's prepared linears and norms take
-    activations of the compute dtype. `prepare(model)` runs once after the weights are loaded (repacking,
-    quantising); it must keep outputs within the plugin's fidelity.
+    `linear(in, out, bias)` makes a module whose state dict is exactly {"weight": [out, in], "bias": [out]?}, so
+    checkpoint names stay one-to-one with Hugging Face; `norm(size, eps)` makes the decoder's RMSNorm (state dict
+    {"weight": [size]}; the reference is model/norms.py); `activation(name)` is the MLPs' activation function;
+    `project(x, layers)` applies several of its linears to one input. `compute_dtype(stored)` says in which dtype
+    activations flow for a checkpoint stored as `stored` (the run's hidden states, KV cache and vision tower
+    activations; the model casts its norms and patch embedding to it, never its embedding table); where it differs
+    from the stored dtype, the plugin's prepared linears and norms take activations of the compute dtype.
+    `prepare(model)` runs once after the weights are loaded (repacking, quantising); it must keep outputs within the
+    plugin's fidelity.
     """
 
     slot = "kernels"
@@ -123,6 +125,12 @@ class KernelsBackend(Plugin):
 
     def norm(self, size: int, eps: float) -> nn.Module:
         return RMSNorm(size, eps)
+
+    def activation(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The MLPs' activation a config's `hidden_act` names (reference: model/activations.py). Its argument is
+        always a temporary (a projection's output nothing else reads), so it may compute in place and return its
+        input."""
+        return activation(name)
 
     def project(self, x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
         """x through several linear layers made by `linear` that take the same input (q/k/v, gate/up); a plugin

@@ -252,7 +252,7 @@ class Int4Linear(nn.Module):
                 y = y.to(x.dtype)
         else:
             y = self._widened_matmul(x)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        return y if self.bias is None else y.add_(self.bias.to(x.dtype))          # y: this call's own output
 
     def _widened(self, rows: slice, x: torch.Tensor) -> torch.Tensor:
         """Rows `rows` of the weight [rows, in] in x's dtype: on CPU dequantised into the reused scratch buffer

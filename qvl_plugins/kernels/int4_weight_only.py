@@ -10,7 +10,7 @@ for a slightly smaller error: see weight_format.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,12 +21,13 @@ from torch import nn
 from qvl_pipeline.hardware.chains import native_bf16
 from qvl_pipeline.hardware.profile import HardwareProfile
 from qvl_pipeline.slots import Fidelity, Plugin, RunFacts, SelfTestError
-from qvl_pipeline.slots.checks import prepared_pair
+from qvl_pipeline.slots.checks import check_activations, prepared_pair
 from qvl_pipeline.slots.kernels import DecodeStep, KernelsBackend, check_compute_option, choose_compute_dtype
 from qvl_pipeline.slots.selftest import check_close, failures_as_selftest_error, relative_error, self_test_devices
 from qvl_pipeline.weight_format import INT4_GROUP, INT4_HEAD_BITS, INT4_VISION_BITS
 from qvl_plugins.kernels.int4_linear import ATEN_GROUP_SIZES, INT4PACK_MM, UNLIMITED_ROWS, Int4Linear, decode_together
 from qvl_plugins.kernels.int8_weight_only import QuantizableLinear, cache_binding, default_pack_rows
+from qvl_plugins.kernels.native_activation import native_activation
 from qvl_plugins.kernels.native_decode import native_decode_step
 from qvl_plugins.kernels.native_gemv import (
     INT4_DECODE_ROWS,
@@ -116,7 +117,7 @@ class Int4WeightOnlyKernels(KernelsBackend):
     summary = ("int4 weights per group of inputs with a scale and zero each (least-squares fitted), head included, "
                "vision tower int8: about 1/6 of fp32's bytes per token; decode through the project's native int4 x "
                "int8 GEMV (or ATen's int4 GEMM), prefill through its int4 x int8 GEMM on AVX512-VNNI, else the "
-               "widened weights")
+               "widened weights; the vision MLP's tanh GELU native")
 
     Options = Int4Options
 
@@ -167,6 +168,10 @@ class Int4WeightOnlyKernels(KernelsBackend):
     def norm(self, size: int, eps: float) -> nn.Module:
         return NativeRMSNorm(size, eps, self._native) if self._native is not None else super().norm(size, eps)
 
+    def activation(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        fallback = super().activation(name)
+        return native_activation(self._native, name, fallback) if self._native is not None else fallback
+
     def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
         return choose_compute_dtype(self.options.compute_dtype, stored, self.hw).dtype
 
@@ -210,3 +215,5 @@ class Int4WeightOnlyKernels(KernelsBackend):
                         got = mine(x.to(device, dtype))
                         check_close(f"linear on {device}, {rows} row(s) in {dtype}, vs its dequantised weights",
                                     got.float(), exact, Fidelity.NEAR)
+                for dtype in dict.fromkeys((self.compute_dtype(torch.float32), torch.bfloat16)):
+                    check_activations(self, reference, device, dtype, Fidelity.NEAR)

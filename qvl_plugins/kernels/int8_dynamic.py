@@ -6,12 +6,13 @@ integer dot products (AVX512-VNNI vpdpbusd, or AVX2 vpmaddubsw) by native/qvl_ge
 integer kernel reads the int8 weights at the memory bound where ATen's int8 GEMV is compute bound (converting every
 weight to fp32). Larger inputs (prefill, the vision tower) run the same int8 x int8 product as a native GEMM where
 the CPU has AVX512-VNNI (prefill_kernel=auto; ~1.6x a bf16 GEMM on the 2B shapes), else multiply the widened
-weights exactly, as int8_weight_only does.
+weights exactly, as int8_weight_only does. The decoder's RMSNorm at decode and the vision MLP's tanh GELU run native
+too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from qvl_pipeline.slots import Fidelity, RunFacts
 from qvl_pipeline.slots.kernels import DecodeStep
 from qvl_plugins.kernels.int8_linear import decode_together
 from qvl_plugins.kernels.int8_weight_only import Int8Options, Int8WeightOnlyKernels
+from qvl_plugins.kernels.native_activation import native_activation
 from qvl_plugins.kernels.native_decode import native_decode_step
 from qvl_plugins.kernels.native_gemv import Int8Decode, check_prefill_kernel, has_int8_gemm, native_for
 from qvl_plugins.kernels.native_norm import NativeRMSNorm
@@ -43,8 +45,9 @@ class Int8DynamicKernels(Int8WeightOnlyKernels):
     fidelity = Fidelity.NEAR
     summary = ("int8 weights; decode multiplies int8 activations (per block of 64) with integer dot products in "
                "the project's native kernel (AVX512-VNNI / AVX2) over weights stored in tiles of 4 rows, prefill "
-               "the same product as a native GEMM on AVX512-VNNI (elsewhere the widened weights), decode RMSNorm in "
-               "one native call: the same bytes per token as int8_weight_only at the memory bound")
+               "the same product as a native GEMM on AVX512-VNNI (elsewhere the widened weights), decode RMSNorm and "
+               "the vision MLP's tanh GELU in one native call each: the same bytes per token as int8_weight_only at "
+               "the memory bound")
 
     Options = Int8DynamicOptions
 
@@ -63,6 +66,9 @@ class Int8DynamicKernels(Int8WeightOnlyKernels):
     def norm(self, size: int, eps: float) -> nn.Module:
         build = native_for(self.facts, self.options.cache_dir)
         return NativeRMSNorm(size, eps, build) if build.available else super().norm(size, eps)
+
+    def activation(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return native_activation(native_for(self.facts, self.options.cache_dir), name, super().activation(name))
 
     def project(self, x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
         together = decode_together(layers, x)

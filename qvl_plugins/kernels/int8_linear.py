@@ -126,7 +126,7 @@ class Int8Linear(nn.Module):
                 y = y.to(x.dtype)
         else:
             y = self._widened_matmul(x)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        return y if self.bias is None else y.add_(self.bias.to(x.dtype))          # y: this call's own output
 
     def _widen(self, start: int, rows: int, x: torch.Tensor) -> torch.Tensor:
         """Weight rows [start, start + rows) -> [rows, in] row-major in x's dtype: on CPU in the reused scratch buffer

@@ -117,6 +117,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qvl_rms_norm.restype = i32
     lib.qvl_rope.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i64]
     lib.qvl_rope.restype = i32
+    lib.qvl_gelu_tanh.argtypes = [ptr, i32, i64, i32]
+    lib.qvl_gelu_tanh.restype = i32
     lib.qvl_int4_tiles_gemv.argtypes = [ptr, ptr, i64, ptr, i32, ptr, i32, i64, i64, i64, i32]
     lib.qvl_int4_tiles_gemv.restype = i32
     lib.qvl_int4_tiles_gemv_many.argtypes = [i32, ptr, ptr, ptr, ptr, i64, ptr, i32, i32, i64, i64, i32]
@@ -504,6 +506,16 @@ def rms_norm(build: NativeBuild, x: torch.Tensor, weight: torch.Tensor, eps: flo
     if rc:
         raise RuntimeError(f"native RMSNorm failed with code {rc} (shape {list(x.shape)})")
     return y
+
+
+def gelu_tanh_(build: NativeBuild, x: torch.Tensor) -> torch.Tensor:
+    """x (contiguous, bf16|fp32, CPU) <- gelu(x, approximate="tanh") in place, computed in fp32 as torch orders it
+    and rounded once; it may differ from torch's by one unit of the dtype's last place (or ~1e-7 |x| where 1 + tanh
+    cancels). Returns x."""
+    rc = build.lib.qvl_gelu_tanh(x.data_ptr(), _DTYPE_FLAG[x.dtype], x.numel(), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"native GELU failed with code {rc} (shape {list(x.shape)})")
+    return x
 
 
 def rope(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,

@@ -480,3 +480,36 @@ def test_decode_attention_over_int8_rows_is_widening_then_attending(build, dtype
     want = native_gemv.decode_attention(build, q, native_gemv.int8_rows_widen(build, k, ks, dtype),
                                         native_gemv.int8_rows_widen(build, v, vs, dtype), d ** -0.5)
     assert torch.equal(got, want)
+
+
+def _bf16_units_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many bf16 values lie between a and b (both bf16; ±0 count as equal), elementwise."""
+    def ordered(t: torch.Tensor) -> torch.Tensor:
+        bits = t.view(torch.int16).to(torch.int32)
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+    return (ordered(a) - ordered(b)).abs()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_tanh_gelu_is_torchs_within_a_last_place(build, dtype):
+    """gelu(x, approximate="tanh") in place on every build, against torch's: bf16 results at most one unit apart
+    (most equal), fp32 within a few ulp, and ~1e-7 |x| where 1 + tanh cancels; a tail shorter than a vector and
+    extreme inputs (inf, -inf and NaN as torch gives them) included."""
+    from qvl_plugins.kernels.native_gemv import gelu_tanh_
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(40_000, generator=gen) * 3, torch.linspace(-12, 12, 3001),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0, 1e4, -1e4])]).to(dtype)   # 43,009: odd tail
+    want = torch.nn.functional.gelu(x, approximate="tanh")
+    got = x.clone()
+    assert gelu_tanh_(build, got) is got
+    cancels = (got.float() - want.float()).abs() <= 1.2e-7 * x.float().abs()      # measured: <= 6e-8 |x|
+    if dtype == torch.bfloat16:
+        apart = _bf16_units_apart(got, want)
+        assert bool(((apart <= 1) | cancels).all()) and float((apart == 0).float().mean()) > 0.95
+    else:
+        assert bool(((got - want).abs() <= 4e-7 * want.abs()).logical_or(cancels).all())   # ~3 ulp
+    special = torch.tensor([float("inf"), -float("inf"), float("nan")], dtype=dtype)       # as torch: inf, NaN, NaN
+    assert torch.equal(gelu_tanh_(build, special.clone()).isnan(),
+                       torch.nn.functional.gelu(special, approximate="tanh").isnan())
+    assert special[:1].equal(gelu_tanh_(build, special[:1].clone()))

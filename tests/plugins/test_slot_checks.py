@@ -167,6 +167,32 @@ def test_check_kernels_rejects_a_linear_without_its_bias(faulty, message):
         check_kernels(faulty(FACTS), NATIVE)
 
 
+class ErfGeluKernels(TorchNativeKernels):
+    """A plausible bug: every GELU name gets the exact (erf) GELU, not the tanh approximation the config names."""
+
+    def activation(self, name):
+        return F.gelu if name.startswith("gelu") else super().activation(name)
+
+
+def test_check_kernels_rejects_the_wrong_activation():
+    with pytest.raises(SelfTestError, match=r"activation gelu_pytorch_tanh on cpu in torch.float32: relative error"):
+        check_kernels(ErfGeluKernels(FACTS), NATIVE)
+
+
+def test_the_native_plugins_give_the_vision_tower_the_native_tanh_gelu_and_it_passes_their_self_test():
+    """int8_dynamic and int4_weight_only hand the vision MLP the native in-place GELU where the library builds (the
+    self-test compares it with torch's), and the decoder's SiLU stays torch's."""
+    from qvl_pipeline import Pipeline
+    from qvl_pipeline.model.vision_blocks import VisionMLP
+    from qvl_plugins.kernels.native_activation import NativeTanhGelu
+
+    for level in ("moderate", "aggressive"):
+        pipe = Pipeline.from_overrides(["progress=false", "model=tiny", f"opt={level}", "opt.self_test=true"])
+        mlps = [m for m in pipe.model.modules() if isinstance(m, VisionMLP)]
+        assert mlps and all(isinstance(m._act, NativeTanhGelu) for m in mlps), level
+        assert pipe.model.model.language_model.layers[0].mlp._act is F.silu
+
+
 # --- kv cache ------------------------------------------------------------------------------------------------------
 
 STATIC = StaticCache(FACTS)

@@ -9,8 +9,8 @@
  *   AVX512-VNNI builds);
  *   int4 weights in tiles of 16 rows x int8 activations per block of 32 (qvl_int4_tiles_gemv*), and the same
  *   product for prefill-sized inputs as a GEMM over the tiles (qvl_int4_tiles_gemm_many, AVX512-VNNI builds);
- *   the decode step's RMSNorm, rotary and attention, the vision tower's bf16 attention (AVX512-BF16), the int8 KV
- *   cache's quantisation and read-back.
+ *   the decode step's RMSNorm, rotary and attention, the vision tower's bf16 attention (AVX512-BF16) and its
+ *   tanh GELU, the int8 KV cache's quantisation and read-back.
  * Activations and results may be bf16 (converted here, round to nearest even) or fp32.
  */
 #include <stdint.h>
@@ -118,6 +118,33 @@ static inline vf i8_to_vf(const int8_t *p) {
 static inline vf vround_bf16(vf v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_round16(v)), 16));
 }
+/* e^x for x <= 0 (Cephes' expf polynomial on x - n ln2, then a scale by 2^n; below -87 it is 0): ~1 ulp */
+static inline vf vexp_nonpositive(vf x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+/* |a| with b's sign */
+static inline vf vcopysign(vf a, vf b) {
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_andnot_si512(sign, _mm512_castps_si512(a)),
+                                               _mm512_and_si512(sign, _mm512_castps_si512(b))));
+}
+/* LANES fp32 values into element at of y (bf16, rounded as bf16_round16, or fp32) */
+static inline void vstore_as(void *y, int y_bf16, int64_t at, vf v) { store16(y, y_bf16, at, v, (__mmask16)0xffff); }
 #elif defined(__AVX2__)
 #define LANES 8
 typedef __m256 vf;
@@ -147,6 +174,36 @@ static inline __m256i bf16_round8(__m256 v) {
 }
 /* fp32 -> the nearest bf16 value (as f32_to_bf16), back in fp32 */
 static inline vf vround_bf16(vf v) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_round8(v), 16)); }
+/* e^x for x <= 0, as the AVX-512 one (2^n built in the exponent bits; n >= -126 here) */
+static inline vf vexp_nonpositive(vf x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+static inline vf vcopysign(vf a, vf b) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    return _mm256_or_ps(_mm256_andnot_ps(sign, a), _mm256_and_ps(sign, b));
+}
+static inline void vstore_as(void *y, int y_bf16, int64_t at, vf v) {
+    if (!y_bf16) { _mm256_storeu_ps((float *)y + at, v); return; }
+    __m256i r = bf16_round8(v);
+    _mm_storeu_si128((__m128i *)((uint16_t *)y + at),
+                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
 #else
 #define LANES 1
 typedef float vf;
@@ -1056,6 +1113,45 @@ int qvl_rope(const void *q, const void *k, const void *cos, const void *sin, voi
     return 0;
 }
 
+/* ---- GELU, tanh approximation, in place (the vision tower's MLP activation) ---------------------------------------
+ * x <- 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x³), in fp32 in torch's order of operations
+ * (gelu(approximate="tanh")), rounded once to x's dtype. tanh(|u|) = (1 - e) / (1 + e), e = e^(-2|u|) from the
+ * Cephes polynomial (~1 ulp; the tail and the scalar build take libm's tanhf), so a result can differ from torch's
+ * (Sleef's tanh) in the last fp32 bits: by one bf16 unit where that rounds across a tie, and by ~1e-7 |x| where
+ * 1 + tanh(u) cancels (u < -4). x contiguous, n elements, bf16 or fp32. */
+#define GELU_CHUNK 4096       /* elements per parallel work item */
+
+static inline float gelu_tanh_1(float x) {
+    const float inner = 0.7978845608028654f * (x + 0.044715f * (x * x * x));
+    return 0.5f * x * (1.0f + tanhf(inner));
+}
+
+int qvl_gelu_tanh(void *x, int bf16, int64_t n, int threads) {
+    if (n < 0) return 1;
+    const int64_t chunks = (n + GELU_CHUNK - 1) / GELU_CHUNK;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t lo = c * GELU_CHUNK, hi = lo + GELU_CHUNK < n ? lo + GELU_CHUNK : n;
+        int64_t i = lo;
+#if LANES > 1
+        const vf one = vset1(1.0f), half = vset1(0.5f), beta = vset1(0.7978845608028654f);
+        const vf kappa = vset1(0.044715f), minus_two = vset1(-2.0f);
+        for (; i + LANES <= hi; i += LANES) {
+            const vf v = load_as_f32(x, bf16, i);
+            const vf inner = vmul(beta, vadd(v, vmul(kappa, vmul(vmul(v, v), v))));
+            const vf e = vexp_nonpositive(vmul(minus_two, vcopysign(inner, one)));
+            const vf t = vcopysign(vdiv(vsub(one, e), vadd(one, e)), inner);
+            vstore_as(x, bf16, i, vmul(vmul(half, v), vadd(one, t)));
+        }
+#endif
+        for (; i < hi; i++) {
+            if (bf16) ((uint16_t *)x)[i] = f32_to_bf16(gelu_tanh_1(bf16_to_f32(((uint16_t *)x)[i])));
+            else ((float *)x)[i] = gelu_tanh_1(((float *)x)[i]);
+        }
+    }
+    return 0;
+}
+
 /* ---- decode attention: one query position against the cache -----------------------------------------------------
  * out[b, h] = softmax(scale * q[b, h] · k[b, h / groups, j]ᵀ over j < n) · v[b, h / groups]; fp32 scores, softmax
  * and accumulation, the result rounded once to its dtype (bf16 or fp32, as q, k, v). A query head sees every key:
@@ -1324,23 +1420,6 @@ int qvl_prefill_attention_available(void) { return 1; }
 
 static inline uint32_t load_u32(const uint16_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
-/* e^x for x <= 0 (Cephes' expf polynomial on x - n ln2, then a scale by 2^n; below -87 it is 0): ~1 ulp */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* scores S[i][0 .. Lp) = q_i · k_j for PA_MR query rows (pointers) against keys packed [Lp / 32][D / 2][32] pairs */
 PA_BF16 static void pa_scores(const uint16_t *const *qrow, const uint32_t *kp, int64_t D, int64_t Lp, float *S) {
 #define PA_INIT(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = _mm512_setzero_ps();
@@ -1450,7 +1529,7 @@ int qvl_prefill_attention(const uint16_t *q, const uint16_t *k, const uint16_t *
                     __m512 sum = _mm512_setzero_ps();
                     uint16_t *p = P + i * Lp;
                     for (j = 0; j < Lp; j += 16) {
-                        __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), sc), mx));
+                        __m512 e = vexp_nonpositive(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), sc), mx));
                         if (j + 16 > L) e = _mm512_maskz_mov_ps(j < L ? tail : 0, e);   /* keys past L: 0 */
                         sum = _mm512_add_ps(sum, e);
                         _mm256_storeu_si256((__m256i *)(p + j), bf16_round16(e));
