@@ -137,8 +137,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qvl_decode_attention_int8.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i64, ptr, ptr,
                                               ptr, ptr, ctypes.c_float, i32]
     lib.qvl_decode_attention_int8.restype = i32
-    lib.qvl_prefill_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, i64,
-                                          ctypes.c_float, i32]
+    lib.qvl_prefill_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64,
+                                          i64, ctypes.c_float, i32, i32]
     lib.qvl_prefill_attention.restype = i32
     lib.qvl_prefill_attention_available.restype = i32
     lib.qvl_int8_rows_quantize.argtypes = [ptr, i32, ptr, ptr, i64, i64, i64, i64, i64]
@@ -568,18 +568,21 @@ def has_prefill_attention(build: NativeBuild, isa: tuple[str, ...]) -> bool:
     return build.lib is not None and bool(build.lib.qvl_prefill_attention_available()) and "avx512_bf16" in isa
 
 
-def prefill_attention(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      scale: float) -> torch.Tensor:
-    """Bidirectional attention over one segment: q, k, v [heads, L, d] bf16 (any strides, d contiguous, d even and
-    at most PREFILL_ATTENTION_MAX_DIM) -> [L, heads, d] bf16; fp32 scores and softmax, p rounded to bf16 for p · v
-    (as torch's flash kernel), fp32 sums rounded once. Only where has_prefill_attention."""
+def prefill_attention(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      causal: bool = False) -> torch.Tensor:
+    """Attention of many query positions: q [heads, L, d], k, v [kv_heads, Lk, d] bf16 (any strides, d contiguous,
+    d even and at most PREFILL_ATTENTION_MAX_DIM, heads a multiple of kv_heads, Lk >= L) -> [L, heads, d] bf16.
+    causal: the queries are the last L of the Lk positions and each sees the keys up to its own; else every key.
+    fp32 scores and softmax, p rounded to bf16 for p · v (as torch's flash kernel), fp32 sums rounded once. Only
+    where has_prefill_attention."""
     h, n, d = q.shape
+    kvh, n_keys = k.shape[:2]
     out = torch.empty(n, h, d, dtype=torch.bfloat16)
-    rc = build.lib.qvl_prefill_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), n, h, d,
-                                         q.stride(1), q.stride(0), k.stride(1), k.stride(0), v.stride(1), v.stride(0),
-                                         scale, torch.get_num_threads())
+    rc = build.lib.qvl_prefill_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), n, n_keys, h, kvh,
+                                         d, q.stride(1), q.stride(0), k.stride(1), k.stride(0), v.stride(1),
+                                         v.stride(0), scale, int(causal), torch.get_num_threads())
     if rc:
-        raise RuntimeError(f"native prefill attention failed with code {rc} (q {list(q.shape)})")
+        raise RuntimeError(f"native prefill attention failed with code {rc} (q {list(q.shape)}, k {list(k.shape)})")
     return out
 
 

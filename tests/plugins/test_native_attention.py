@@ -1,5 +1,6 @@
-"""The native decode attention (one query position in one C call) and the int8 KV cache's native read-back:
-parity with eager attention and with torch's read-back, the fallbacks, the self-test catching a faulty kernel."""
+"""The native decode attention (one query position in one C call), the native bf16 prefill attention (vision tower
+and decoder) and the int8 KV cache's native read-back: parity with eager attention and with torch's read-back, the
+fallbacks, the self-test catching a faulty kernel."""
 
 from __future__ import annotations
 
@@ -171,7 +172,7 @@ def test_a_decoder_layer_hands_an_int8_caches_rows_to_attend_int8(plugin, monkey
     assert torch.equal(int8_out, widened_out) and calls == [torch.int8]
 
 
-# --- the vision tower's bf16 attention (AVX512-BF16) ---------------------------------------------------------------
+# --- the prefill's bf16 attention (AVX512-BF16): vision tower and decoder ----------------------------------------
 
 def _bf16_facts():
     isa = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16")
@@ -216,16 +217,54 @@ def test_vision_attention_elsewhere_is_torch_sdpa(monkeypatch):
                        SdpaAttention(facts).attend_varlen(odd, odd, odd, cu, scale=0.25))       # odd head_dim
 
 
-def test_the_self_test_covers_the_bf16_vision_path(monkeypatch):
+@pytest.mark.parametrize(("b", "h", "kvh", "q_len", "kv_len", "d", "causal"), [
+    (1, 16, 8, 37, 37, 128, True),       # the 2B decoder's heads; a partial block of queries and of keys
+    (1, 4, 2, 5, 70, 16, True),          # a prefill after 65 cached positions
+    (2, 6, 2, 33, 33, 24, True),         # batch 2, three q heads a kv head
+    (1, 2, 2, 7, 7, 16, False),          # not causal: every key
+    (1, 2, 1, 2, 2, 8, True),
+])
+def test_decoder_prefill_in_bf16_matches_eager(monkeypatch, b, h, kvh, q_len, kv_len, d, causal):
+    """A bf16 prefill over the cache's rows takes the native prefill attention (grouped kv heads, the queries the
+    last q_len of kv_len positions) and matches eager attention as torch's own bf16 SDPA does."""
     plugin = NativeAttention(_bf16_facts())
-    plugin.self_test(EAGER)
+    calls = []
+    real = native_attention.prefill_attention
+    monkeypatch.setattr(native_attention, "prefill_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(6)
+    k, v = cache_views(b, kvh, kv_len, d, torch.bfloat16, gen, max_len=kv_len + 9)
+    q = (torch.randn(b, h, q_len, d, generator=gen) * 2).to(torch.bfloat16)
+    got = plugin.attend(q, k, v, causal=causal, scale=d ** -0.5)
+    want = EAGER.attend(q.float(), k.float(), v.float(), causal=causal, scale=d ** -0.5)
+    torch_bf16 = SdpaAttention(FACTS).attend(q, k, v, causal=causal, scale=d ** -0.5)
+    assert len(calls) == b and got.shape == (b, q_len, h, d) and got.dtype == torch.bfloat16
+    assert relative_error(got.float(), want) <= 1e-2 and relative_error(torch_bf16.float(), want) <= 1e-2
+    if causal and q_len > 1:              # the first query sees only its own prefix: a future key changes nothing
+        k2 = k.clone()
+        k2[:, :, kv_len - 1] += 5
+        again = plugin.attend(q, k2, v, causal=True, scale=d ** -0.5)
+        assert torch.equal(again[:, :-1], got[:, :-1]) and not torch.equal(again[:, -1], got[:, -1])
+
+
+def _faulty(scale_dropped_when: bool):
     real = native_attention.prefill_attention
 
-    def unscaled(build, q, k, v, scale):                 # the softmax scale dropped
-        return real(build, q, k, v, 1.0)
+    def fault(build, q, k, v, scale, causal=False):       # the softmax scale dropped, causal or not
+        return real(build, q, k, v, 1.0 if causal == scale_dropped_when else scale, causal)
+    return fault
 
-    monkeypatch.setattr(native_attention, "prefill_attention", unscaled)
-    with pytest.raises(SelfTestError, match="attend_varlen"):
+
+@pytest.mark.parametrize(("fault", "message"), [
+    (_faulty(True), r"attend\(q_len=3, kv_len=9, heads=4/2, causal=True\)"),                   # the decoder's
+    (_faulty(False), r"attend\(q_len=5, kv_len=5, heads=2/2, causal=False\)"),
+    (lambda build, q, k, v, scale, causal=False, real=native_attention.prefill_attention:
+     real(build, q, k, v, scale, False), r"attend\(q_len=3, kv_len=9, heads=4/2, causal=True\)"),   # causality lost
+])
+def test_the_self_test_covers_the_native_prefill_paths(monkeypatch, fault, message):
+    plugin = NativeAttention(_bf16_facts())
+    plugin.self_test(EAGER)
+    monkeypatch.setattr(native_attention, "prefill_attention", fault)
+    with pytest.raises(SelfTestError, match=message):
         plugin.self_test(EAGER)
 
 

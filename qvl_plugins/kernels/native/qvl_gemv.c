@@ -9,8 +9,8 @@
  *   AVX512-VNNI builds);
  *   int4 weights in tiles of 16 rows x int8 activations per block of 32 (qvl_int4_tiles_gemv*), and the same
  *   product for prefill-sized inputs as a GEMM over the tiles (qvl_int4_tiles_gemm_many, AVX512-VNNI builds);
- *   the decode step's RMSNorm, rotary and attention, the vision tower's bf16 attention (AVX512-BF16) and its
- *   tanh GELU, the int8 KV cache's quantisation and read-back.
+ *   the decode step's RMSNorm, rotary and attention, the prefill's bf16 attention (vision tower and decoder,
+ *   AVX512-BF16), the vision tower's tanh GELU, the int8 KV cache's quantisation and read-back.
  * Activations and results may be bf16 (converted here, round to nearest even) or fp32.
  */
 #include <stdint.h>
@@ -1402,9 +1402,10 @@ int qvl_int4_fit_groups(const float *w, int64_t rows, int64_t K, int64_t group, 
     return 0;
 }
 
-/* ---- prefill attention (AVX512-BF16): bidirectional attention over one segment, bf16 -------------------------------
- * The vision tower's attention (every patch of an image sees every other). torch's CPU flash kernel spends most of
- * its time outside its GEMMs (~20 ms a 2B vision layer, 784 patches); here, per head, the keys are packed as
+/* ---- prefill attention (AVX512-BF16): many query positions over one segment of keys, bf16 -------------------------
+ * The vision tower's attention (every patch of an image sees every other) and the decoder's causal prefill (grouped
+ * kv heads). torch's CPU flash kernel spends most of its time outside its GEMMs (~20 ms a 2B vision layer, 784
+ * patches; ~3.3 ms a 2B decoder layer's 223-token causal prefill); here, per head, the keys are packed as
  * [L / 32][D / 2][32][2] (one 64-byte load = one pair of dimensions of 16 keys, lane = key) and the values as
  * [L / 2][Dp][2] (lane = dimension, a pair of keys), and PA_MR = 6 queries at a time take:
  *   scores = q · kᵀ with vdpbf16ps (fp32 sums of the bf16 products), scaled, in fp32;
@@ -1420,8 +1421,10 @@ int qvl_prefill_attention_available(void) { return 1; }
 
 static inline uint32_t load_u32(const uint16_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
-/* scores S[i][0 .. Lp) = q_i · k_j for PA_MR query rows (pointers) against keys packed [Lp / 32][D / 2][32] pairs */
-PA_BF16 static void pa_scores(const uint16_t *const *qrow, const uint32_t *kp, int64_t D, int64_t Lp, float *S) {
+/* scores S[i][0 .. sp) = q_i · k_j (row stride Lp) for PA_MR query rows (pointers) against keys packed
+ * [Lp / 32][D / 2][32] pairs; sp a multiple of 32, at most Lp */
+PA_BF16 static void pa_scores(const uint16_t *const *qrow, const uint32_t *kp, int64_t D, int64_t sp, int64_t Lp,
+                              float *S) {
 #define PA_INIT(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = _mm512_setzero_ps();
 #define PA_DOT(i) {                                                                                             \
         __m512bh a = (__m512bh)_mm512_set1_epi32((int)load_u32(qrow[i] + 2 * dp));                             \
@@ -1430,7 +1433,7 @@ PA_BF16 static void pa_scores(const uint16_t *const *qrow, const uint32_t *kp, i
 #define PA_STORE(i) {                                                                                           \
         _mm512_storeu_ps(S + i * Lp + jb * 32, c##i##0);                                                        \
         _mm512_storeu_ps(S + i * Lp + jb * 32 + 16, c##i##1); }
-    for (int64_t jb = 0; jb < Lp / 32; jb++) {
+    for (int64_t jb = 0; jb < sp / 32; jb++) {
         PA_INIT(0) PA_INIT(1) PA_INIT(2) PA_INIT(3) PA_INIT(4) PA_INIT(5)
         const uint32_t *kb = kp + jb * (D / 2) * 32;
         for (int64_t dp = 0; dp < D / 2; dp++) {
@@ -1471,31 +1474,35 @@ PA_BF16 static void pa_values(const uint16_t *P, int64_t Lp, const uint16_t *vp,
     else pa_values_n(P, Lp, vp, Lh, Dp, d0, 2, acc);
 }
 
-/* q, k, v: bf16, element (token t, head h, dim d) at x + t * x_tok + h * x_head + d; out [L, H, D] bf16. */
-int qvl_prefill_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t L, int64_t H,
-                          int64_t D, int64_t q_tok, int64_t q_head, int64_t k_tok, int64_t k_head, int64_t v_tok,
-                          int64_t v_head, float scale, int threads) {
-    if (L <= 0 || H <= 0 || D <= 0 || D % 2 || D > 256) return 1;
-    const int64_t Lp = (L + 31) / 32 * 32, Lh = (L + 1) / 2, Dp = (D + 31) / 32 * 32;
-    const int64_t kstride = Lp * D / 2, vstride = Lh * Dp * 2;        /* per head: uint32 pairs, uint16 values */
-    uint32_t *kp = (uint32_t *)aligned_alloc(64, (size_t)(H * kstride * 4));
-    uint16_t *vp = (uint16_t *)aligned_alloc(64, (size_t)((H * vstride * 2 + 63) / 64 * 64));
+/* q: bf16, element (query t, head h, dim d) at q + t * q_tok + h * q_head + d, t < L; k, v likewise over Lk keys and
+ * KVH heads (q head h reads kv head h / (H / KVH)); out [L, H, D] bf16. causal: query t is position t + Lk - L and
+ * sees keys j <= t + Lk - L (the decoder's prefill after Lk - L cached positions); else every key (the vision
+ * tower's). Key blocks past what a block of PA_MR queries can see are neither computed nor summed. */
+int qvl_prefill_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t L,
+                          int64_t Lk, int64_t H, int64_t KVH, int64_t D, int64_t q_tok, int64_t q_head, int64_t k_tok,
+                          int64_t k_head, int64_t v_tok, int64_t v_head, float scale, int causal, int threads) {
+    if (L <= 0 || Lk < L || H <= 0 || KVH <= 0 || H % KVH || D <= 0 || D % 2 || D > 256) return 1;
+    const int64_t Lp = (Lk + 31) / 32 * 32, Lh = (Lk + 1) / 2, Dp = (D + 31) / 32 * 32, groups = H / KVH;
+    const int64_t offset = causal ? Lk - L : 0;
+    const int64_t kstride = Lp * D / 2, vstride = Lh * Dp * 2;        /* per kv head: uint32 pairs, uint16 values */
+    uint32_t *kp = (uint32_t *)aligned_alloc(64, (size_t)(KVH * kstride * 4));
+    uint16_t *vp = (uint16_t *)aligned_alloc(64, (size_t)((KVH * vstride * 2 + 63) / 64 * 64));
     if (!kp || !vp) { free(kp); free(vp); return 2; }
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t h = 0; h < H; h++) {
+    for (int64_t h = 0; h < KVH; h++) {
         uint32_t *kh = kp + h * kstride;
         for (int64_t jb = 0; jb < Lp / 32; jb++)
             for (int64_t dp = 0; dp < D / 2; dp++)
                 for (int64_t l = 0; l < 32; l++) {
                     int64_t j = jb * 32 + l;
-                    kh[(jb * (D / 2) + dp) * 32 + l] = j < L ? load_u32(k + j * k_tok + h * k_head + 2 * dp) : 0u;
+                    kh[(jb * (D / 2) + dp) * 32 + l] = j < Lk ? load_u32(k + j * k_tok + h * k_head + 2 * dp) : 0u;
                 }
         uint16_t *vh = vp + h * vstride;
         for (int64_t jp = 0; jp < Lh; jp++)
             for (int64_t d = 0; d < Dp; d++)
                 for (int64_t e = 0; e < 2; e++) {
                     int64_t j = 2 * jp + e;
-                    vh[(jp * Dp + d) * 2 + e] = j < L && d < D ? v[j * v_tok + h * v_head + d] : 0;
+                    vh[(jp * Dp + d) * 2 + e] = j < Lk && d < D ? v[j * v_tok + h * v_head + d] : 0;
                 }
     }
     const int64_t blocks = (L + PA_MR - 1) / PA_MR;
@@ -1507,38 +1514,45 @@ int qvl_prefill_attention(const uint16_t *q, const uint16_t *k, const uint16_t *
         float *acc = (float *)aligned_alloc(64, (size_t)(PA_MR * 64 * 4));
         if (!S || !P || !acc) failed = 1;
         else {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
             for (int64_t item = 0; item < H * blocks; item++) {
-                const int64_t h = item / blocks, m0 = (item % blocks) * PA_MR;
+                const int64_t h = item / blocks, m0 = (item % blocks) * PA_MR, kvh = h / groups;
+                const int64_t last = (m0 + PA_MR < L ? m0 + PA_MR : L) - 1;       /* the block's last query row */
+                const int64_t seen = causal ? last + offset + 1 : Lk;            /* keys any of its rows sees */
+                const int64_t sp = (seen + 31) / 32 * 32;                        /* ... in whole key blocks */
                 const uint16_t *qrow[PA_MR];
+                int64_t keys[PA_MR];                                             /* keys row i sees */
                 for (int i = 0; i < PA_MR; i++) {
                     int64_t t = m0 + i < L ? m0 + i : L - 1;           /* rows past L repeat the last; not stored */
                     qrow[i] = q + t * q_tok + h * q_head;
+                    keys[i] = causal ? t + offset + 1 : Lk;
                 }
-                pa_scores(qrow, kp + h * kstride, D, Lp, S);
+                pa_scores(qrow, kp + kvh * kstride, D, sp, Lp, S);
                 float total[PA_MR];
-                const __mmask16 tail = (__mmask16)((1u << (L % 16)) - 1u);
                 for (int i = 0; i < PA_MR; i++) {
                     float *s = S + i * Lp;
+                    const int64_t n = keys[i];
                     const __m512 sc = _mm512_set1_ps(scale);
                     __m512 top = _mm512_set1_ps(-INFINITY);
                     int64_t j = 0;
-                    for (; j + 16 <= L; j += 16) top = _mm512_max_ps(top, _mm512_mul_ps(_mm512_loadu_ps(s + j), sc));
-                    if (j < L) top = _mm512_mask_max_ps(top, tail, top, _mm512_mul_ps(_mm512_loadu_ps(s + j), sc));
+                    for (; j + 16 <= n; j += 16) top = _mm512_max_ps(top, _mm512_mul_ps(_mm512_loadu_ps(s + j), sc));
+                    const __mmask16 tail = (__mmask16)((1u << (n % 16)) - 1u);
+                    if (j < n) top = _mm512_mask_max_ps(top, tail, top, _mm512_mul_ps(_mm512_loadu_ps(s + j), sc));
                     const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(top));
                     __m512 sum = _mm512_setzero_ps();
                     uint16_t *p = P + i * Lp;
-                    for (j = 0; j < Lp; j += 16) {
+                    for (j = 0; j < sp; j += 16) {
                         __m512 e = vexp_nonpositive(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), sc), mx));
-                        if (j + 16 > L) e = _mm512_maskz_mov_ps(j < L ? tail : 0, e);   /* keys past L: 0 */
+                        if (j + 16 > n) e = _mm512_maskz_mov_ps(j < n ? tail : 0, e);   /* keys it does not see: 0 */
                         sum = _mm512_add_ps(sum, e);
                         _mm256_storeu_si256((__m256i *)(p + j), bf16_round16(e));
                     }
                     total[i] = _mm512_reduce_add_ps(sum);
                 }
+                const int64_t pairs = (seen + 1) / 2;
                 for (int64_t d0 = 0; d0 < Dp; d0 += 64) {
                     const int nv = Dp - d0 >= 64 ? 4 : 2;
-                    pa_values(P, Lp, vp + h * vstride, Lh, Dp, d0, nv, acc);
+                    pa_values(P, Lp, vp + kvh * vstride, pairs, Dp, d0, nv, acc);
                     for (int i = 0; i < PA_MR && m0 + i < L; i++) {
                         const __m512 inv = _mm512_set1_ps(1.0f / total[i]);
                         for (int qq = 0; qq < nv; qq++) {
@@ -1559,11 +1573,11 @@ int qvl_prefill_attention(const uint16_t *q, const uint16_t *k, const uint16_t *
 }
 #else
 int qvl_prefill_attention_available(void) { return 0; }
-int qvl_prefill_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t L, int64_t H,
-                          int64_t D, int64_t q_tok, int64_t q_head, int64_t k_tok, int64_t k_head, int64_t v_tok,
-                          int64_t v_head, float scale, int threads) {
-    (void)q; (void)k; (void)v; (void)out; (void)L; (void)H; (void)D; (void)q_tok; (void)q_head; (void)k_tok;
-    (void)k_head; (void)v_tok; (void)v_head; (void)scale; (void)threads;
+int qvl_prefill_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t L,
+                          int64_t Lk, int64_t H, int64_t KVH, int64_t D, int64_t q_tok, int64_t q_head, int64_t k_tok,
+                          int64_t k_head, int64_t v_tok, int64_t v_head, float scale, int causal, int threads) {
+    (void)q; (void)k; (void)v; (void)out; (void)L; (void)Lk; (void)H; (void)KVH; (void)D; (void)q_tok; (void)q_head;
+    (void)k_tok; (void)k_head; (void)v_tok; (void)v_head; (void)scale; (void)causal; (void)threads;
     return 3;
 }
 #endif
