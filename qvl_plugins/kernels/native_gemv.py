@@ -115,8 +115,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qvl_int8_untile_widen.restype = i32
     lib.qvl_rms_norm.argtypes = [ptr, i32, ptr, i32, ptr, i32, i64, i64, ctypes.c_float]
     lib.qvl_rms_norm.restype = i32
-    lib.qvl_rope.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i64]
-    lib.qvl_rope.restype = i32
+    lib.qvl_rope_rows.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i64, i64, i64, i64, i64, i64, i64, i64,
+                                  i32]
+    lib.qvl_rope_rows.restype = i32
     lib.qvl_gelu_tanh.argtypes = [ptr, i32, i64, i32]
     lib.qvl_gelu_tanh.restype = i32
     lib.qvl_int4_tiles_gemv.argtypes = [ptr, ptr, i64, ptr, i32, ptr, i32, i64, i64, i64, i32]
@@ -518,14 +519,17 @@ def gelu_tanh_(build: NativeBuild, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def rope(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary of one position: q [b, hq, 1, d], k [b, hk, 1, d], cos, sin [b, 1, 1, d], all contiguous and of one
-    dtype (bf16|fp32) -> rotated copies of q and k, bit-equal to the reference computed in that dtype."""
-    b, hq, s, d = q.shape
-    qo, ko = torch.empty_like(q), torch.empty_like(k)
-    rc = build.lib.qvl_rope(q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), qo.data_ptr(), ko.data_ptr(),
-                            _DTYPE_FLAG[q.dtype], b, s, hq, k.shape[1], d)
+def rope(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         upcast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary of q and k, bit-equal to rotary/cached.py's apply, in one call: q [tokens, hq, d] and k [tokens, hk, d]
+    (any token and head strides, d contiguous; bf16|fp32), cos/sin [tokens, d] contiguous (fp32 with upcast, else
+    q's dtype) -> rotated [tokens, h, d] contiguous copies in q's dtype. upcast: computed in fp32 and rounded once;
+    else each product and the sum rounded to q's dtype."""
+    tokens, hq, d = q.shape
+    qo, ko = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
+    rc = build.lib.qvl_rope_rows(q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), qo.data_ptr(),
+                                 ko.data_ptr(), _DTYPE_FLAG[q.dtype], int(upcast), tokens, hq, k.shape[1], d,
+                                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), torch.get_num_threads())
     if rc:
         raise RuntimeError(f"native rotary failed with code {rc} (q {list(q.shape)}, k {list(k.shape)})")
     return qo, ko

@@ -111,7 +111,7 @@ def test_faulty_rotary_fails_self_test(faulty):
         faulty(FACTS).self_test(REF)
 
 
-# --- NativeRotary: the decode step's rotation in one native call ------------------------------------------------
+# --- NativeRotary: the rotation in one native call ------------------------------------------------------------------
 
 def _native_rotary():
     from qvl_plugins.rotary.native import NativeRotary
@@ -121,20 +121,51 @@ def _native_rotary():
     return NativeRotary(FACTS)
 
 
+def _counting_native_calls(monkeypatch) -> list[int]:
+    from qvl_plugins.rotary import native
+
+    calls: list[int] = []
+    real = native.rope
+    monkeypatch.setattr(native, "rope", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("upcast", [True, False])
-@pytest.mark.parametrize("positions", [1, 5])          # 1: the native call (decode); 5: the torch path (prefill)
-def test_native_apply_is_bit_equal_to_the_reference(dtype, upcast, positions):
+@pytest.mark.parametrize(("batch", "positions"), [(1, 1), (1, 37), (2, 1)])   # decode, prefill, batch 2 (torch)
+@pytest.mark.parametrize("table_dtype", ["activations", "fp32"])
+def test_native_apply_is_bit_equal_to_the_reference(monkeypatch, dtype, upcast, batch, positions, table_dtype):
+    calls = _counting_native_calls(monkeypatch)
     gen = torch.Generator().manual_seed(4)
     # the decoder's layout: [b, s, h, d] projections viewed as [b, h, s, d]
-    q = torch.randn(2, positions, 4, 128, generator=gen).to(dtype).transpose(1, 2)
-    k = torch.randn(2, positions, 2, 128, generator=gen).to(dtype).transpose(1, 2)
-    pos = torch.randint(0, 900, (3, 2, positions), generator=gen)
-    cos, sin = (t.to(dtype)[:, None] for t in REF.text_tables(pos, TEXT_INV, SECTION))
+    q = torch.randn(batch, positions, 4, 128, generator=gen).to(dtype).transpose(1, 2)
+    k = torch.randn(batch, positions, 2, 128, generator=gen).to(dtype).transpose(1, 2)
+    pos = torch.randint(0, 900, (3, batch, positions), generator=gen)
+    cos, sin = (t.to(dtype if table_dtype == "activations" else torch.float32)[:, None]
+                for t in REF.text_tables(pos, TEXT_INV, SECTION))
     got = _native_rotary().apply(q, k, cos, sin, upcast=upcast)
     want = REF.apply(q, k, cos, sin, upcast=upcast)
     for g, w in zip(got, want, strict=True):
         assert g.dtype == dtype and g.shape == w.shape and torch.equal(g, w)
+    work = torch.float32 if upcast else dtype
+    assert len(calls) == (batch == 1 and cos.dtype == work)           # where the tables are in the working dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_vision_rotation_is_bit_equal_to_the_reference(monkeypatch, dtype):
+    """The vision tower's call: q, k [patches, heads, d] strided views of the fused qkv projection, fp32 tables
+    [patches, 1, d], upcast: one native call, the same bits as the reference's fp32 copies."""
+    calls = _counting_native_calls(monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+    qkv = (torch.randn(50, 3, 4, 64, generator=gen) * 3).to(dtype)
+    q, k, _ = qkv.unbind(1)
+    cos, sin = REF.vision_tables(torch.randint(0, 30, (50, 2), generator=gen), VISION_INV)
+    cos, sin = cos[:, None], sin[:, None]
+    got = _native_rotary().apply(q, k, cos, sin, upcast=True)
+    want = REF.apply(q, k, cos, sin, upcast=True)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype and g.shape == w.shape and torch.equal(g, w)
+    assert len(calls) == 1
 
 
 def test_native_rotary_is_rejected_without_the_native_library_and_the_chain_moves_on(monkeypatch):

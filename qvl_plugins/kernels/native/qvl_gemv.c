@@ -1082,35 +1082,49 @@ int qvl_rms_norm(const void *x, int x_bf16, const void *w, int w_bf16, void *y, 
     return 0;
 }
 
-/* Rotary on q and k in one call, bit-equal to the reference in the activations' dtype:
+/* Rotary on q and k in one call, bit-equal to the reference (rotary/cached.py's apply):
  *   out = x * cos + rotate_half(x) * sin,  rotate_half(x) = (-x[d/2:], x[:d/2])
- * with each product and the sum rounded to the dtype. q [b, s, hq, d], k [b, s, hk, d] contiguous, cos/sin
- * [b, s, d] contiguous, all in one dtype; results into qo, ko of the same shapes. */
-int qvl_rope(const void *q, const void *k, const void *cos, const void *sin, void *qo, void *ko, int bf16,
-             int64_t b, int64_t s, int64_t hq, int64_t hk, int64_t d) {
+ * upcast: x widened to fp32 with fp32 tables, the products and the sum in fp32, the result rounded once to x's
+ * dtype (the vision tower's); else in x's dtype, each product and the sum rounded to it (the tables in that dtype;
+ * the decoder's). Token t of `tokens`, head h: x at q + t * q_tok + h * q_head (k likewise), table row t of cos,
+ * sin [tokens, d]; results into qo [tokens, hq, d] and ko [tokens, hk, d], contiguous. */
+static void rope_row(const void *x, int bf16, int upcast, const float *c, const float *sn, int64_t d, void *o) {
+    const int64_t half = d / 2;
+    float v[ELEM_MAX], a[ELEM_MAX], r[ELEM_MAX];
+    to_f32(x, bf16, d, v);
+    for (int64_t j = 0; j < d; j++) a[j] = v[j] * c[j];
+    for (int64_t j = 0; j < half; j++) r[j] = -v[j + half] * sn[j];
+    for (int64_t j = half; j < d; j++) r[j] = v[j - half] * sn[j];
+    if (bf16 && !upcast) { round_bf16(a, d); round_bf16(r, d); }
+    for (int64_t j = 0; j < d; j++) a[j] += r[j];
+    from_f32(a, bf16, d, o);
+}
+
+int qvl_rope_rows(const void *q, const void *k, const void *cos, const void *sin, void *qo, void *ko, int bf16,
+                  int upcast, int64_t tokens, int64_t hq, int64_t hk, int64_t d, int64_t q_tok, int64_t q_head,
+                  int64_t k_tok, int64_t k_head, int threads) {
     if (d % 2 || d > ELEM_MAX) return 1;
-    const int64_t half = d / 2, esize = bf16 ? 2 : 4;
-    float c[ELEM_MAX], sn[ELEM_MAX], v[ELEM_MAX], a[ELEM_MAX], r[ELEM_MAX];
-    for (int64_t i = 0; i < b * s; i++) {
-        to_f32((const char *)cos + i * d * esize, bf16, d, c);
-        to_f32((const char *)sin + i * d * esize, bf16, d, sn);
-        for (int which = 0; which < 2; which++) {
-            const char *x = (const char *)(which ? k : q);
-            char *o = (char *)(which ? ko : qo);
-            int64_t heads = which ? hk : hq;
-            for (int64_t h = 0; h < heads; h++) {
-                int64_t base = (i * heads + h) * d * esize;
-                to_f32(x + base, bf16, d, v);
-                for (int64_t j = 0; j < d; j++) a[j] = v[j] * c[j];
-                for (int64_t j = 0; j < half; j++) r[j] = -v[j + half] * sn[j];
-                for (int64_t j = half; j < d; j++) r[j] = v[j - half] * sn[j];
-                if (bf16) { round_bf16(a, d); round_bf16(r, d); }
-                for (int64_t j = 0; j < d; j++) a[j] += r[j];
-                from_f32(a, bf16, d, o + base);
-            }
-        }
+    const int64_t esize = bf16 ? 2 : 4, tsize = bf16 && !upcast ? 2 : 4;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && tokens > 1)
+    for (int64_t t = 0; t < tokens; t++) {
+        float c[ELEM_MAX], sn[ELEM_MAX];
+        to_f32((const char *)cos + t * d * tsize, tsize == 2, d, c);
+        to_f32((const char *)sin + t * d * tsize, tsize == 2, d, sn);
+        for (int64_t h = 0; h < hq; h++)
+            rope_row((const char *)q + (t * q_tok + h * q_head) * esize, bf16, upcast, c, sn, d,
+                     (char *)qo + (t * hq + h) * d * esize);
+        for (int64_t h = 0; h < hk; h++)
+            rope_row((const char *)k + (t * k_tok + h * k_head) * esize, bf16, upcast, c, sn, d,
+                     (char *)ko + (t * hk + h) * d * esize);
     }
     return 0;
+}
+
+/* The decode step's rotary (qvl_decode_layers): q [b, s, hq, d], k [b, s, hk, d] contiguous, cos/sin [b, s, d]
+ * contiguous, all in one dtype, each product and the sum rounded to it. */
+int qvl_rope(const void *q, const void *k, const void *cos, const void *sin, void *qo, void *ko, int bf16,
+             int64_t b, int64_t s, int64_t hq, int64_t hk, int64_t d) {
+    return qvl_rope_rows(q, k, cos, sin, qo, ko, bf16, 0, b * s, hq, hk, d, hq * d, d, hk * d, d, 1);
 }
 
 /* ---- GELU, tanh approximation, in place (the vision tower's MLP activation) ---------------------------------------
