@@ -29,7 +29,7 @@ def cpu_chains(hw: HardwareProfile) -> Chains:
     quantised = ("int4_weight_only", "int8_dynamic", "int8_weight_only")
     return {
         # Measured on a 2-core AVX-512 VM, 1024-token prefill: torch's fused CPU SDPA 3.4x faster than chunked.
-        "attention": ("native", "sdpa", "chunked", "eager"),   # native: the decode step in one C call
+        "attention": ("native", "sdpa", "chunked", "eager"),   # native: decode step, bf16 prefill in C
         "rotary": ("native", "cached", "reference"),    # native: the project's C rotation where it builds
         "kernels": (*quantised, *exact),
         "memory": ("cpu", "ssd_stream"),      # what the RAM budget cannot hold is streamed from disk
