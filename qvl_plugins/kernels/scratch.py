@@ -36,7 +36,8 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, sl
     key = (slot, torch.device(device), dtype)
     flat = _BUFFERS.flat.get(key)
     if flat is None or flat.numel() < numel:
-        flat = _BUFFERS.flat[key] = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):        # a normal tensor: writable inside inference mode and outside it
+            flat = _BUFFERS.flat[key] = torch.empty(numel, dtype=dtype, device=device)
     return flat[:numel].view(shape)
 
 

@@ -76,3 +76,15 @@ def test_prefill_under_autograd_keeps_its_own_weights():
     y.sum().backward()
     w = mine.weight_int8.float() * mine.weight_scale[:, None]
     assert torch.allclose(x.grad, w.sum(0).expand(6, 64), rtol=1e-5, atol=1e-5)
+
+
+def test_a_scratch_buffer_first_made_in_inference_mode_is_writable_outside_it():
+    """The widening buffer outlives the call that made it: one made during a generation (inference mode) must
+    still take writes outside it, where a later pipeline's self-tests widen weights (an inference tensor refused
+    them, so a second Pipeline in the same process lost int8_weight_only to its self-test)."""
+    from qvl_plugins.kernels.scratch import scratch
+
+    with torch.inference_mode():
+        scratch((3, 5), torch.float32, torch.device("cpu"), "inference-mode test").fill_(1.0)
+    out = scratch((3, 5), torch.float32, torch.device("cpu"), "inference-mode test").fill_(2.0)
+    assert float(out.sum()) == 30.0 and not out.is_inference()
