@@ -5,7 +5,7 @@ norms, rotary, projections and attention one call each, residual adds, SiLU · u
 token at `opt=moderate` on the 2-core VM, whose GEMVs already run at the RAM bandwidth. When every layer's parts
 are the native ones (int8 or int4 tiled weights with the native decode GEMV, native norms, the native attention
 and rotary plugins, all on the CPU), the whole stack runs in one call that uses the same kernels, so each of those
-steps gives the same bits; only SiLU's exp comes from libm instead of torch (last-bit fp32 differences that can
+steps gives the same bits; only SiLU's exp is the library's own instead of torch's (last-bit fp32 differences that can
 round a product to the neighbouring bf16). Everything else, and any step it does not take (batch > 1, another
 dtype, a cache it does not know, a plugin moved down its chain at run time, a forward hook on a layer, such as the
 non-finite diagnosis sets), goes through the per-op path.

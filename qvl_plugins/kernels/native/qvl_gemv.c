@@ -120,6 +120,7 @@ static inline vf vround_bf16(vf v) {
 }
 /* e^x for x <= 0 (Cephes' expf polynomial on x - n ln2, then a scale by 2^n; below -87 it is 0): ~1 ulp */
 static inline vf vexp_nonpositive(vf x) {
+    const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -132,9 +133,13 @@ static inline vf vexp_nonpositive(vf x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
 }
 static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+/* x >= 0 ? a : b, lane by lane */
+static inline vf vselect_nonnegative(vf x, vf a, vf b) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ), b, a);
+}
 static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
 /* |a| with b's sign */
@@ -174,8 +179,9 @@ static inline __m256i bf16_round8(__m256 v) {
 }
 /* fp32 -> the nearest bf16 value (as f32_to_bf16), back in fp32 */
 static inline vf vround_bf16(vf v) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_round8(v), 16)); }
-/* e^x for x <= 0, as the AVX-512 one (2^n built in the exponent bits; n >= -126 here) */
+/* e^x for x <= 0, as the AVX-512 one (2^n built in the exponent bits; n >= -126 here; below -87 it is 0) */
 static inline vf vexp_nonpositive(vf x) {
+    const __m256 normal = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -189,9 +195,12 @@ static inline vf vexp_nonpositive(vf x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+    return _mm256_and_ps(normal, _mm256_mul_ps(p, _mm256_castsi256_ps(two_n)));
 }
 static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vselect_nonnegative(vf x, vf a, vf b) {
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ));
+}
 static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
 static inline vf vcopysign(vf a, vf b) {
@@ -1601,8 +1610,9 @@ int qvl_prefill_attention(const uint16_t *q, const uint16_t *k, const uint16_t *
  * attention over the cache, output projection and residual, then the post-attention norm, gate/up, SiLU · up, down
  * projection and residual, calling the same kernels the per-op path calls (qvl_rms_norm, the int8 or int4 decode
  * GEMVs, qvl_rope, qvl_int8_rows_quantize, the decode attentions), so those steps give the same bits. The residual
- * adds round as torch's bf16 add does; SiLU uses libm's expf (torch's vector exp may differ in the last fp32 bit,
- * so the product can round to the neighbouring bf16). All buffers and weights on the CPU; x [hidden] is updated in
+ * adds round as torch's bf16 add does; SiLU is vectorised with the Cephes exp (vexp_nonpositive of -|x|; it may differ
+ * from torch's in the last fp32 bits, so the product can round to the neighbouring bf16; 6144 bf16 values: 41 us
+ * with libm's expf one by one, 3.6 us AVX-512, 6.7 us AVX2, ~1 ms of serial work a 2B token). All buffers and weights on the CPU; x [hidden] is updated in
  * place. Saves the ~15 Python-level ops a layer (~5-6 ms a 2B token on the 2-core VM). */
 typedef struct {
     const void *attn_norm, *mlp_norm, *q_norm, *k_norm;   /* [hidden], [hidden], [head_dim] x 2; activations' dtype */
@@ -1634,15 +1644,27 @@ static void residual_add(void *a, const void *b, int bf16, int64_t n) {
 
 /* gate <- silu(gate) * up, each op rounded to the activations' dtype as torch rounds it */
 static void silu_mul(void *gate, const void *up, int bf16, int64_t n) {
+    int64_t i = 0;
+#if LANES > 1
+    /* silu(x) = x / (1 + e^-x), as x / (1 + e) for x >= 0 and x e / (1 + e) below, e = e^-|x| (never overflows) */
+    const vf one = vset1(1.0f), minus_one = vset1(-1.0f);
+    for (; i + LANES <= n; i += LANES) {
+        const vf x = load_as_f32(gate, bf16, i);
+        const vf e = vexp_nonpositive(vmul(minus_one, vcopysign(x, one)));
+        vf s = vdiv(vselect_nonnegative(x, x, vmul(x, e)), vadd(one, e));
+        if (bf16) s = vround_bf16(s);
+        vstore_as(gate, bf16, i, vmul(s, load_as_f32(up, bf16, i)));
+    }
+#endif
     if (bf16) {
         uint16_t *g = (uint16_t *)gate; const uint16_t *u = (const uint16_t *)up;
-        for (int64_t i = 0; i < n; i++) {
+        for (; i < n; i++) {
             const float x = bf16_to_f32(g[i]);
             g[i] = f32_to_bf16(to_bf16_value(x / (1.0f + expf(-x))) * bf16_to_f32(u[i]));
         }
     } else {
         float *g = (float *)gate; const float *u = (const float *)up;
-        for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
 }
 
