@@ -118,22 +118,15 @@ static inline vf i8_to_vf(const int8_t *p) {
 static inline vf vround_bf16(vf v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_round16(v)), 16));
 }
-/* e^x for x <= 0 (Cephes' expf polynomial on x - n ln2, then a scale by 2^n; below -87 it is 0): ~1 ulp */
-static inline vf vexp_nonpositive(vf x) {
-    const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
+static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vround_nearest(vf a) {
+    return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+/* p · 2^n, n whole */
+static inline vf vscale_pow2(vf p, vf n) { return _mm512_scalef_ps(p, n); }
+/* x >= bound ? v : 0, lane by lane */
+static inline vf vkeep_at_least(vf x, vf bound, vf v) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, bound, _CMP_GE_OQ), v);
 }
 static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 /* x >= 0 ? a : b, lane by lane */
@@ -179,23 +172,15 @@ static inline __m256i bf16_round8(__m256 v) {
 }
 /* fp32 -> the nearest bf16 value (as f32_to_bf16), back in fp32 */
 static inline vf vround_bf16(vf v) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_round8(v), 16)); }
-/* e^x for x <= 0, as the AVX-512 one (2^n built in the exponent bits; n >= -126 here; below -87 it is 0) */
-static inline vf vexp_nonpositive(vf x) {
-    const __m256 normal = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf vround_nearest(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* p · 2^n, n whole and at least -126 (built in the exponent bits) */
+static inline vf vscale_pow2(vf p, vf n) {
     __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_and_ps(normal, _mm256_mul_ps(p, _mm256_castsi256_ps(two_n)));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+static inline vf vkeep_at_least(vf x, vf bound, vf v) {
+    return _mm256_and_ps(_mm256_cmp_ps(x, bound, _CMP_GE_OQ), v);
 }
 static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
 static inline vf vselect_nonnegative(vf x, vf a, vf b) {
@@ -225,6 +210,25 @@ static inline float vsum(vf a) { return a; }
 static inline void vstore(float *p, vf a) { *p = a; }
 static inline vf i8_to_vf(const int8_t *p) { return (float)*p; }
 static inline vf vround_bf16(vf v) { return to_bf16_value(v); }
+#endif
+
+#if LANES > 1
+/* e^x for x <= 0 (Cephes' expf polynomial on x - n ln2, then a scale by 2^n; below -87 it is 0): ~1 ulp */
+static inline vf vexp_nonpositive(vf x) {
+    const vf lowest = vset1(-87.0f);
+    const vf xc = vmax(x, lowest);
+    const vf n = vround_nearest(vmul(xc, vset1(1.44269504088896341f)));
+    vf r = vfma(n, vset1(-0.693359375f), xc);
+    r = vfma(n, vset1(2.12194440e-4f), r);
+    vf p = vset1(1.9875691500e-4f);
+    p = vfma(p, r, vset1(1.3981999507e-3f));
+    p = vfma(p, r, vset1(8.3334519073e-3f));
+    p = vfma(p, r, vset1(4.1665795894e-2f));
+    p = vfma(p, r, vset1(1.6666665459e-1f));
+    p = vfma(p, r, vset1(5.0000001201e-1f));
+    p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
+    return vkeep_at_least(x, lowest, vscale_pow2(p, n));
+}
 #endif
 
 const char *qvl_gemv_isa(void) {
