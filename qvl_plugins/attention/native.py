@@ -73,8 +73,11 @@ class NativeAttention(UsesNativeLibrary, SdpaAttention):
         # q [b, h, s, d], k/v [b, kvh, n, d] -> [b, s, h, d]. A decode step (s = 1) is the last position, so it sees
         # every key (causal or not); a bf16 prefill on AVX512-BF16 takes the native prefill attention
         if q.shape[2] > 1 and self._prefill and _native_prefill(q, k, v):
-            return torch.stack([prefill_attention(self._build, q[i], k[i], v[i], scale, causal)
-                                for i in range(q.shape[0])])
+            b, h, s, d = q.shape
+            out = torch.empty(b, s, h, d, dtype=torch.bfloat16)
+            for i in range(b):
+                prefill_attention(self._build, q[i], k[i], v[i], scale, causal, out=out[i])
+            return out
         if not (q.dtype == k.dtype == v.dtype and _native_decode_step(q, k, v)):
             return super().attend(q, k, v, causal=causal, scale=scale)
         return decode_attention(self._build, q, k, v, scale)

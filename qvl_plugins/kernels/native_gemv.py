@@ -573,15 +573,15 @@ def has_prefill_attention(build: NativeBuild, isa: tuple[str, ...]) -> bool:
 
 
 def prefill_attention(build: NativeBuild, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      causal: bool = False) -> torch.Tensor:
+                      causal: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of many query positions: q [heads, L, d], k, v [kv_heads, Lk, d] bf16 (any strides, d contiguous,
     d even and at most PREFILL_ATTENTION_MAX_DIM, heads a multiple of kv_heads, Lk >= L) -> [L, heads, d] bf16.
     causal: the queries are the last L of the Lk positions and each sees the keys up to its own; else every key.
     fp32 scores and softmax, p rounded to bf16 for p · v (as torch's flash kernel), fp32 sums rounded once. Only
-    where has_prefill_attention."""
+    where has_prefill_attention. `out`: a contiguous [L, heads, d] bf16 tensor to write into (default: a new one)."""
     h, n, d = q.shape
     kvh, n_keys = k.shape[:2]
-    out = torch.empty(n, h, d, dtype=torch.bfloat16)
+    out = torch.empty(n, h, d, dtype=torch.bfloat16) if out is None else out
     rc = build.lib.qvl_prefill_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), n, n_keys, h, kvh,
                                          d, q.stride(1), q.stride(0), k.stride(1), k.stride(0), v.stride(1),
                                          v.stride(0), scale, int(causal), torch.get_num_threads())

@@ -249,16 +249,16 @@ def test_decoder_prefill_in_bf16_matches_eager(monkeypatch, b, h, kvh, q_len, kv
 def _faulty(scale_dropped_when: bool):
     real = native_attention.prefill_attention
 
-    def fault(build, q, k, v, scale, causal=False):       # the softmax scale dropped, causal or not
-        return real(build, q, k, v, 1.0 if causal == scale_dropped_when else scale, causal)
+    def fault(build, q, k, v, scale, causal=False, **out):       # the softmax scale dropped, causal or not
+        return real(build, q, k, v, 1.0 if causal == scale_dropped_when else scale, causal, **out)
     return fault
 
 
 @pytest.mark.parametrize(("fault", "message"), [
     (_faulty(True), r"attend\(q_len=3, kv_len=9, heads=4/2, causal=True\)"),                   # the decoder's
     (_faulty(False), r"attend\(q_len=5, kv_len=5, heads=2/2, causal=False\)"),
-    (lambda build, q, k, v, scale, causal=False, real=native_attention.prefill_attention:
-     real(build, q, k, v, scale, False), r"attend\(q_len=3, kv_len=9, heads=4/2, causal=True\)"),   # causality lost
+    (lambda build, q, k, v, scale, causal=False, real=native_attention.prefill_attention, **out:
+     real(build, q, k, v, scale, False, **out), r"attend\(q_len=3, kv_len=9, heads=4/2, causal=True\)"),  # causal lost
 ])
 def test_the_self_test_covers_the_native_prefill_paths(monkeypatch, fault, message):
     plugin = NativeAttention(_bf16_facts())
