@@ -46,11 +46,6 @@ _DTYPES: dict[torch.dtype, str] = {
 Expected = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 
 
-def default_cache_dir() -> Path:
-    """`$QVL_CACHE_DIR`, else `~/.cache/qvl_pipeline` (the project's cache root; entries go under quantized/)."""
-    return Path(os.environ.get("QVL_CACHE_DIR") or Path.home() / ".cache" / "qvl_pipeline")
-
-
 @dataclass(frozen=True)
 class SourceCheckpoint:
     """A checkpoint folder's identity and the name -> (safetensors dtype, shape) of every stored tensor."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 
+from qvl_pipeline.cache_root import default_cache_dir
 from qvl_pipeline.hardware.profile import (
     KNOWN_ISA_FLAGS,
     CpuFacts,
@@ -151,11 +152,6 @@ def measure_memory_gb_s(size_mb: int = 256) -> float:
 SCRATCH_BYTES = 64 * 1024**2     # the temp file measured when there are no model shards to read
 
 
-def cache_dir() -> Path:
-    """QVL_CACHE_DIR (read when called, so a changed environment counts) or ~/.cache/qvl_pipeline."""
-    return Path(os.environ.get("QVL_CACHE_DIR", Path.home() / ".cache" / "qvl_pipeline"))
-
-
 def _scratch_read_mb_s(folder: Path, size: int | None = None) -> float:
     """Read speed of a temp file of `size` bytes written (and synced, and dropped from the page cache) in `folder`;
     0.0 when it cannot be written. The file is always removed."""
@@ -189,7 +185,7 @@ def disk_speed(path: Path) -> float:
         dev = os.stat(path).st_dev
     except OSError:
         return 0.0
-    cache = cache_dir() / "disk_speed.json"
+    cache = default_cache_dir() / "disk_speed.json"
     try:
         known = json.loads(cache.read_text())
         known = known if isinstance(known, dict) else {}
@@ -218,8 +214,8 @@ def probe_machine(model_path: str | None = None, measure: bool = False) -> tuple
     # The model's disk; without a model.path, the cache folder that holds the demo checkpoint (never the current
     # folder: measuring reads shards or one bounded temp file, and walks no tree).
     model = Path(model_path).expanduser() if model_path else None
-    disk = model if model is not None and model.exists() else cache_dir()
-    if disk == cache_dir() and measure:
+    disk = model if model is not None and model.exists() else default_cache_dir()
+    if disk == default_cache_dir() and measure:
         with contextlib.suppress(OSError):
             disk.mkdir(parents=True, exist_ok=True)
     storage = StorageFacts(kind=storage_kind(disk), read_mb_s=disk_speed(disk) if measure else 0.0)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvl_pipeline.checkpoint.quant_cache import default_cache_dir
+from qvl_pipeline.cache_root import default_cache_dir
 from qvl_pipeline.hardware.chains import native_bf16
 from qvl_pipeline.hardware.profile import HardwareProfile
 from qvl_pipeline.slots import Fidelity, Plugin, RunFacts

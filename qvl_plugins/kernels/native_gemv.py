@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from qvl_pipeline.checkpoint.quant_cache import default_cache_dir
+from qvl_pipeline.cache_root import default_cache_dir
 from qvl_pipeline.facts import RunFacts
 
 SOURCE = Path(__file__).with_name("native") / "qvl_gemv.c"

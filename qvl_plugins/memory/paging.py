@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qvl_pipeline import warm_start
+
 PAGE = mmap.PAGESIZE
 MADV_DONTNEED = 4
 MADV_POPULATE_READ = 22          # Linux 5.14+: fault the range in, EFAULT instead of SIGBUS past the end of a file
@@ -234,14 +236,19 @@ def read_in(modules: Iterable[nn.Module]) -> int:
 
     A resident run maps its weights from the checkpoint or the quantised-weight cache; without this, the first
     request's vision tower and prefill fault them in from disk inside the time to first token (a cold 2 GB int8
-    cache at ~0.5 GB/s: +2-4 s measured in the peers kit) instead of at load. No-op for anonymous memory and where
-    page residency is not managed (not Linux)."""
+    cache at ~0.5 GB/s: +2-4 s measured in the peers kit) instead of at load. The files are read by the warm start's
+    shared reader (several requests in flight; ranges a CLI warm start already read are not read again), and the
+    ranges are remembered as this assembly's warm-start hint. No-op for anonymous memory and where page residency is
+    not managed (not Linux)."""
     extents = mapped_extents(modules)
     if not extents:
         return 0
+    ranges = [(e.path, e.offset, e.length) for e in extents]
+    warm_start.remember(ranges)
+    warm_start.shared_reader().read(ranges)
     pager = Pager((e.path for e in extents), drop_page_cache=False)
     try:
-        total = pager.load(extents)
+        total = pager.load(extents)             # maps the pages, page-cache hits by now
     finally:
         pager.close()
     touch_pages(extents)
@@ -287,7 +294,8 @@ def touch_pages(extents: Iterable[Extent]) -> None:
     Under a hypervisor the first access to a page just read from disk can cost microseconds more than later ones
     with no fault in the guest (measured on the 2-core dev VM: 2.1 GB of a cold quantised-weight cache, one byte a
     page: 2.4 s the first time, 0.02 s after; without this the first request's vision tower and prefill paid it:
-    TTFT 3.5-4.2 s against 1.4-1.9 s for the second). On bare metal it costs ~10 ms for 2 GB."""
+    TTFT 3.5-4.2 s against 1.4-1.9 s for the second). After read_in's reader, which touched every page it read
+    through the kernel, it costs 0.02-0.1 s there; on bare metal ~10 ms for 2 GB."""
     for e in extents:
         view = torch.frombuffer((ctypes.c_ubyte * e.length).from_address(e.address), dtype=torch.uint8)
         view[::PAGE].sum()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from qvl_pipeline.cache_root import default_cache_dir
 from qvl_pipeline.checkpoint import load_checkpoint, save_checkpoint
 from qvl_pipeline.checkpoint.quant_cache import (
     MANIFEST_FILE,
@@ -20,7 +21,6 @@ from qvl_pipeline.checkpoint.quant_cache import (
     QuantCache,
     SourceCheckpoint,
     cache_key,
-    default_cache_dir,
     read_mapped,
     write_aligned_safetensors,
 )
