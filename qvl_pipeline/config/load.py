@@ -207,7 +207,8 @@ def typed(cfg: DictConfig) -> RootConfig:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", "") or ""
-        raise ConfigError(f"config value missing or invalid{f' at {key}' if key else ''}: {exc}",
+        what = (str(exc).splitlines() or [type(exc).__name__])[0]    # OmegaConf appends key and type lines
+        raise ConfigError(f"config value missing or invalid{f' at {key}' if key else ''}: {what}",
                           "set it on the command line (key=value) or in the group's YAML file") from exc
     if not isinstance(obj, RootConfig):
         raise ConfigError("the composed config is not a qvl-pipeline config", "compose it from qvl_pipeline.conf")

@@ -100,6 +100,13 @@ def test_out_of_range_values_name_the_key(override, key):
     assert key in err.value.message
 
 
+def test_a_value_that_does_not_resolve_is_one_line_naming_its_key():
+    with pytest.raises(ConfigError) as err:
+        load_config(["opt.description=${oc.env:QVL_TEST_SURELY_UNSET}"])
+    assert "opt.description" in err.value.message and "QVL_TEST_SURELY_UNSET" in err.value.message
+    assert "\n" not in err.value.message
+
+
 def test_min_pixels_above_max_pixels_is_refused():
     with pytest.raises(ConfigError, match=r"processing\.min_pixels"):
         load_config(["processing.min_pixels=5000", "processing.max_pixels=4000"])
