@@ -36,8 +36,8 @@ from pathlib import Path
 
 from qvl_pipeline.cache_root import default_cache_dir
 
-READ_THREADS = 4                  # requests in flight: an NVMe drive wants several; 1 -> 4 on the dev VM's virtio
-                                  # disk: 0.44 -> 0.67-0.70 GB/s cold (2 threads 0.49-0.84)
+READ_THREADS = 4                  # requests in flight: an NVMe drive wants several. The dev VM's virtio disk, cold
+                                  # 2.1 GB: 1 thread 0.42-0.44 GB/s, 4 threads 0.64-1.04, 8-16 no better than 4
 READ_CHUNK = 4 << 20              # bytes a request
 HINT_DIR = "warm_start"           # under the cache root: <signature>.json per assembly
 HINT_VERSION = 1
@@ -48,9 +48,10 @@ FileRange = tuple[str, int, int]  # (file path, byte offset, byte length)
 
 class FileReader:
     """Reads file ranges into the page cache with READ_THREADS daemon threads, READ_CHUNK bytes a request, skipping
-    pieces the page cache holds already; a piece asked for again while queued or being read (a warm start, then the
-    load itself, split the same ranges alike) is waited for, not read twice. Best effort: a file that cannot be read
-    is skipped (its error surfaces where the weights are used)."""
+    pieces the page cache holds already. A piece is read once per reader: asked for again (a warm start, then the
+    load itself, split the same ranges alike) it is waited for while queued or being read, and returns at once after
+    (re-checking 2 GB that is cached costs ~70 ms). Best effort: a file that cannot be read is skipped (its error
+    surfaces where the weights are used; a mapping the page cache has dropped since is read again by its faults)."""
 
     def __init__(self, threads: int = READ_THREADS, chunk: int = READ_CHUNK) -> None:
         self.threads, self.chunk = threads, chunk
@@ -62,7 +63,7 @@ class FileReader:
         self._workers: list[threading.Thread] = []
 
     def submit(self, ranges: Iterable[FileRange]) -> list[threading.Event]:
-        """Queue the pieces of `ranges` not queued already; returns an event per piece (set once read or skipped)."""
+        """Queue the pieces of `ranges` never asked for; returns an event per piece (set once read or skipped)."""
         events = []
         with self._lock:
             for path, offset, length in ranges:
@@ -98,8 +99,6 @@ class FileReader:
             finally:
                 with self._lock:
                     self.bytes_read += got
-                    if self._pieces.get((path, offset, length)) is done:
-                        del self._pieces[(path, offset, length)]     # asked again later: checked again
                 done.set()
 
 
