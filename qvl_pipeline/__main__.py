@@ -82,16 +82,14 @@ def _results_dir(config: Any) -> Path | None:
     return prepare_results_dir(path)
 
 
-def _apply_emulation(container: Any) -> None:
-    """Cap threads and CPU ISA to the profile; the ISA cap needs a fresh interpreter, so re-exec once (into the
-    same run folder, with the command line as typed)."""
+def _apply_hardware(container: Any) -> None:
+    """Set the run's threads; when emulating a profile (ISA caps) or binding threads to cores, the environment must
+    be in force before torch starts, so re-exec once (into the same run folder, with the command line as typed)."""
     from qvl_pipeline.config.load import literal
-    from qvl_pipeline.hardware.effective import apply_threads, emulation_pending
+    from qvl_pipeline.hardware.effective import apply_threads, env_pending, process_env
 
     report = container.core.hardware_report()
-    if not report.emulate:
-        return
-    pending = emulation_pending(report.profile)
+    pending = env_pending(process_env(report.profile, report.emulate, report.threads))
     if pending and not os.environ.get(REEXEC_GUARD):
         env = {**os.environ, **pending, REEXEC_GUARD: "1"}
         args = list(_ORIGINAL_ARGS)
@@ -102,9 +100,12 @@ def _apply_emulation(container: Any) -> None:
                 args.append(f"hydra.run.dir={literal(HydraConfig.get().runtime.output_dir)}")
         except ValueError:
             pass
-        _say(f"emulating {report.target}: restarting with {' '.join(f'{k}={v}' for k, v in pending.items())}")
+        why = " and ".join(([f"emulating {report.target}"] if report.emulate else [])
+                           + (["binding threads to cores"] if report.threads and report.threads.pinned else []))
+        _say(f"{why}: restarting with {' '.join(f'{k}={v}' for k, v in pending.items())}")
         os.execve(sys.executable, [sys.executable, "-m", "qvl_pipeline", *args], env)
-    apply_threads(report.profile)
+    if report.threads is not None:
+        apply_threads(report.threads)
 
 
 def assembly_signature(config: dict[str, Any]) -> str:
@@ -149,7 +150,7 @@ def run_task(cfg: Any) -> int:
 
     keep_large_blocks()                              # per-layer scratch of tens of MiB reused, not re-faulted
     container = make_container(config)
-    _apply_emulation(container)
+    _apply_hardware(container)
     if task == "probe":
         from qvl_pipeline.tasks import probe
         return probe.run(config, container)

@@ -222,6 +222,12 @@ def render_plan(plan: Mapping[str, Any]) -> str:
         lines.append(f"  gpu: {gpu['name']} sm_{sm}, {gpu['vram_gb']:g} GiB VRAM; torch kernels: {kernels}")
     else:
         lines.append("  gpu: none usable")
+    threads = hw.get("threads")
+    if threads:
+        bound = ("bound one per physical core (OMP_PLACES=cores)" if threads["pinned"]
+                 else "not bound to cores (hardware.pin_threads=true binds them)")
+        lines.append(f"  threads: {threads['compute']} compute ({threads['why']}), {threads['interop']} inter-op; "
+                     f"{bound}")
     for diff in hw["differences"]:
         lines.append(f"  differs: {diff}")
     for note in hw["notes"]:

@@ -112,8 +112,8 @@ def ours(spec: dict[str, Any]) -> dict[str, Any]:
     config = config_from_dict(spec["config"])
     container = make_container(config)
     report = container.core.hardware_report()
-    if report.emulate:
-        apply_threads(report.profile)          # the ISA caps came with the environment of the parent process
+    if report.threads is not None:
+        apply_threads(report.threads)          # the ISA caps and OpenMP binding came with the parent's environment
     progress("qvl-pipeline: loading")
     pipe = Pipeline.from_container(container)
     plan = pipe.plan

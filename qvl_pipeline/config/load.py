@@ -280,6 +280,8 @@ def validate_config(config: RootConfig) -> None:
                  "a number of GiB > 0 (or null: from the machine's memory)")
     _require(math.isfinite(mem.reserve_gb) and mem.reserve_gb >= 0, "memory.reserve_gb", mem.reserve_gb,
              "a number of GiB ≥ 0")
+    _require(config.hardware.threads is None or config.hardware.threads >= 1, "hardware.threads",
+             config.hardware.threads, "an integer ≥ 1 (or null: one per physical core)")
     _validate_bench_and_tune(config)
     try:
         check_budgets(config.hardware.budgets)

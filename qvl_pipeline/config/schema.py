@@ -17,6 +17,8 @@ class HardwareConfig:
     probe: bool = False          # true: read the facts from this machine (hardware=auto)
     emulate: bool = False        # true: cap threads, memory budgets and CPU ISA to the profile
     measure: bool = False        # true: measure RAM and disk bandwidth (cached per disk)
+    threads: int | None = None   # compute threads; null: one per physical core of the (effective) profile
+    pin_threads: bool = False    # true: bind them one per physical core (OMP_PLACES=cores; the CLI restarts once)
     cpu: Any = None
     ram_gb: Any = None
     gpu: Any = None

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from qvl_pipeline.hardware.profile import CpuFacts, HardwareProfile
 
@@ -62,6 +63,39 @@ def reconcile(target: HardwareProfile, real: HardwareProfile, emulate: bool) -> 
     return effective, diffs
 
 
+OMP_ENV = "OMP_NUM_THREADS"       # a user's thread count for OpenMP programs; torch reads it too
+INTEROP_THREADS = 1               # the pipeline launches no inter-op work (no torch.jit.fork, no async ops)
+PIN_ENV = {"OMP_PLACES": "cores", "OMP_PROC_BIND": "close"}   # read by OpenMP when it starts (torch's import)
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """The run's threads: compute (torch's intra-op pool, which the native kernels share), inter-op, and whether
+    OpenMP binds them to cores; `why` says where the compute count came from."""
+
+    compute: int
+    interop: int
+    pinned: bool
+    why: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def thread_plan(profile: HardwareProfile, threads: int | None, pin: bool, omp_threads: str | None = None) -> ThreadPlan:
+    """Threads for `profile` (the effective one) with the hardware group's `threads` and `pin_threads`; without
+    `threads`, the environment's OMP_NUM_THREADS (`omp_threads`, as torch itself would) when it is a count (pure)."""
+    cores = max(1, profile.cpu.physical_cores)
+    if threads is None and omp_threads and omp_threads.strip().isdigit() and int(omp_threads) >= 1:
+        threads, source = int(omp_threads), "OMP_NUM_THREADS"
+    elif threads is None:
+        return ThreadPlan(cores, INTEROP_THREADS, pin, f"one per physical core, of {cores}")
+    else:
+        source = "hardware.threads"
+    why = source + ("" if threads == cores else f"; the CPU has {cores} physical cores")
+    return ThreadPlan(threads, INTEROP_THREADS, pin, why)
+
+
 def emulation_env(profile: HardwareProfile) -> dict[str, str]:
     """Environment variables that cap ATen's and oneDNN's CPU ISA to what `profile` allows (pure)."""
     aten = next((level for flag, level in _ATEN_LEVELS if profile.has_isa(flag)), "default")
@@ -69,15 +103,28 @@ def emulation_env(profile: HardwareProfile) -> dict[str, str]:
     return {"ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": onednn}
 
 
-def emulation_pending(profile: HardwareProfile) -> dict[str, str]:
-    """The emulation variables not yet in force in this process's environment."""
-    return {k: v for k, v in emulation_env(profile).items() if os.environ.get(k) != v}
+def process_env(profile: HardwareProfile, emulate: bool, threads: ThreadPlan | None) -> dict[str, str]:
+    """The environment a run needs before torch starts: the ISA caps when emulating, the OpenMP binding when the
+    threads are pinned (pure)."""
+    env = emulation_env(profile) if emulate else {}
+    if threads is not None and threads.pinned:
+        env.update(PIN_ENV)
+    return env
 
 
-def apply_threads(profile: HardwareProfile) -> int:
-    """Use one compute thread per physical core of the (effective) profile; returns the count."""
+def env_pending(env: dict[str, str]) -> dict[str, str]:
+    """The variables of `env` not yet in force in this process's environment."""
+    return {k: v for k, v in env.items() if os.environ.get(k) != v}
+
+
+def apply_threads(plan: ThreadPlan) -> None:
+    """Set torch's compute and inter-op thread counts. The inter-op count can be set once per process, before any
+    inter-op work: a later pipeline in the same process keeps the first one's."""
     import torch
 
-    threads = max(1, profile.cpu.physical_cores)
-    torch.set_num_threads(threads)
-    return threads
+    torch.set_num_threads(plan.compute)
+    if torch.get_num_interop_threads() != plan.interop:
+        try:
+            torch.set_num_interop_threads(plan.interop)
+        except RuntimeError:
+            pass

@@ -12,7 +12,7 @@ KNOWN_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw"
 
 
 # Keys of the hardware config group that steer a run rather than describe the machine.
-RUN_SWITCHES = frozenset({"probe", "emulate", "measure"})
+RUN_SWITCHES = frozenset({"probe", "emulate", "measure", "threads", "pin_threads"})
 
 
 class ProfileError(ValueError):

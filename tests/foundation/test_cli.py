@@ -78,6 +78,16 @@ def test_emulation_restarts_with_the_profile_isa():
     assert plan["hardware"]["emulate"] is True
 
 
+def test_pinned_threads_restart_once_with_the_openmp_binding_and_the_plan_says_so():
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_PLACES", "OMP_PROC_BIND")}
+    run = subprocess.run([sys.executable, "-m", "qvl_pipeline", "task=plan", "hardware.pin_threads=true"],
+                         capture_output=True, text=True, timeout=180, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "binding threads to cores: restarting with OMP_PLACES=cores OMP_PROC_BIND=close" in run.stderr
+    assert run.stderr.count("restarting") == 1
+    assert "inter-op; bound one per physical core (OMP_PLACES=cores)" in run.stdout
+
+
 def test_plan_for_a_checkpoint_folder_states_that_checkpoints_layers(tmp_path):
     from tests.conftest import write_tiny_checkpoint
 

@@ -14,9 +14,16 @@ from qvl_pipeline.container import make_container
 from qvl_pipeline.errors import ConfigError
 from qvl_pipeline.hardware.build import build_hardware
 from qvl_pipeline.hardware.chains import cpu_chains, derive_chains
-from qvl_pipeline.hardware.effective import emulation_env, reconcile
+from qvl_pipeline.hardware.effective import (
+    PIN_ENV,
+    apply_threads,
+    emulation_env,
+    process_env,
+    reconcile,
+    thread_plan,
+)
 from qvl_pipeline.hardware.probe import probe_machine, read_cpuinfo, torch_has_kernels_for
-from qvl_pipeline.hardware.profile import ProfileError, profile_from_dict
+from qvl_pipeline.hardware.profile import RUN_SWITCHES, ProfileError, profile_from_dict
 from qvl_pipeline.plan import render_plan
 from qvl_pipeline.tasks.probe import probe_yaml
 from tests.conftest import PASCAL, make_profile
@@ -26,7 +33,7 @@ AUTO = dataclasses.asdict(load_config([]).hardware)
 
 
 def profile_dict():
-    return {k: copy.deepcopy(v) for k, v in I5.items() if k not in ("probe", "emulate", "measure")}
+    return {k: copy.deepcopy(v) for k, v in I5.items() if k not in RUN_SWITCHES}
 
 
 @pytest.mark.parametrize(("mutate", "field"), [
@@ -137,3 +144,42 @@ def test_emulation_caps_to_the_profile():
     assert emulation_env(effective) == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     plain_effective, _ = reconcile(target, real, emulate=False)
     assert "avx512f" in plain_effective.cpu.isa and plain_effective.ram_gb == 64.0
+
+
+def test_threads_are_one_per_physical_core_unless_set_and_the_plan_says_so():
+    four = make_profile(name="probed")                      # 4 physical cores, 8 threads
+    default = thread_plan(four, None, pin=False)
+    assert (default.compute, default.interop, default.pinned) == (4, 1, False)
+    assert "physical core" in default.why
+    assert thread_plan(four, 2, pin=True).compute == 2 and "4 physical cores" in thread_plan(four, 2, False).why
+    assert thread_plan(four, None, False, omp_threads="1").compute == 1         # the user's OMP_NUM_THREADS
+    assert "OMP_NUM_THREADS" in thread_plan(four, None, False, omp_threads="1").why
+    assert thread_plan(four, None, False, omp_threads="lots").compute == 4      # not a count: ignored
+    assert thread_plan(four, 3, False, omp_threads="1").compute == 3            # hardware.threads wins
+    container = make_container(load_config(["hardware=i5_sm61_nvme", "hardware.threads=3"]))
+    container.core.prober.override(lambda path, measure: (four, []))
+    report = container.core.hardware_report()
+    assert report.threads.compute == 3
+    text = render_plan(container.core.plan().to_dict())
+    assert "  threads: 3 compute (hardware.threads; the CPU has 4 physical cores), 1 inter-op; not bound" in text
+    with pytest.raises(ConfigError, match=r"hardware\.threads"):
+        load_config(["hardware.threads=0"])
+
+
+def test_pinned_threads_and_emulation_need_the_environment_before_torch_starts():
+    target = profile_from_dict(profile_dict())
+    assert process_env(target, emulate=False, threads=thread_plan(target, None, pin=False)) == {}
+    assert process_env(target, emulate=False, threads=thread_plan(target, None, pin=True)) == PIN_ENV
+    both = process_env(target, emulate=True, threads=thread_plan(target, None, pin=True))
+    assert both == {**emulation_env(target), **PIN_ENV}
+
+
+def test_apply_threads_sets_torchs_compute_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        apply_threads(thread_plan(make_profile(), 1, pin=False))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

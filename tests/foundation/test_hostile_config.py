@@ -93,6 +93,7 @@ def test_an_override_hydra_cannot_read_says_how_to_quote(override):
     ("features.max_cached_images=-1", "features.max_cached_images"),
     ("model.seed=-2", "model.seed"),
     ("output=xml", "output"),
+    ("hardware.threads=0", "hardware.threads"),
 ])
 def test_out_of_range_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
