@@ -60,4 +60,4 @@ def build_hardware(hw_cfg: Mapping[str, Any], prober: Prober, model_path: str | 
                            "(fastest first on the CPU)")
     return HardwareReport(effective, target=target.name, probed=False, emulate=emulate,
                           differences=differences, notes=notes, described=target,
-                          threads=thread_plan(effective, data.get("threads"), pin, os.environ.get(OMP_ENV)))
+                          threads=thread_plan(effective, data.get("threads"), pin, os.environ.get(OMP_ENV), emulate))

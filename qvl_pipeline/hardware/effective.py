@@ -82,9 +82,11 @@ class ThreadPlan:
         return asdict(self)
 
 
-def thread_plan(profile: HardwareProfile, threads: int | None, pin: bool, omp_threads: str | None = None) -> ThreadPlan:
+def thread_plan(profile: HardwareProfile, threads: int | None, pin: bool, omp_threads: str | None = None,
+                emulate: bool = False) -> ThreadPlan:
     """Threads for `profile` (the effective one) with the hardware group's `threads` and `pin_threads`; without
-    `threads`, the environment's OMP_NUM_THREADS (`omp_threads`, as torch itself would) when it is a count (pure)."""
+    `threads`, the environment's OMP_NUM_THREADS (`omp_threads`, as torch itself would) when it is a count. When
+    emulating, never more than the profile's physical cores (pure)."""
     cores = max(1, profile.cpu.physical_cores)
     if threads is None and omp_threads and omp_threads.strip().isdigit() and int(omp_threads) >= 1:
         threads, source = int(omp_threads), "OMP_NUM_THREADS"
@@ -92,6 +94,9 @@ def thread_plan(profile: HardwareProfile, threads: int | None, pin: bool, omp_th
         return ThreadPlan(cores, INTEROP_THREADS, pin, f"one per physical core, of {cores}")
     else:
         source = "hardware.threads"
+    if emulate and threads > cores:
+        return ThreadPlan(cores, INTEROP_THREADS, pin, f"{source}={threads} capped to the emulated profile's {cores} "
+                                                       "physical cores")
     why = source + ("" if threads == cores else f"; the CPU has {cores} physical cores")
     return ThreadPlan(threads, INTEROP_THREADS, pin, why)
 

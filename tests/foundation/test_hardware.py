@@ -156,6 +156,9 @@ def test_threads_are_one_per_physical_core_unless_set_and_the_plan_says_so():
     assert "OMP_NUM_THREADS" in thread_plan(four, None, False, omp_threads="1").why
     assert thread_plan(four, None, False, omp_threads="lots").compute == 4      # not a count: ignored
     assert thread_plan(four, 3, False, omp_threads="1").compute == 3            # hardware.threads wins
+    capped = thread_plan(four, None, False, omp_threads="16", emulate=True)     # emulation caps to the profile
+    assert capped.compute == 4 and "capped" in capped.why
+    assert thread_plan(four, 8, False, emulate=True).compute == 4
     container = make_container(load_config(["hardware=i5_sm61_nvme", "hardware.threads=3"]))
     container.core.prober.override(lambda path, measure: (four, []))
     report = container.core.hardware_report()
