@@ -24,11 +24,11 @@ from qvl_pipeline.errors import (
     QvlError,
     describe_unexpected,
 )
+from qvl_pipeline.registry import SLOT_NAMES
 
 TASKS = ("generate", "chat", "plan", "probe", "validate", "bench", "tune")
 WARM_START_TASKS = ("generate", "chat")    # tasks whose start reads early what their last such run read at load
-ASSEMBLY_GROUPS = ("hardware", "opt", "model", "task", "attention", "rotary", "kernels", "memory", "kv_cache")
-                                           # the config groups that decide what a load reads (the slots: SLOT_NAMES)
+ASSEMBLY_GROUPS = ("hardware", "opt", "model", "task", *SLOT_NAMES)   # the config groups that decide what a load reads
 REEXEC_GUARD = "QVL_EMULATION_APPLIED"
 _ORIGINAL_ARGS: list[str] = []     # the command line as typed (the emulation re-exec passes it on unchanged)
 _TASK_STARTED: list[bool] = []     # set once Hydra hands over: an OSError before that is about the run folder

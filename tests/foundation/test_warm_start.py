@@ -13,8 +13,7 @@ import threading
 import pytest
 
 from qvl_pipeline import warm_start
-from qvl_pipeline.__main__ import ASSEMBLY_GROUPS, assembly_signature
-from qvl_pipeline.registry import SLOT_NAMES
+from qvl_pipeline.__main__ import assembly_signature
 from qvl_pipeline.warm_start import FileReader, begin, remember
 from tests.conftest import write_tiny_checkpoint
 
@@ -138,11 +137,11 @@ def test_old_hints_are_pruned(tmp_path, monkeypatch):
 
 
 def test_the_signature_follows_the_assembly_not_the_request():
-    assert set(SLOT_NAMES) <= set(ASSEMBLY_GROUPS)
     base = {"opt": {"level": "moderate"}, "model": {"path": "/m"}, "prompt": "a", "image": "x.png"}
     assert assembly_signature(base) == assembly_signature({**base, "prompt": "b", "image": "y.png"})
     assert assembly_signature(base) != assembly_signature({**base, "opt": {"level": "aggressive"}})
     assert assembly_signature(base) != assembly_signature({**base, "model": {"path": "/other"}})
+    assert assembly_signature(base) != assembly_signature({**base, "kernels": {"choice": "int8_weight_only"}})
 
 
 @pytest.mark.slow
