@@ -121,18 +121,31 @@ def _read_piece(path: str, offset: int, into: memoryview) -> int:
         return 0
 
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_PAGE = mmap.PAGESIZE
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 if _LIBC is not None:
     _LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     _LIBC.mmap.restype = ctypes.c_void_p
     _LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     _LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    _LIBC.mincore.restype = ctypes.c_int
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_RESIDENT_BIT = bytes(i & 1 for i in range(256))     # mincore's flag byte -> 1 where bit 0 (resident) is set
+
+
+def resident_pages(address: int, length: int) -> int:
+    """How many pages of the page-aligned mapped range are in the page cache (mincore(2), Linux); OSError when the
+    call fails."""
+    assert _LIBC is not None
+    vec = (ctypes.c_ubyte * ((length + _PAGE - 1) // _PAGE))()
+    if _LIBC.mincore(ctypes.c_void_p(address), ctypes.c_size_t(length), vec) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return bytes(vec).translate(_RESIDENT_BIT).count(1)
 
 
 def _in_page_cache(fd: int, offset: int, length: int) -> bool:
-    """Whether every page of the file's bytes [offset, offset + length) is in the page cache (mincore(2) on a
+    """Whether every page of the file's bytes [offset, offset + length) is in the page cache (resident_pages on a
     temporary mapping; False where that cannot be asked)."""
     if _LIBC is None or length <= 0:
         return False
@@ -142,12 +155,9 @@ def _in_page_cache(fd: int, offset: int, length: int) -> bool:
     if address is None or address == _MAP_FAILED:
         return False
     try:
-        pages = (size + _PAGE - 1) // _PAGE
-        vec = (ctypes.c_ubyte * pages)()
-        if _LIBC.mincore(address, size, vec) != 0:
-            return False
-        flags = bytes(vec)                      # bit 0: resident (the other bits are reserved, zero)
-        return flags.count(1) == len(flags)
+        return resident_pages(address, size) == (size + _PAGE - 1) // _PAGE
+    except OSError:
+        return False
     finally:
         _LIBC.munmap(address, size)
 

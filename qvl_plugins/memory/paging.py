@@ -42,8 +42,6 @@ _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 if _libc is not None:
     _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     _libc.madvise.restype = ctypes.c_int
-    _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    _libc.mincore.restype = ctypes.c_int
 
 
 def madvise(address: int, length: int, advice: int) -> None:
@@ -52,17 +50,6 @@ def madvise(address: int, length: int, advice: int) -> None:
     if _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), advice) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
-
-
-def resident_pages(address: int, length: int) -> int:
-    """How many pages of the page-aligned range are in the page cache (mincore(2))."""
-    assert _libc is not None
-    pages = (length + PAGE - 1) // PAGE
-    vec = (ctypes.c_ubyte * pages)()
-    if _libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(length), vec) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return sum(v & 1 for v in vec)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from qvl_pipeline.container import make_container
 from qvl_pipeline.errors import CheckpointError
 from qvl_pipeline.memory_plan import GIB, stream_pool, workspace_bytes
 from qvl_pipeline.slots.memory import model_bytes
+from qvl_pipeline.warm_start import resident_pages
 from qvl_plugins.memory import ssd_stream
-from qvl_plugins.memory.paging import PAGE, Pager, resident_pages, supported
+from qvl_plugins.memory.paging import PAGE, Pager, supported
 from qvl_plugins.memory.row_chunks import ChunkedHead
 
 pytestmark = [pytest.mark.skipif(bool(supported()), reason="; ".join(supported()) or "-"),
