@@ -91,21 +91,24 @@ class NativeAttention(UsesNativeLibrary, SdpaAttention):
         return decode_attention(self._build, q, k.q, v.q, scale, k.scale, v.scale)
 
 
-def _native_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether qvl_prefill_attention takes this prefill: q [b, h, s, d], k/v [b, kvh, n ≥ s, d], all bf16 on the CPU
-    with contiguous last dimensions, whole GQA groups, d even and at most PREFILL_ATTENTION_MAX_DIM, no gradient."""
-    d = q.shape[-1]
-    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == k.device.type == v.device.type == "cpu"
-            and k.shape == v.shape and q.shape[0] == k.shape[0] and q.shape[1] % k.shape[1] == 0
-            and k.shape[2] >= q.shape[2] and d == k.shape[-1] and d % 2 == 0 and d <= PREFILL_ATTENTION_MAX_DIM
-            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+def _grouped_cpu_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """What both native attentions need: q [b, h, s, d], k/v [b, kvh, n, d] alike on the CPU with contiguous last
+    dimensions, whole GQA groups, no gradient wanted."""
+    return (q.device.type == k.device.type == v.device.type == "cpu" and k.shape == v.shape
+            and k.stride(-1) == v.stride(-1) == 1 and q.shape[1] % k.shape[1] == 0
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+
+
+def _native_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether qvl_prefill_attention takes this prefill: grouped CPU rows, all bf16, one batch size, n ≥ s keys,
+    q's last dimension contiguous, d even and at most PREFILL_ATTENTION_MAX_DIM."""
+    d = q.shape[-1]
+    return (_grouped_cpu_rows(q, k, v) and q.dtype == k.dtype == v.dtype == torch.bfloat16
+            and q.shape[0] == k.shape[0] and k.shape[2] >= q.shape[2] and d == k.shape[-1] and d % 2 == 0
+            and d <= PREFILL_ATTENTION_MAX_DIM and q.stride(-1) == 1)
 
 
 def _native_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether qvl_decode_attention takes this call: one query position on the CPU in bf16|fp32, cached rows k, v
-    [b, kvh, n ≥ 1, d] on the CPU with contiguous last dimensions, whole GQA groups, no gradient wanted."""
-    return (q.shape[2] == 1 and q.device.type == k.device.type == v.device.type == "cpu"
-            and native_dtype_ok(q.dtype) and k.stride(-1) == 1 and v.stride(-1) == 1 and k.shape == v.shape
-            and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+    """Whether qvl_decode_attention takes this call: grouped CPU rows, one query position in bf16|fp32, at least one
+    cached position."""
+    return (q.shape[2] == 1 and _grouped_cpu_rows(q, k, v) and native_dtype_ok(q.dtype) and k.shape[2] > 0)
