@@ -77,6 +77,52 @@ def test_int8_kernels_match_the_dequantised_product(build, dtype, rows):
     assert _rel(int8_gemv(build, x, w, scale, 2, a8=True), want) < 2e-2      # int8 activations per 64: NEAR
 
 
+def _quantised_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The a8 kernels' activation quantisation, written out: per block of `block` columns, scale max|x| / 127 and
+    codes round-half-away-from-zero(x · (127 / max|x|)) in [-127, 127]; returned as codes · scale (fp32)."""
+    xb = x.float().reshape(x.shape[0], -1, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)    # a true division (127 / t is 127 · 1/t)
+    t = xb * inv
+    codes = ((t.abs() + 0.5).trunc() * t.sign()).clamp(-127, 127)
+    return (codes * (amax / 127.0)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 20])                   # the decode rows on the calling thread, prefill in parallel
+def test_int8_activation_quantisation_is_exactly_the_specified_rounding(build, dtype, rows):
+    """Through a unit weight each output is one activation's code times its block's scale: the kernel's quantisation
+    (vectorised, rows in parallel) is compared bit for bit with the rule written out in torch, half-way values,
+    zero blocks and signed zeros included."""
+    gen = torch.Generator().manual_seed(3)
+    k = 192
+    x = torch.randn(rows, k, generator=gen) * 3
+    x[:, 0] = 127.0                                        # scale 1 in block 0: the codes are round(x) exactly
+    x[:, 1:9] = torch.tensor([2.5, -2.5, 0.5, -0.5, 126.5, -1.5, -0.0, 1.25])    # exact in bf16 too
+    x[-1, 64:128] = 0.0                                    # an all-zero block: scale 0, codes 0
+    x = x.to(dtype)
+    eye = torch.eye(k, dtype=torch.int8)
+    got = int8_gemv(build, x, eye, torch.ones(k), 2, a8=True)
+    want = _quantised_activations(x, 64).to(dtype)
+    assert want[:, 1:9].float().unique(dim=0).tolist() == [[3.0, -3.0, 1.0, -1.0, 127.0, -2.0, 0.0, 1.0]]
+    if build.isa == "avx512_vnni":                         # codes made unsigned: the offset comes off in fp32
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-3 * want.abs().max().item())
+    else:
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_kernel_rows_in_one_call_equal_rows_one_by_one(build, dtype):
+    """Prefill-sized inputs quantise their rows in parallel: each row's result is the bits it has alone."""
+    gen = torch.Generator().manual_seed(4)
+    codes, sz = quantize_int4_groups(torch.randn(32, 128, generator=gen), 32, pack=pack_nibbles)
+    tiled, tiled_sz = tile_int4_codes(unpack_nibbles(codes)), tile_scale_zero(sz)
+    x = torch.randn(20, 128, generator=gen).to(dtype)
+    decode = Int4Decode(build)
+    together = decode(x, tiled, tiled_sz, 32)
+    assert torch.equal(together, torch.cat([decode(x[i:i + 1], tiled, tiled_sz, 32) for i in range(20)]))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_tiled_kernel_matches_the_dequantised_product(build, dtype, group):
